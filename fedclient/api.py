@@ -1,0 +1,374 @@
+"""The only module a training script imports: receive the global model, train, send the update.
+
+```python
+from fedclient import api
+
+api.init()
+while api.is_running():
+    task = api.receive()                 # blocks until the server has work; None once the job is over
+    if task is None:
+        break
+    model.load_state_dict(task.params)
+    if task.is_evaluate:                 # score the new global model on this site's validation data
+        loss, accuracy = evaluate(model)
+        api.send(metrics={"accuracy": accuracy, "loss": loss}, num_samples=len(val_set))
+        continue
+    train(model)
+    api.send(model.state_dict(), num_samples=len(train_set), metrics={"train_loss": loss})
+```
+
+The same script runs plain and encrypted jobs: with encryption on, `receive` decrypts and `send`
+encrypts with the site's CKKS context, scaled by `num_samples` so that the server can only add.
+Tensors leave the process as safetensors (or ciphertexts), never as pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from fedgrid import tensors, transfer
+from fedgrid.errors import FedgridError, StateError, TransferError
+from fedgrid.jobspec import SERVER_CONFIG, load_job
+from fedgrid.kit import Kit, load_kit
+from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings, settings_to_dict
+from fedgrid.tls import secure_channel
+from fedgrid.v1 import federation_pb2 as fpb
+from fedgrid.v1 import federation_pb2_grpc
+
+log = logging.getLogger("fedclient.api")
+
+ENV_KIT = "FEDGRID_KIT"
+ENV_JOB_ID = "FEDGRID_JOB_ID"
+ENV_JOB_DIR = "FEDGRID_JOB_DIR"
+RETRY_FOR = 120.0
+"""Seconds the worker keeps retrying while the server is unreachable before it gives up."""
+
+
+@dataclass
+class FLModel:
+    """A task from the server: the global model's tensors and where the job stands."""
+
+    params: dict[str, torch.Tensor]
+    current_round: int
+    total_rounds: int
+    kind: str
+    job_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_train(self) -> bool:
+        return self.kind == "train"
+
+    @property
+    def is_evaluate(self) -> bool:
+        return self.kind == "evaluate"
+
+
+class _Worker:
+    """The connection of one job worker to the server, made once by `init()`."""
+
+    def __init__(self, kit: Kit, job_id: str, job_dir: Path) -> None:
+        self.kit = kit
+        self.job_id = job_id
+        self.job_dir = job_dir
+        self.channel = secure_channel(kit, kit.fed_port)
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.settings = load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE)
+        spec = load_job(job_dir / "job")
+        self.encrypted = spec.server.encryption == "ckks"
+        self.he = None
+        if self.encrypted:
+            from fedgrid import he
+
+            if not kit.he.enabled or kit.he.context_path is None:
+                raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
+            self.he = he.HEContext.load(kit.he.context_path.read_bytes())
+        self.running = True
+        self.task: fpb.TaskHeader | None = None
+        self.last_task_id = ""
+        self.cached_sha256 = b""
+        self.cached_arrays: dict[str, np.ndarray] = {}
+        self.seq = 0
+        self.pending_events: list[fpb.Event] = []
+
+    # -- calls with retry: the server may restart under a running job
+    def _retry(self, what: str, call: Any) -> Any:
+        deadline = time.monotonic() + RETRY_FOR
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise _translate(exc, what) from None
+                if time.monotonic() > deadline:
+                    raise TransferError(f"{what}: server unreachable for {RETRY_FOR:.0f} s ({exc.details()})") from None
+                log.warning("%s: server unreachable (%s); retrying in %.1f s", what, exc.details(), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def receive(self) -> FLModel | None:
+        while self.running:
+            header, payload = self._retry("receive", self._get_task)
+            if header.kind == "idle":
+                continue
+            if header.kind == "end":
+                self.running = False
+                log.info("job over: %s", header.reason or "the server ended it")
+                return None
+            arrays = self._decode(header, payload)
+            self.last_task_id = header.task_id
+            if header.kind == "release":
+                self._send(header, arrays, num_samples=0.0, metrics={}, plaintext=True)
+                continue
+            self.task = header
+            return FLModel(
+                params={name: torch.from_numpy(array.copy()) for name, array in arrays.items()},
+                current_round=header.round,
+                total_rounds=header.total_rounds,
+                kind=header.kind,
+                job_id=self.job_id,
+            )
+        return None
+
+    def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
+        request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
+        buffer = io.BytesIO()
+        header = transfer.receive(self.stub.GetTask(request), buffer, max_size=1 << 34, what="task")
+        return header, buffer.getvalue()
+
+    def _decode(self, header: fpb.TaskHeader, payload: bytes) -> dict[str, np.ndarray]:
+        if not header.payload_format:
+            return {}
+        if header.payload_cached:
+            if header.payload_sha256 != self.cached_sha256:
+                raise TransferError("the server referred to a cached model this worker does not hold")
+            return self.cached_arrays
+        if hashlib.sha256(payload).digest() != header.payload_sha256:
+            raise TransferError(f"task {header.task_id}: payload digest differs from the header")
+        if header.payload_format == tensors.FORMAT:
+            arrays = tensors.decode(payload, what=f"global model of {header.task_id}")
+        elif header.payload_format == "ckks":
+            if self.he is None:
+                raise StateError("received an encrypted model but this job is not encrypted at this site")
+            from fedgrid import he
+
+            arrays = he.decrypt_mean(self.he, iter([payload]))
+        else:
+            raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
+        tensors.check_finite(arrays, f"global model of {header.task_id}")
+        self.cached_sha256, self.cached_arrays = header.payload_sha256, arrays
+        return arrays
+
+    def send(self, params: Mapping[str, Any] | None, num_samples: float, metrics: Mapping[str, float]) -> None:
+        if self.task is None:
+            raise StateError("send() without a task: call receive() first")
+        arrays = _to_numpy(params) if params is not None else {}
+        header, self.task = self.task, None
+        self._send(header, arrays, num_samples, metrics, plaintext=False)
+
+    def _send(
+        self,
+        task: fpb.TaskHeader,
+        arrays: dict[str, np.ndarray],
+        num_samples: float,
+        metrics: Mapping[str, float],
+        plaintext: bool,
+    ) -> None:
+        self.flush_events()
+        clean = {}
+        for key, value in (metrics or {}).items():
+            try:
+                clean[str(key)] = float(value)
+            except (TypeError, ValueError):
+                log.warning("metric %r is not a number (%r); not sent", key, value)
+        if arrays and self.encrypted and not plaintext:
+            from fedgrid import he
+
+            payload_format = "ckks"
+            pieces: Iterator[bytes] = he.encrypt_update(self.he, arrays, weight=num_samples)
+        elif arrays:
+            payload_format = tensors.FORMAT
+            pieces = iter([tensors.encode(arrays)])
+        else:
+            payload_format, pieces = "", iter(())
+        header = fpb.ResultHeader(
+            job_id=self.job_id,
+            task_id=task.task_id,
+            payload_format=payload_format,
+            num_samples=num_samples,
+            metrics=clean,
+        )
+        data = list(pieces) if payload_format else []
+        try:
+            self._retry("send", lambda: self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, header, data)))
+        except StateError as exc:
+            log.warning("the server did not take the result of %s: %s", task.task_id, exc)
+
+    # -- tracking events (SummaryWriter)
+    def add_event(self, event: fpb.Event) -> None:
+        self.seq += 1
+        event.seq = self.seq
+        self.pending_events.append(event)
+        if len(self.pending_events) >= 200:
+            self.flush_events()
+
+    def flush_events(self) -> None:
+        while self.pending_events:
+            batch, rest = self.pending_events[:500], self.pending_events[500:]
+            try:
+                request = fpb.EventBatch(job_id=self.job_id, events=batch)
+                self._retry("events", lambda request=request: self.stub.SendEvents(request))
+            except FedgridError as exc:
+                log.warning("tracking events not delivered: %s", exc)
+            self.pending_events = rest
+
+
+def _translate(exc: grpc.RpcError, what: str) -> FedgridError:
+    from fedgrid.grpc_errors import error_from_status
+
+    return error_from_status(exc.code(), f"{what}: {exc.details()}")
+
+
+def _to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state dict (torch tensors or numpy arrays) as contiguous numpy arrays on the CPU."""
+    if isinstance(params, FLModel):
+        params = params.params
+    out = {}
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        out[str(name)] = np.ascontiguousarray(value)
+    return out
+
+
+_worker: _Worker | None = None
+
+
+def init() -> None:
+    """Connect this job worker to the server; call once, at the top of the training script."""
+    global _worker
+    if _worker is not None:
+        return
+    kit_path, job_id, job_dir = os.environ.get(ENV_KIT), os.environ.get(ENV_JOB_ID), os.environ.get(ENV_JOB_DIR)
+    if not kit_path or not job_id or not job_dir:
+        raise StateError(
+            "fedclient.api.init(): not running inside a fedgrid job worker "
+            f"({ENV_KIT}, {ENV_JOB_ID} and {ENV_JOB_DIR} are unset); submit the script as part of a job"
+        )
+    _worker = _Worker(load_kit(Path(kit_path), expect_type="client"), job_id, Path(job_dir))
+
+
+def _current() -> _Worker:
+    if _worker is None:
+        raise StateError("call fedclient.api.init() first")
+    return _worker
+
+
+def is_running() -> bool:
+    """True until the server has ended the job."""
+    return _current().running
+
+
+def receive() -> FLModel | None:
+    """The next task's global model; blocks until the server has one; None once the job is over."""
+    return _current().receive()
+
+
+def send(
+    model: Mapping[str, Any] | None = None, num_samples: float = 1.0, metrics: Mapping[str, float] | None = None
+) -> None:
+    """Answer the current task: the trained weights (a state dict) with the number of samples they
+    were trained on (the weight in the average), and metrics; for an evaluation, metrics only."""
+    _current().send(model, num_samples, metrics or {})
+
+
+def get_site_name() -> str:
+    return _current().kit.name
+
+
+def get_job_id() -> str:
+    return _current().job_id
+
+
+def get_site_config() -> dict[str, Any]:
+    """This site's local settings (`local/site.json`), e.g. `data_root`."""
+    return settings_to_dict(_current().settings)
+
+
+def get_job_config() -> dict[str, Any]:
+    """The job's server configuration (rounds, encryption, ...), as submitted."""
+    worker = _current()
+    for app in sorted((worker.job_dir / "job").iterdir()):
+        path = app / SERVER_CONFIG
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+class SummaryWriter:
+    """Record metrics at the site; they travel to the server in batches and on to MLflow/TensorBoard.
+
+    The site never connects to the tracking system itself.
+    """
+
+    def __init__(self) -> None:
+        self._worker = _current()
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int = 0) -> None:
+        self._worker.add_event(
+            fpb.Event(
+                kind="scalar", tag=str(tag), value=float(scalar_value), step=int(global_step), wall_time=time.time()
+            )
+        )
+
+    def add_scalars(self, main_tag: str, tag_scalar_dict: Mapping[str, float], global_step: int = 0) -> None:
+        for tag, value in tag_scalar_dict.items():
+            self.add_scalar(f"{main_tag}/{tag}", value, global_step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._worker.add_event(
+            fpb.Event(kind="params", params={str(k): str(v) for k, v in params.items()}, wall_time=time.time())
+        )
+
+    def log_text(self, text: str, tag: str = "text", global_step: int = 0) -> None:
+        self._worker.add_event(
+            fpb.Event(kind="text", tag=str(tag), text=str(text), step=int(global_step), wall_time=time.time())
+        )
+
+    def flush(self) -> None:
+        self._worker.flush_events()
+
+
+def _shutdown() -> None:
+    """Called by the worker after the script returns: deliver the last tracking events."""
+    if _worker is not None:
+        _worker.flush_events()
+        _worker.channel.close()
+
+
+__all__ = [
+    "FLModel",
+    "SummaryWriter",
+    "get_job_config",
+    "get_job_id",
+    "get_site_config",
+    "get_site_name",
+    "init",
+    "is_running",
+    "receive",
+    "send",
+]

@@ -1,0 +1,332 @@
+"""The site daemon: stays connected to the server and runs the jobs it is given.
+
+It registers with the server, heartbeats, and listens on a command stream the server pushes to.
+When the server goes away it reconnects with exponential backoff; when the server says it does not
+know this session (it restarted), it registers again. For each job it fetches the signed package,
+checks the submitter's signature chain to the root CA and its own local policy, and starts one worker
+process; it reports how the worker ended, with its log if the site shares logs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from fedgrid import __version__, jobspec
+from fedgrid.certs import identity_from_cert, verify_issued_by
+from fedgrid.errors import FedgridError, IdentityError, StateError
+from fedgrid.grpc_errors import error_from_status
+from fedgrid.kit import Kit
+from fedgrid.settings import SiteSettings
+from fedgrid.tls import secure_channel
+from fedgrid.transfer import receive
+from fedgrid.v1 import federation_pb2 as fpb
+from fedgrid.v1 import federation_pb2_grpc
+
+log = logging.getLogger("fedclient")
+
+MAX_JOB_PACKAGE = 512 << 20
+LOG_SHARE_LIMIT = 1 << 20
+ABORT_GRACE = 3.0
+
+
+class FatalError(FedgridError):
+    """The daemon cannot go on (refused identity, another daemon of this site is connected)."""
+
+
+@dataclass
+class JobProcess:
+    job_id: str
+    job_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    aborted: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to 10 s."""
+
+    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        delay = self.delay * random.uniform(0.8, 1.2)
+        self.delay = min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class SiteDaemon:
+    def __init__(self, kit: Kit, settings: SiteSettings) -> None:
+        self.kit = kit
+        self.settings = settings
+        self.workspace = kit.workspace_dir
+        (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
+        self.channel = secure_channel(kit, kit.fed_port)
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.jobs: dict[str, JobProcess] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.session_id = ""
+        self._stream: grpc.Future | None = None
+        self.heartbeat_interval = settings.heartbeat_interval
+
+    # ------------------------------------------------------------------ connection
+
+    def running_jobs(self) -> list[str]:
+        with self.lock:
+            return sorted(j.job_id for j in self.jobs.values() if not j.done.is_set())
+
+    def run(self, ready_file: Path | None) -> None:
+        backoff = Backoff()
+        reachable = True
+        while not self.stopping.is_set():
+            try:
+                reply = self.stub.Register(
+                    fpb.RegisterRequest(
+                        version=__version__,
+                        roster=self.kit.roster_bytes,
+                        running_jobs=self.running_jobs(),
+                        cpu_count=os.cpu_count() or 1,
+                        hostname=socket.gethostname(),
+                    ),
+                    timeout=10,
+                )
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise FatalError(f"the server refused this site: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise FatalError(exc.details()) from None
+                if reachable:
+                    log.warning(
+                        "server %s:%d unreachable (%s); retrying with backoff",
+                        self.kit.server_host,
+                        self.kit.fed_port,
+                        exc.details(),
+                    )
+                    reachable = False
+                self.stopping.wait(backoff.next())
+                continue
+            reachable = True
+            backoff.reset()
+            self.session_id = reply.session_id
+            self.heartbeat_interval = reply.heartbeat_interval or self.settings.heartbeat_interval
+            log.info("registered with %s (project %s), session %s", reply.server_name, reply.project, reply.session_id)
+            beat = threading.Thread(target=self._heartbeat, args=(reply.session_id,), name="heartbeat", daemon=True)
+            beat.start()
+            if ready_file is not None:
+                ready_file.write_text(str(time.time()))
+            self._listen()
+            if not self.stopping.is_set():
+                log.warning("lost the connection to the server; reconnecting")
+                self.stopping.wait(backoff.next())
+
+    def _listen(self) -> None:
+        """Consume the command stream until it ends (server gone, or a newer session replaced it)."""
+        stream = self.stub.Commands(fpb.CommandsRequest(session_id=self.session_id))
+        self._stream = stream
+        try:
+            for command in stream:
+                kind = command.WhichOneof("kind")
+                if kind == "start_job":
+                    threading.Thread(
+                        target=self._run_job,
+                        args=(command.start_job,),
+                        daemon=True,
+                        name=f"job-{command.start_job.job_id[:8]}",
+                    ).start()
+                elif kind == "abort_job":
+                    self._abort_job(command.abort_job.job_id, command.abort_job.reason)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.info("command stream ended: %s", exc.details())
+        finally:
+            self._stream = None
+
+    def _heartbeat(self, session_id: str) -> None:
+        while not self.stopping.wait(self.heartbeat_interval) and self.session_id == session_id:
+            try:
+                reply = self.stub.Heartbeat(
+                    fpb.HeartbeatRequest(session_id=session_id, running_jobs=self.running_jobs()), timeout=10
+                )
+            except grpc.RpcError:
+                continue
+            if not reply.known:
+                log.warning("the server does not know this session (it restarted?); registering again")
+                self.session_id = ""
+                if self._stream is not None:
+                    self._stream.cancel()
+                return
+
+    def request_stop(self) -> None:
+        """Signal-safe: ask the main loop to end (SIGTERM, Ctrl-C)."""
+        self.stopping.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def stop(self) -> None:
+        """End every job worker this daemon started, then close the channel."""
+        self.request_stop()
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            self._terminate(job, "the site daemon is stopping")
+        for job in jobs:
+            job.done.wait(ABORT_GRACE + 2)
+        self.channel.close()
+
+    # ------------------------------------------------------------------ jobs
+
+    def _run_job(self, command: fpb.StartJob) -> None:
+        job_id = command.job_id
+        job_dir = self.workspace / "jobs" / job_id
+        with self.lock:
+            if job_id in self.jobs and not self.jobs[job_id].done.is_set():
+                return
+            job = self.jobs[job_id] = JobProcess(job_id, job_dir)
+        try:
+            try:
+                threads = self._prepare(job, command)
+            except FedgridError as exc:
+                log.warning("job %s refused: %s", job_id, exc)
+                self._report(job_id, "refused", str(exc))
+                return
+            log_file = open(job_dir / "log.txt", "ab")  # noqa: SIM115 - handed to the worker process
+            with self.lock:
+                if job.aborted:
+                    self._report(job_id, "aborted", job.aborted)
+                    return
+                job.process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedclient.worker",
+                        "--kit",
+                        str(self.kit.path),
+                        "--job-id",
+                        job_id,
+                        "--job-dir",
+                        str(job_dir),
+                        "--app",
+                        command.app,
+                        "--threads",
+                        str(threads),
+                    ],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=job_dir,
+                )
+            log_file.close()
+            log.info("job %s: worker started (pid %d, %d torch threads)", job_id, job.process.pid, threads)
+            self._report(job_id, "started", "")
+            code = job.process.wait()
+            text = (job_dir / "log.txt").read_bytes()
+            if job.aborted:
+                state, error = "aborted", job.aborted
+            elif code == 0:
+                state, error = "finished", ""
+            else:
+                state, error = "failed", _traceback_tail(text, code)
+            log.info("job %s: worker ended (%s, exit %d)", job_id, state, code)
+            self._report(job_id, state, error, text[-LOG_SHARE_LIMIT:] if self.settings.share_job_logs else b"")
+        except Exception as exc:  # noqa: BLE001 - a broken job must not take the daemon down
+            log.exception("job %s: internal error", job_id)
+            self._report(job_id, "failed", f"site daemon error: {type(exc).__name__}: {exc}")
+        finally:
+            job.done.set()
+
+    def _prepare(self, job: JobProcess, command: fpb.StartJob) -> int:
+        """Fetch, verify and unpack the job; returns the worker's torch thread count."""
+        buffer = io.BytesIO()
+        header = receive(
+            self.stub.FetchJob(fpb.FetchJobRequest(job_id=job.job_id)),
+            buffer,
+            max_size=MAX_JOB_PACKAGE,
+            what=f"job {job.job_id}",
+        )
+        cert = x509.load_pem_x509_certificate(header.submitter_cert)
+        verify_issued_by(cert, self.kit.ca_cert)
+        submitter = identity_from_cert(cert)
+        if submitter.type != "admin" or submitter.project != self.kit.project:
+            raise IdentityError(f"job {job.job_id} was not signed by an admin of project {self.kit.project}")
+        if job.job_dir.exists():
+            import shutil
+
+            shutil.rmtree(job.job_dir)
+        (job.job_dir / "job").mkdir(parents=True)
+        jobspec.safe_extract(buffer.getvalue(), job.job_dir / "job", max_bytes=4 * MAX_JOB_PACKAGE, max_files=10_000)
+        jobspec.verify_signature(job.job_dir / "job", header.signed_manifest, cert, submitter.name)
+        spec = jobspec.load_job(job.job_dir / "job")
+        client = spec.clients.get(command.app)
+        if client is None:
+            raise StateError(f"job {job.job_id} sends app {command.app!r} to this site but has no client config for it")
+        if not client.is_module and not self.settings.allow_custom_code:
+            raise StateError(
+                f"job {spec.name} brings its own code ({command.app}/custom/{client.script}) and this site's "
+                "local policy forbids custom code (allow_custom_code is false in local/site.json)"
+            )
+        if spec.server.encryption != "none" and not self.kit.he.enabled:
+            raise StateError("job is encrypted but this site was provisioned without an HE context")
+        log.info("job %s (%s) verified: signed by %s", job.job_id, spec.name, submitter.name)
+        if self.settings.torch_threads:
+            return self.settings.torch_threads
+        return max(1, (os.cpu_count() or 1) // max(1, command.workers_hint))
+
+    def _abort_job(self, job_id: str, reason: str) -> None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+        if job is None or job.done.is_set():
+            self._report(job_id, "aborted", reason)
+            return
+        log.info("job %s: aborting (%s)", job_id, reason)
+        threading.Thread(target=self._terminate, args=(job, reason), daemon=True).start()
+
+    def _terminate(self, job: JobProcess, reason: str) -> None:
+        with self.lock:
+            job.aborted = job.aborted or reason
+            process = job.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(ABORT_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    def _report(self, job_id: str, state: str, error: str, log_text: bytes = b"") -> None:
+        """Tell the server how the job went here; retried while the server is unreachable."""
+        backoff = Backoff()
+        for _ in range(8):
+            try:
+                self.stub.ReportJob(fpb.JobReport(job_id=job_id, state=state, error=error, log=log_text), timeout=10)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    log.warning("report of job %s refused: %s", job_id, error_from_status(exc.code(), exc.details()))
+                    return
+                if self.stopping.wait(backoff.next()):
+                    return
+        log.warning("could not report job %s (%s) to the server", job_id, state)
+
+
+def _traceback_tail(log_text: bytes, code: int) -> str:
+    """The last traceback in a worker's log, or its last lines, for the job's error message."""
+    text = log_text.decode("utf-8", errors="replace")
+    start = text.rfind("Traceback (most recent call last)")
+    tail = text[start:] if start >= 0 else "\n".join(text.splitlines()[-20:])
+    return (tail.strip() or f"worker exited with status {code}")[-8000:]

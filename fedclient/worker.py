@@ -1,0 +1,92 @@
+"""The job worker: one process per job at a site, alive for the whole job, running its training script.
+
+The site daemon starts it with the job's folder; it imports torch once, sizes torch's thread pool so
+that the workers sharing this machine do not oversubscribe its cores, and runs the script as
+`__main__`. The script talks to the server through `fedclient.api`. A crash in the script ends this
+process with the traceback in the job's log and a non-zero exit; the daemon reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import runpy
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from fedgrid.logs import setup_logging
+
+log = logging.getLogger("fedclient.worker")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end this worker if the site daemon that started it dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedclient.worker", description="Run one job's training script (started by the site daemon)."
+    )
+    parser.add_argument("--kit", type=Path, required=True)
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--job-dir", type=Path, required=True)
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    setup_logging(os.environ.get("FEDGRID_LOG_LEVEL", "INFO"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    from fedgrid.jobspec import load_job
+
+    spec = load_job(args.job_dir / "job")
+    client = spec.clients[args.app]
+    custom = args.job_dir / "job" / args.app / "custom"
+    os.environ["FEDGRID_KIT"] = str(args.kit)
+    os.environ["FEDGRID_JOB_ID"] = args.job_id
+    os.environ["FEDGRID_JOB_DIR"] = str(args.job_dir)
+    log.info(
+        "job %s: running %s %s with %d torch threads", args.job_id, client.script, " ".join(client.args), args.threads
+    )
+    from fedclient import api
+
+    try:
+        if client.is_module:
+            module = client.script.removeprefix("module:")
+            sys.argv = [module, *client.args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            script = custom / client.script
+            sys.path.insert(0, str(custom))
+            os.chdir(custom)
+            sys.argv = [str(script), *client.args]
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code:
+            log.error("the training script exited with status %s", exc.code)
+        api._shutdown()
+        return code
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    api._shutdown()
+    log.info("training script finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

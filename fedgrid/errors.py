@@ -1,0 +1,73 @@
+"""Every error fedgrid raises on purpose, in one tree.
+
+    FedgridError                 base: a message written for the person who has to act on it
+    ├── ConfigError              a project file, kit config, job folder or option is wrong
+    │   ├── ProjectFileError     project.yml does not validate (exit 2 from `provision`)
+    │   └── JobSpecError         a job folder or upload does not validate
+    ├── KitError                 a startup kit is missing, incomplete or was changed
+    │   └── TamperedError        a signed file differs from what was signed
+    ├── IdentityError            a certificate is not a participant's, or is used on the wrong port
+    ├── AuthorizationError       the caller's role may not run this command
+    ├── TransferError            a streamed payload is truncated, oversized or fails its digest
+    ├── PayloadError             a received tensor set or ciphertext does not match what was expected
+    ├── NotFoundError            a job, site or file that was asked for does not exist
+    ├── StateError               the request is valid but not now (delete a running job, ...)
+    └── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
+
+Library code raises these; only the `__main__` modules turn them into exit codes
+(see `fedgrid.exit_codes`), and only the gRPC servicers turn them into status codes.
+"""
+
+from __future__ import annotations
+
+
+class FedgridError(Exception):
+    """Base class: the message says what is wrong, where, and what to do next."""
+
+
+class ConfigError(FedgridError):
+    """A configuration file, job folder or command-line option is invalid."""
+
+
+class ProjectFileError(ConfigError):
+    """project.yml does not validate."""
+
+
+class JobSpecError(ConfigError):
+    """A job folder or job upload does not validate."""
+
+
+class KitError(FedgridError):
+    """A startup kit is missing, incomplete or unreadable."""
+
+
+class TamperedError(KitError):
+    """A signed file changed after it was signed, or a file was added or removed."""
+
+
+class IdentityError(FedgridError):
+    """A certificate does not identify a participant allowed here."""
+
+
+class AuthorizationError(FedgridError):
+    """The caller's role does not allow the command."""
+
+
+class TransferError(FedgridError):
+    """A streamed payload was truncated, too large, or failed its digest check."""
+
+
+class PayloadError(FedgridError):
+    """A tensor set or ciphertext does not match the expected layout."""
+
+
+class NotFoundError(FedgridError):
+    """A job, site or file that was asked for does not exist."""
+
+
+class StateError(FedgridError):
+    """The request is valid, but not in the current state."""
+
+
+class EncryptionError(FedgridError):
+    """A homomorphic-encryption context or ciphertext is unusable."""

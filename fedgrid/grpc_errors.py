@@ -1,0 +1,44 @@
+"""fedgrid errors and gRPC status codes, both ways: the server answers a FedgridError with a status
+code and its message; clients turn the status back into the matching error, so a caller of the
+Session API catches the same exception types the server raised."""
+
+from __future__ import annotations
+
+import grpc
+
+from fedgrid import errors
+
+STATUS_OF: list[tuple[type[errors.FedgridError], grpc.StatusCode]] = [
+    (errors.IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.AuthorizationError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.StateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.TransferError, grpc.StatusCode.DATA_LOSS),
+    (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.EncryptionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.KitError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+class UnreachableError(errors.FedgridError):
+    """The server could not be reached (not running, wrong address, or our certificate refused)."""
+
+
+def status_of(exc: errors.FedgridError) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> errors.FedgridError:
+    """The error class the server raised for `code`, carrying its message."""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnreachableError(details)
+    for cls, status in STATUS_OF:
+        if status == code:
+            if cls is errors.ConfigError:
+                return errors.JobSpecError(details)
+            return cls(details)
+    return errors.FedgridError(details)

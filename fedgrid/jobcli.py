@@ -1,0 +1,147 @@
+"""What the example `jobs/*/job.py` scripts share: finding the admin kit, preparing data, progress lines.
+
+Kept in the package so each job.py stays a short, readable recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedgrid.errors import FedgridError
+from fedgrid.exit_codes import ExitCode
+from fedgrid.recipe import FedAvgRecipe, ProdEnv
+from fedgrid.serde import RoundInfo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def newest_admin_kit(workspaces: Path) -> Path:
+    """The first admin kit of the most recently provisioned project (what start_fl.sh started)."""
+    prods = sorted((p for p in workspaces.glob("*/prod_*") if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name))
+    for prod in reversed(prods):
+        for config in sorted(prod.glob("*/startup/config.json")):
+            if json.loads(config.read_text()).get("type") == "admin":
+                return config.parent.parent
+    raise FedgridError(
+        f"no admin kit under {workspaces}: provision a project first (provision -p workspaces/project.yml)"
+    )
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n_clients", type=int, default=4, help="sites to train on (default 4)")
+    parser.add_argument("--num_rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="data split: 0 = IID (default); >0 = Dirichlet(alpha) label skew per site",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed of the data split and of training")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="MLP 784-512-512-10 or McMahan's CNN")
+    parser.add_argument(
+        "--data_root",
+        type=Path,
+        default=None,
+        help="folder with one sub-folder per site (default data/fashion-mnist-<split>, made if missing)",
+    )
+    parser.add_argument(
+        "--startup_kit",
+        type=Path,
+        default=None,
+        help="admin kit to submit with (default: the newest one under workspaces/)",
+    )
+    parser.add_argument("--workspaces", type=Path, default=REPO / "workspaces")
+    parser.add_argument(
+        "--export_only",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="only write the job folder there (for submit_job in the console)",
+    )
+    parser.add_argument(
+        "--round_timeout",
+        type=float,
+        default=0.0,
+        help="seconds to wait for updates per round before aggregating what came (0: wait for all)",
+    )
+
+
+def ensure_data(args: argparse.Namespace) -> Path:
+    """The data folder of this split; runs prepare-data for it when it does not exist yet."""
+    split = "iid" if args.alpha <= 0 else f"dirichlet-{args.alpha:g}"
+    root = args.data_root or REPO / "data" / f"fashion-mnist-{split}-{args.n_clients}"
+    if (root / "summary.json").exists():
+        return root.resolve()
+    from fedgrid.data import prepare
+
+    print(f"preparing Fashion-MNIST for {args.n_clients} sites ({split}, seed {args.seed}) in {root}")
+    prepare(
+        "fashion-mnist",
+        args.n_clients,
+        "iid" if args.alpha <= 0 else "dirichlet",
+        alpha=args.alpha or 0.5,
+        seed=args.seed,
+        out=root,
+    )
+    return root.resolve()
+
+
+def format_round(r: RoundInfo, total: int) -> str:
+    acc = r.metrics.get("accuracy")
+    loss = r.metrics.get("loss")
+    acc_s = f"accuracy {acc:.4f}" if acc is not None else "accuracy -"
+    loss_s = f"loss {loss:.4f}" if loss is not None else "loss -"
+    return f"round {r.round}/{total}  sites {r.sites_answered}/{r.sites_asked}  {acc_s}  {loss_s}  {r.seconds:.2f} s"
+
+
+def run_recipe(recipe: FedAvgRecipe, args: argparse.Namespace) -> int:
+    """Export or submit; follow the job with one line per round; download and show the result."""
+    if args.export_only:
+        print(f"job folder written to {recipe.export(args.export_only)}")
+        return ExitCode.OK
+    kit = args.startup_kit or newest_admin_kit(args.workspaces)
+    env = ProdEnv(startup_kit_location=kit)
+    started = time.monotonic()
+    run = recipe.execute(env)
+    session = env.session()
+    print(f"submitted job {run.job_id} ({recipe.name}) to {session.server_name} as {session.name}")
+    rounds: list[RoundInfo] = []
+
+    def progress(r: RoundInfo) -> None:
+        rounds.append(r)
+        print(format_round(r, recipe.num_rounds), flush=True)
+
+    try:
+        info = run.wait(progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the job goes on; abort it with: abort_job {run.job_id}")
+        return ExitCode.INTERRUPTED
+    print(f"job {info.status} in {time.monotonic() - started:.1f} s{': ' + info.error if info.error else ''}")
+    result = run.get_result()
+    summary = json.loads((result / "result.json").read_text()) if (result / "result.json").exists() else {}
+    if rounds:
+        print("\n round  sites  accuracy    loss  seconds")
+        for r in rounds:
+            accuracy, loss = r.metrics.get("accuracy", float("nan")), r.metrics.get("loss", float("nan"))
+            sites = f"{r.sites_answered:>2}/{r.sites_asked:<2}"
+            print(f" {r.round:>5}  {sites} {accuracy:>9.4f} {loss:>7.4f} {r.seconds:>8.2f}")
+    if summary.get("tracking"):
+        print(f"tracking: {summary['tracking']}")
+    print(f"Result can be found in: {result}")
+    return ExitCode.OK if info.status == "FINISHED:COMPLETED" else ExitCode.FAILED
+
+
+def main_guard(fn: object) -> None:
+    """Run a job.py main with readable errors instead of tracebacks."""
+    try:
+        sys.exit(fn())  # type: ignore[operator]
+    except FedgridError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(ExitCode.FAILED)

@@ -1,0 +1,204 @@
+"""The recipe API: build a job in Python, export it as a job folder, or run it on a federation.
+
+```python
+recipe = FedAvgRecipe(name="fedavg_fashion_mnist", model=MLP(), train_script="train.py",
+                      train_args="--epochs 1", num_rounds=5, min_clients=4)
+recipe.add_experiment_tracking("mlflow", tracking_uri="http://localhost:5000")
+run = recipe.execute(ProdEnv(startup_kit_location="workspaces/example_project/prod_00/admin@nvidia.com"))
+run.wait(progress=print)
+print("Result can be found in:", run.get_result())
+```
+
+`export(folder)` writes exactly the job folder format of `fedgrid.jobspec` (meta.json, the app's
+config, the initial model as safetensors, the training script as custom code), so a job built here
+can also be submitted by hand with the console's `submit_job`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedgrid import jobspec, tensors
+from fedgrid.errors import ConfigError
+from fedgrid.jobspec import TargetMetric, Tracking
+from fedgrid.serde import JobInfo, RoundInfo
+from fedgrid.session import Session
+
+APP = "app"
+
+
+def _state_arrays(model: Any) -> dict[str, Any]:
+    """Initial weights as numpy arrays: from a torch module, a safetensors file, or a dict of arrays."""
+    if isinstance(model, str | Path):
+        return tensors.load_file(Path(model))
+    if isinstance(model, dict):
+        return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in model.items()}
+    if hasattr(model, "state_dict"):
+        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    raise ConfigError(
+        f"model must be a torch module, a dict of tensors or a .safetensors path, not {type(model).__name__}"
+    )
+
+
+class FedAvgRecipe:
+    """FedAvg: the global model goes to the sites each round, their updates are averaged by sample count."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: Any,
+        train_script: str | Path,
+        train_args: str | Sequence[str] = (),
+        num_rounds: int = 5,
+        min_clients: int = 2,
+        sites: Sequence[str] | None = None,
+        round_timeout: float = 0.0,
+        min_responses: int = 0,
+        client_fraction: float = 1.0,
+        target_metric: TargetMetric | dict[str, Any] | None = None,
+        key_metric: str = "accuracy",
+        encryption: bool = False,
+        release_site: str = "",
+        seed: int = 0,
+        custom_files: Sequence[str | Path] = (),
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.train_script = Path(train_script)
+        self.train_args = shlex.split(train_args) if isinstance(train_args, str) else list(train_args)
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.sites = list(sites) if sites else None
+        self.round_timeout = round_timeout
+        self.min_responses = min_responses
+        self.client_fraction = client_fraction
+        self.target_metric = TargetMetric(**target_metric) if isinstance(target_metric, dict) else target_metric
+        self.key_metric = key_metric
+        self.encryption = encryption
+        self.release_site = release_site
+        self.seed = seed
+        self.custom_files = [Path(p) for p in custom_files]
+        self.tracking: list[Tracking] = []
+
+    def add_experiment_tracking(self, tracking_type: str, tracking_uri: str = "", experiment_name: str = "") -> None:
+        """Stream the sites' SummaryWriter metrics, through the server, to "mlflow" or "tensorboard".
+
+        Without a tracking URI, MLflow writes to the server's own store (SQLite in its workspace).
+        """
+        if tracking_type not in jobspec.TRACKERS:
+            raise ConfigError(f"tracking type must be one of {', '.join(jobspec.TRACKERS)}, not {tracking_type!r}")
+        self.tracking.append(Tracking(tracking_type, tracking_uri, experiment_name))
+
+    def server_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "workflow": "fedavg",
+            "num_rounds": self.num_rounds,
+            "min_clients": self.min_clients,
+            "client_fraction": self.client_fraction,
+            "min_responses": self.min_responses,
+            "round_timeout": self.round_timeout,
+            "key_metric": self.key_metric,
+            "encryption": "ckks" if self.encryption else "none",
+            "seed": self.seed,
+            "initial_model": jobspec.INITIAL_MODEL,
+            "tracking": [{k: v for k, v in asdict(t).items() if v} for t in self.tracking],
+        }
+        if self.target_metric is not None:
+            config["target_metric"] = asdict(self.target_metric)
+        if self.release_site:
+            config["release_site"] = self.release_site
+        return config
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the job folder (validated before returning); returns its path."""
+        folder = Path(folder)
+        if not self.train_script.is_file():
+            raise ConfigError(f"training script {self.train_script} does not exist")
+        if folder.exists():
+            shutil.rmtree(folder)
+        app = folder / APP
+        (app / "config").mkdir(parents=True)
+        (app / "custom").mkdir()
+        meta = {
+            "name": self.name,
+            "min_clients": self.min_clients,
+            "deploy_map": {APP: ["server", *self.sites] if self.sites else ["@ALL"]},
+        }
+        (folder / jobspec.META_FILE).write_text(json.dumps(meta, indent=2))
+        (app / jobspec.SERVER_CONFIG).write_text(json.dumps(self.server_config(), indent=2))
+        client = {"script": self.train_script.name, "args": self.train_args}
+        (app / jobspec.CLIENT_CONFIG).write_text(json.dumps(client, indent=2))
+        tensors.save_file(_state_arrays(self.model), app / "config" / jobspec.INITIAL_MODEL)
+        shutil.copy2(self.train_script, app / "custom" / self.train_script.name)
+        for extra in self.custom_files:
+            target = app / "custom" / extra.name
+            if extra.is_dir():
+                shutil.copytree(extra, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(extra, target)
+        jobspec.load_job(folder)
+        return folder
+
+    def execute(self, env: ProdEnv) -> Run:
+        """Export to a temporary folder and submit with the env's admin kit."""
+        with tempfile.TemporaryDirectory(prefix=f"{self.name}-") as tmp:
+            folder = self.export(Path(tmp) / self.name)
+            session = env.session()
+            job_id = session.submit_job(folder)
+        return Run(session, job_id, self.num_rounds)
+
+
+class ProdEnv:
+    """A real federation, reached with an admin's startup kit."""
+
+    def __init__(self, startup_kit_location: str | Path, timeout: float = 30.0) -> None:
+        self.kit = Path(startup_kit_location)
+        self.timeout = timeout
+        self._session: Session | None = None
+
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(self.kit, timeout=self.timeout)
+        return self._session
+
+
+class Run:
+    """A submitted job: follow it, wait for it, fetch its result."""
+
+    def __init__(self, session: Session, job_id: str, num_rounds: int = 0) -> None:
+        self.session = session
+        self.job_id = job_id
+        self.num_rounds = num_rounds
+        self.info: JobInfo | None = None
+
+    def get_job_id(self) -> str:
+        return self.job_id
+
+    def get_status(self) -> str:
+        return self.session.get_job_status(self.job_id)
+
+    def wait(self, progress: Callable[[RoundInfo], None] | None = None) -> JobInfo:
+        """Block until the job ends, calling `progress` with each finished round."""
+        for event in self.session.watch_job(self.job_id):
+            if isinstance(event, RoundInfo):
+                if progress is not None:
+                    progress(event)
+            else:
+                self.info = event
+        assert self.info is not None
+        return self.info
+
+    def abort(self) -> str:
+        return self.session.abort_job(self.job_id)
+
+    def get_result(self, destination: str | Path | None = None) -> Path:
+        """Download the finished job's result folder; returns its path."""
+        return self.session.download_job(self.job_id, destination)

@@ -1,0 +1,96 @@
+"""Settings a participant may change in its kit's `local/` folder.
+
+`startup/` is signed by the project administrator and must not change; `local/` belongs to whoever
+runs the kit (a hospital's IT team, say) and holds what they decide: how long a silent site stays
+listed as alive, whether jobs may bring their own code, how many threads torch may use.
+Provisioning writes the defaults below; the daemons read them once at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedgrid.errors import ConfigError
+
+T = TypeVar("T")
+
+SERVER_SETTINGS_FILE = "server.json"
+SITE_SETTINGS_FILE = "site.json"
+ADMIN_SETTINGS_FILE = "admin.json"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server operator's choices (`local/server.json` of the server kit)."""
+
+    heartbeat_timeout: float = 10.0
+    """Seconds without a heartbeat after which a site is shown dead and no longer scheduled."""
+    max_upload_mb: float = 100.0
+    """Largest job upload accepted, in MB (the packed job folder)."""
+    max_job_files: int = 1000
+    max_concurrent_jobs: int = 4
+    tracking_uri: str = ""
+    """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A site operator's choices (`local/site.json` of a site kit)."""
+
+    allow_custom_code: bool = True
+    """False refuses every job that brings its own code; only scripts installed at the site may run."""
+    heartbeat_interval: float = 2.0
+    torch_threads: int = 0
+    """Threads per job worker; 0 = cores divided by the workers running on this machine."""
+    max_concurrent_jobs: int = 2
+    share_job_logs: bool = True
+    """Send each job's log to the server at the job's end, so it is in the job's result folder."""
+    data_root: str = ""
+    """Where this site's data lives; handed to training scripts as `fedclient.api.get_site_config()`."""
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """An admin's choices (`local/admin.json` of an admin kit)."""
+
+    download_dir: str = "transfer"
+    """Where `download_job` writes results, relative to the kit folder unless absolute."""
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """Plain dict for writing a settings file."""
+    return dataclasses.asdict(settings)
+
+
+def load_settings(cls: type[T], path: Path) -> T:
+    """Read one settings file strictly: unknown keys and wrong types are errors naming the file.
+
+    A missing file means "all defaults", so an operator may delete what they do not want to change.
+    """
+    if not path.exists():
+        return cls()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix it or delete it to use the defaults") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+        default = fields[key].default
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{path}: setting {key!r} must be {expected.__name__}, got {value!r}")
+        if expected in (int, float) and value < 0:
+            raise ConfigError(f"{path}: setting {key!r} must not be negative, got {value!r}")
+        values[key] = value
+    return cls(**values)

@@ -1,0 +1,104 @@
+"""Tensor sets on the wire and on disk: safetensors bytes, never pickle.
+
+A model travels as a dict of named numpy arrays serialized with safetensors (a JSON header of names,
+dtypes, shapes and offsets, then raw little-endian data). Parsing is done by the safetensors
+library, which validates offsets and sizes; on top of that every received set is checked against the
+layout the receiver expects before a single value is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import load_file as st_load_file
+from safetensors.numpy import save as st_save
+from safetensors.numpy import save_file as st_save_file
+
+from fedgrid.errors import PayloadError
+
+FORMAT = "safetensors"
+ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+Layout = dict[str, TensorSpec]
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> Layout:
+    return {name: TensorSpec(str(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
+
+
+def encode(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Serialize named arrays (made contiguous) to safetensors bytes."""
+    return st_save({name: np.ascontiguousarray(a) for name, a in arrays.items()})
+
+
+def decode(data: bytes, what: str = "tensor set") -> Arrays:
+    """Parse safetensors bytes; anything malformed raises PayloadError naming `what`."""
+    try:
+        arrays = st_load(data)
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise PayloadError(f"{what}: not a valid safetensors payload ({exc})") from exc
+    _check_dtypes(arrays, what)
+    return arrays
+
+
+def save_file(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """Write named arrays to a .safetensors file (atomically: temp file then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    st_save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_file(path: Path, what: str | None = None) -> Arrays:
+    what = what or str(path)
+    try:
+        arrays = st_load_file(str(path))
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise PayloadError(f"{what}: not a valid safetensors file ({exc})") from exc
+    _check_dtypes(arrays, what)
+    return arrays
+
+
+def _check_dtypes(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    for name, array in arrays.items():
+        if str(array.dtype) not in ALLOWED_DTYPES:
+            raise PayloadError(f"{what}: tensor {name!r} has unsupported dtype {array.dtype}")
+
+
+def check_layout(arrays: Mapping[str, np.ndarray], expected: Layout, what: str) -> None:
+    """Raise PayloadError unless `arrays` has exactly the expected names, dtypes and shapes."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        raise PayloadError(f"{what}: tensor names differ from the global model ({'; '.join(parts)})")
+    for name, spec in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != spec.shape:
+            raise PayloadError(f"{what}: tensor {name!r} has shape {tuple(array.shape)}, expected {spec.shape}")
+        if str(array.dtype) != spec.dtype:
+            raise PayloadError(f"{what}: tensor {name!r} has dtype {array.dtype}, expected {spec.dtype}")
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    """Refuse NaN or infinite values: one bad update would poison the global model."""
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise PayloadError(f"{what}: tensor {name!r} contains NaN or infinite values")

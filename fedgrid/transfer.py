@@ -1,0 +1,142 @@
+"""Streaming large payloads over gRPC: a header, data chunks, and a trailer with size and SHA-256.
+
+Models, encrypted updates, job packages and results can be far larger than gRPC's default 4 MB
+message limit, so they never travel as one message. Every streamed message type in `proto/` has the
+same shape (`oneof kind { header; data; trailer }`); the helpers here work for all of them.
+The receiver checks the running size against a limit while the bytes arrive (a peer cannot make the
+server buffer more than it allows) and checks size and digest at the end before anything is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+from fedgrid.errors import TransferError
+from fedgrid.v1 import common_pb2
+
+CHUNK_SIZE = 1 << 20
+"""Bytes per data frame; measured with bench/transfer.py (1 MB is at the top of the curve)."""
+
+MAX_MESSAGE_BYTES = 8 << 20
+"""gRPC message limit set on every channel and server: comfortably above one chunk plus headers."""
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Detect a dead peer on idle long-poll streams without application pings.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+F = TypeVar("F")
+
+
+def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Cut a buffer into chunk-sized pieces."""
+    view = memoryview(data)
+    for start in range(0, len(view), chunk_size):
+        yield bytes(view[start : start + chunk_size])
+
+
+def frames(frame_cls: type[F], header: Any, pieces: Iterable[bytes]) -> Iterator[F]:
+    """Header frame, one data frame per piece (re-cut to CHUNK_SIZE), then the trailer.
+
+    `pieces` may be a generator that produces bytes while earlier frames are already on the wire
+    (encryption overlapping upload).
+    """
+    yield frame_cls(header=header)  # type: ignore[call-arg]
+    digest = hashlib.sha256()
+    size = 0
+    for piece in pieces:
+        for chunk in split(piece) if len(piece) > CHUNK_SIZE else (piece,):
+            if not chunk:
+                continue
+            digest.update(chunk)
+            size += len(chunk)
+            yield frame_cls(data=bytes(chunk))  # type: ignore[call-arg]
+    yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=digest.digest()))  # type: ignore[call-arg]
+
+
+def prepared_frames(frame_cls: type[F], header: Any, data: bytes) -> list[F]:
+    """All frames of a payload built once, to send the same objects to many peers.
+
+    The global model of a round goes to every site: chunking and hashing it once per round
+    instead of once per site keeps the server's share of the round flat in the number of sites.
+    """
+    return list(frames(frame_cls, header, split(data)))
+
+
+class Assembler:
+    """Checks a stream of frames and writes the data to a sink.
+
+    Feed it every frame in order, then call `finish()`. Any deviation (no header first, a second
+    header, data after the trailer, too many bytes, a wrong size or digest) raises TransferError
+    naming `what` was being received.
+    """
+
+    def __init__(self, sink: BinaryIO, *, max_size: int, what: str) -> None:
+        self.sink = sink
+        self.max_size = max_size
+        self.what = what
+        self.header: Any = None
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._trailer: common_pb2.Trailer | None = None
+
+    def feed(self, frame: Any) -> None:
+        kind = frame.WhichOneof("kind")
+        if self._trailer is not None:
+            raise TransferError(f"{self.what}: frame after the trailer")
+        if kind == "header":
+            if self.header is not None:
+                raise TransferError(f"{self.what}: second header in one stream")
+            self.header = frame.header
+            return
+        if self.header is None:
+            raise TransferError(f"{self.what}: stream does not start with a header")
+        if kind == "data":
+            self.size += len(frame.data)
+            if self.size > self.max_size:
+                raise TransferError(f"{self.what}: more than the allowed {self.max_size / 1e6:.1f} MB; refused")
+            self._digest.update(frame.data)
+            self.sink.write(frame.data)
+        elif kind == "trailer":
+            self._trailer = frame.trailer
+        else:
+            raise TransferError(f"{self.what}: empty frame")
+
+    def finish(self) -> Any:
+        """Return the header once the trailer matched what arrived."""
+        if self.header is None:
+            raise TransferError(f"{self.what}: empty stream")
+        if self._trailer is None:
+            raise TransferError(f"{self.what}: stream ended before its trailer ({self.size} bytes received)")
+        if self._trailer.size != self.size:
+            raise TransferError(f"{self.what}: trailer announces {self._trailer.size} bytes, {self.size} arrived")
+        if self._trailer.sha256 != self._digest.digest():
+            raise TransferError(f"{self.what}: SHA-256 digest does not match the data received")
+        return self.header
+
+    @property
+    def sha256(self) -> bytes:
+        return self._digest.digest()
+
+
+def receive(frames_in: Iterable[Any], sink: BinaryIO, *, max_size: int, what: str) -> Any:
+    """Consume a synchronous stream of frames into `sink`; returns the header."""
+    assembler = Assembler(sink, max_size=max_size, what=what)
+    for frame in frames_in:
+        assembler.feed(frame)
+    return assembler.finish()
+
+
+async def receive_async(frames_in: AsyncIterator[Any], sink: BinaryIO, *, max_size: int, what: str) -> Any:
+    """Consume an asynchronous stream of frames into `sink`; returns the header."""
+    assembler = Assembler(sink, max_size=max_size, what=what)
+    async for frame in frames_in:
+        assembler.feed(frame)
+    return assembler.finish()

@@ -1,0 +1,234 @@
+from fedgrid.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("version", "roster", "running_jobs", "cpu_count", "hostname")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    roster: bytes
+    running_jobs: _containers.RepeatedScalarFieldContainer[str]
+    cpu_count: int
+    hostname: str
+    def __init__(self, version: _Optional[str] = ..., roster: _Optional[bytes] = ..., running_jobs: _Optional[_Iterable[str]] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("session_id", "heartbeat_interval", "server_name", "project")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    heartbeat_interval: float
+    server_name: str
+    project: str
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[float] = ..., server_name: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("session_id", "running_jobs")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    running_jobs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., running_jobs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class CommandsRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("start_job", "abort_job")
+    START_JOB_FIELD_NUMBER: _ClassVar[int]
+    ABORT_JOB_FIELD_NUMBER: _ClassVar[int]
+    start_job: StartJob
+    abort_job: AbortJob
+    def __init__(self, start_job: _Optional[_Union[StartJob, _Mapping]] = ..., abort_job: _Optional[_Union[AbortJob, _Mapping]] = ...) -> None: ...
+
+class StartJob(_message.Message):
+    __slots__ = ("job_id", "app", "workers_hint")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_HINT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    app: str
+    workers_hint: int
+    def __init__(self, job_id: _Optional[str] = ..., app: _Optional[str] = ..., workers_hint: _Optional[int] = ...) -> None: ...
+
+class AbortJob(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FetchJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobFrame(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: JobHeader
+    data: bytes
+    trailer: _common_pb2.Trailer
+    def __init__(self, header: _Optional[_Union[JobHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
+
+class JobHeader(_message.Message):
+    __slots__ = ("job_id", "app", "signed_manifest", "submitter_cert", "size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_CERT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    app: str
+    signed_manifest: bytes
+    submitter_cert: bytes
+    size: int
+    def __init__(self, job_id: _Optional[str] = ..., app: _Optional[str] = ..., signed_manifest: _Optional[bytes] = ..., submitter_cert: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class JobReport(_message.Message):
+    __slots__ = ("job_id", "state", "error", "log")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: str
+    error: str
+    log: bytes
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., log: _Optional[bytes] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("job_id", "cached_sha256", "last_task_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LAST_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    cached_sha256: bytes
+    last_task_id: str
+    def __init__(self, job_id: _Optional[str] = ..., cached_sha256: _Optional[bytes] = ..., last_task_id: _Optional[str] = ...) -> None: ...
+
+class TaskFrame(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: TaskHeader
+    data: bytes
+    trailer: _common_pb2.Trailer
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
+
+class TaskHeader(_message.Message):
+    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    task_id: str
+    kind: str
+    round: int
+    total_rounds: int
+    payload_format: str
+    payload_cached: bool
+    payload_sha256: bytes
+    payload_size: int
+    total_weight: float
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResultFrame(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: ResultHeader
+    data: bytes
+    trailer: _common_pb2.Trailer
+    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
+
+class ResultHeader(_message.Message):
+    __slots__ = ("job_id", "task_id", "payload_format", "num_samples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    task_id: str
+    payload_format: str
+    num_samples: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., payload_format: _Optional[str] = ..., num_samples: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("job_id", "events")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, job_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "kind", "tag", "value", "step", "wall_time", "text", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: str
+    tag: str
+    value: float
+    step: int
+    wall_time: float
+    text: str
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., tag: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., text: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,303 @@
+"""The FedAvg workflow: a round loop that reads top to bottom.
+
+Each round: choose sites (fraction C of those still in the job, at least min_clients), send them
+the global model, fold each update into a running weighted mean as it arrives, close the round when
+everyone answered (or after `round_timeout` with at least `min_responses` updates; a straggler's late
+update is dropped), then ask every site to evaluate the new global model on its validation data and
+keep the sample-weighted metrics. Checkpoint, track the best model, stop at `num_rounds` or once the
+target metric is reached.
+
+With encryption the same loop runs on ciphertexts: the aggregator adds them without decrypting, the
+sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from fedgrid import tensors
+from fedgrid.errors import FedgridError, PayloadError, StateError
+from fedgrid.jobspec import ServerConfig
+from fedserver.aggregation import weighted_metrics
+from fedserver.grid import Result, SiteGone, Task, TaskBoard
+from fedserver.jobstore import RoundRecord
+
+
+class RoundFailed(FedgridError):
+    """A round could not close: too few sites answered with a usable update."""
+
+
+class Aggregator(Protocol):
+    """Folds results of one round; `PlainAggregator` and the HE one in `fedserver.he_aggregation`."""
+
+    payload_format: str
+    count: int
+
+    def add(self, result: Result) -> None: ...
+
+    def finish(self) -> tuple[bytes, float]: ...
+
+
+@dataclass
+class Outcome:
+    rounds: list[RoundRecord] = field(default_factory=list)
+    stopped_early: str = ""
+    best_round: int = 0
+    best_value: float | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    final_model: Path | None = None
+    best_model: Path | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A global model as it travels: serialized once per round, the same bytes for every site."""
+
+    payload_format: str
+    data: bytes
+    total_weight: float = 0.0
+
+    @property
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.data).digest()
+
+
+class FedAvg:
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        board: TaskBoard,
+        aggregator: Callable[[], Aggregator],
+        result_dir: Path,
+        checkpoint_dir: Path,
+        log: logging.Logger,
+        on_round: Callable[[RoundRecord], Awaitable[None]],
+        release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
+    ) -> None:
+        self.config = config
+        self.board = board
+        self.new_aggregator = aggregator
+        self.result_dir = result_dir
+        self.checkpoint_dir = checkpoint_dir
+        self.log = log
+        self.on_round = on_round
+        self.release_model = release_model
+        self.rng = random.Random(config.seed)
+
+    def min_responses(self) -> int:
+        return self.config.min_responses or self.config.min_clients
+
+    def choose_sites(self, round_no: int) -> list[str]:
+        active = self.board.active_sites()
+        if len(active) < self.config.min_clients:
+            raise RoundFailed(
+                f"round {round_no}: only {len(active)} sites are still in the job "
+                f"({', '.join(active) or 'none'}); min_clients is {self.config.min_clients}"
+            )
+        count = max(self.config.min_clients, round(self.config.client_fraction * len(active)))
+        return sorted(self.rng.sample(active, min(count, len(active))))
+
+    async def run(self, initial: Model) -> Outcome:
+        outcome = Outcome()
+        model = initial
+        best_model: Model | None = None
+        cfg = self.config
+        for round_no in range(1, cfg.num_rounds + 1):
+            started = time.monotonic()
+            sites = self.choose_sites(round_no)
+            train = Task(
+                task_id=f"round-{round_no}-train",
+                kind="train",
+                round=round_no,
+                total_rounds=cfg.num_rounds,
+                payload_format=model.payload_format,
+                payload=model.data,
+                sha256=model.sha256,
+                total_weight=model.total_weight,
+            )
+            model, answered, moved = await self._train(train, sites)
+            evaluate = Task(
+                task_id=f"round-{round_no}-evaluate",
+                kind="evaluate",
+                round=round_no,
+                total_rounds=cfg.num_rounds,
+                payload_format=model.payload_format,
+                payload=model.data,
+                sha256=model.sha256,
+                total_weight=model.total_weight,
+            )
+            metrics, eval_moved = await self._evaluate(evaluate)
+            record = RoundRecord(
+                round=round_no,
+                sites_asked=len(sites),
+                sites_answered=answered,
+                seconds=time.monotonic() - started,
+                metrics=metrics,
+                bytes_moved=moved + eval_moved,
+            )
+            outcome.rounds.append(record)
+            outcome.final_metrics = metrics
+            if self._improved(metrics, outcome.best_value):
+                outcome.best_round, outcome.best_value = round_no, metrics[cfg.key_metric]
+                best_model = model
+                if model.payload_format == tensors.FORMAT:
+                    await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", model.data)
+            await asyncio.to_thread(self._checkpoint, model, outcome)
+            await self.on_round(record)
+            if cfg.target_metric is not None and cfg.target_metric.reached(metrics):
+                t = cfg.target_metric
+                outcome.stopped_early = (
+                    f"{t.name} reached {metrics[t.name]:.4f} (target {t.mode} {t.value}) in round {round_no}"
+                )
+                self.log.info("stopping early: %s", outcome.stopped_early)
+                break
+        outcome.final_model, outcome.best_model = await self._finish(model, best_model)
+        return outcome
+
+    async def _train(self, task: Task, sites: list[str]) -> tuple[Model, int, int]:
+        cfg = self.config
+        await self.board.ask(task, sites)
+        self.log.info("round %d: model sent to %s", task.round, ", ".join(sites))
+        aggregator = self.new_aggregator()
+        moved = len(task.payload) * len(sites)
+        refused: list[str] = []
+        async for item in self.board.results(task, sites, cfg.round_timeout):
+            if isinstance(item, SiteGone):
+                self.log.warning("round %d: %s left the job: %s", task.round, item.site, item.reason)
+                refused.append(f"{item.site}: {item.reason}")
+                continue
+            moved += item.size
+            try:
+                await asyncio.to_thread(aggregator.add, item)
+                self.log.info(
+                    "round %d: update from %s folded in (%d samples, %.1f MB)",
+                    task.round,
+                    item.site,
+                    item.num_samples,
+                    item.size / 1e6,
+                )
+            except PayloadError as exc:
+                self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
+                refused.append(f"{item.site}: {exc}")
+            finally:
+                if item.path is not None:
+                    item.path.unlink(missing_ok=True)
+        answered = aggregator.count
+        missing = len(sites) - answered - len(refused)
+        if missing > 0:
+            self.log.warning(
+                "round %d: %d of %d sites did not answer within %.0f s; their late updates will be dropped",
+                task.round,
+                missing,
+                len(sites),
+                cfg.round_timeout,
+            )
+        need = min(self.min_responses(), len(sites))
+        if answered < need:
+            detail = f" ({'; '.join(refused)})" if refused else ""
+            raise RoundFailed(
+                f"round {task.round}: {answered} of {len(sites)} sites sent a usable update, "
+                f"at least {need} needed{detail}"
+            )
+        data, total_weight = await asyncio.to_thread(aggregator.finish)
+        return Model(aggregator.payload_format, data, total_weight), answered, moved
+
+    async def _evaluate(self, task: Task) -> tuple[dict[str, float], int]:
+        sites = self.board.active_sites()
+        await self.board.ask(task, sites)
+        results: list[tuple[dict[str, float], float]] = []
+        async for item in self.board.results(task, sites, self.config.round_timeout):
+            if isinstance(item, Result):
+                results.append((item.metrics, item.num_samples))
+                if item.path is not None:
+                    item.path.unlink(missing_ok=True)
+        if not results:
+            self.log.warning("round %d: no site reported evaluation metrics", task.round)
+        metrics = weighted_metrics(results)
+        self.log.info(
+            "round %d: global model evaluated by %d sites: %s",
+            task.round,
+            len(results),
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics",
+        )
+        return metrics, len(task.payload) * len(sites)
+
+    def _improved(self, metrics: dict[str, float], best: float | None) -> bool:
+        value = metrics.get(self.config.key_metric)
+        if value is None:
+            return best is None
+        if best is None:
+            return True
+        return value > best if self.config.key_metric_mode == "max" else value < best
+
+    def _checkpoint(self, model: Model, outcome: Outcome) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
+        _write(self.checkpoint_dir / f"global_model.{suffix}", model.data)
+        state = {
+            "round": outcome.rounds[-1].round,
+            "payload_format": model.payload_format,
+            "total_weight": model.total_weight,
+            "best_round": outcome.best_round,
+            "best_value": outcome.best_value,
+        }
+        _write(self.checkpoint_dir / "state.json", json.dumps(state, indent=2).encode())
+
+    async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
+        final_path = self.result_dir / "final_model.safetensors"
+        best_path = self.result_dir / "best_model.safetensors"
+        if final.payload_format == tensors.FORMAT:
+            await asyncio.to_thread(_write, final_path, final.data)
+            return final_path, best_path if best_path.exists() else None
+        if self.release_model is None:
+            raise StateError("encrypted job without a release policy: no site may upload the final model")
+        await self.release_model(final, "final")
+        if best is not None and best is not final:
+            await self.release_model(best, "best")
+        elif best is final:
+            await asyncio.to_thread(_write, best_path, final_path.read_bytes())
+        return final_path, best_path if best_path.exists() else None
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class PlainAggregator:
+    """Sample-weighted mean of safetensors updates (see `fedserver.aggregation.WeightedMean`)."""
+
+    payload_format = tensors.FORMAT
+
+    def __init__(self, layout: tensors.Layout) -> None:
+        from fedserver.aggregation import WeightedMean
+
+        self._mean = WeightedMean(layout)
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    def add(self, result: Result) -> None:
+        if result.payload_format != tensors.FORMAT or result.path is None:
+            raise PayloadError(
+                f"update from {result.site}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}"
+            )
+        arrays = tensors.load_file(result.path, what=f"update from {result.site}")
+        self._mean.add(arrays, result.num_samples, f"update from {result.site}")
+
+    def finish(self) -> tuple[bytes, float]:
+        return tensors.encode(self._mean.result()), self._mean.total_weight

@@ -1,0 +1,112 @@
+"""The federation port's servicer: thin methods that identify the caller and hand over to plain objects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from fedgrid import __version__
+from fedgrid.certs import Identity
+from fedgrid.v1 import common_pb2, federation_pb2_grpc
+from fedgrid.v1 import federation_pb2 as fpb
+from fedserver.peers import PeerAuthority, peer_address
+from fedserver.registry import SiteRegistry
+from fedserver.rpc import rpc
+
+if TYPE_CHECKING:
+    from fedserver.runtime import JobRuntime
+
+log = logging.getLogger(__name__)
+
+
+class FederationService(federation_pb2_grpc.FederationServicer):
+    def __init__(self, *, peers: PeerAuthority, registry: SiteRegistry, runtime: JobRuntime, server_name: str) -> None:
+        self.peers = peers
+        self.registry = registry
+        self.runtime = runtime
+        self.server_name = server_name
+
+    def identify(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
+        return self.peers.identify(context, "federation", method)
+
+    async def Register(self, request: fpb.RegisterRequest, context: grpc.aio.ServicerContext) -> fpb.RegisterReply:
+        # A site provisioned after this server presents a newer roster before it can be identified.
+        self.peers.adopt(request.roster, peer_address(context))
+        return await self._register(request, context)
+
+    @rpc
+    async def _register(
+        self, request: fpb.RegisterRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> fpb.RegisterReply:
+        site = self.registry.register(
+            name=caller.name,
+            org=caller.org,
+            address=peer_address(context),
+            hostname=request.hostname,
+            cpu_count=request.cpu_count,
+            running_jobs=list(request.running_jobs),
+        )
+        self.runtime.site_registered(caller.name, list(request.running_jobs))
+        return fpb.RegisterReply(
+            session_id=site.session_id,
+            heartbeat_interval=self.registry.heartbeat_interval,
+            server_name=self.server_name,
+            project=self.peers.project,
+        )
+
+    @rpc
+    async def Heartbeat(
+        self, request: fpb.HeartbeatRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> fpb.HeartbeatReply:
+        known = self.registry.heartbeat(caller.name, request.session_id, list(request.running_jobs))
+        return fpb.HeartbeatReply(known=known)
+
+    @rpc
+    async def Commands(
+        self, request: fpb.CommandsRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> AsyncIterator[fpb.Command]:
+        async for command in self.registry.commands(caller.name, request.session_id):
+            yield command
+
+    @rpc
+    async def FetchJob(
+        self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> AsyncIterator[fpb.JobFrame]:
+        for frame in self.runtime.job_package_frames(request.job_id, caller.name):
+            yield frame
+
+    @rpc
+    async def ReportJob(
+        self, request: fpb.JobReport, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> common_pb2.Ack:
+        await self.runtime.site_report(caller.name, request)
+        return common_pb2.Ack()
+
+    @rpc
+    async def GetTask(
+        self, request: fpb.TaskRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> AsyncIterator[fpb.TaskFrame]:
+        frames = await self.runtime.next_task(caller.name, request)
+        for frame in frames:
+            yield frame
+
+    @rpc
+    async def SubmitResult(
+        self, request_iterator: AsyncIterator[fpb.ResultFrame], context: grpc.aio.ServicerContext, caller: Identity
+    ) -> common_pb2.Ack:
+        message = await self.runtime.receive_result(caller.name, request_iterator)
+        return common_pb2.Ack(message=message)
+
+    @rpc
+    async def SendEvents(
+        self, request: fpb.EventBatch, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> common_pb2.Ack:
+        message = self.runtime.receive_events(caller.name, request)
+        return common_pb2.Ack(message=message)
+
+
+def version() -> str:
+    return __version__

@@ -1,0 +1,180 @@
+"""The seam between a job's controller and the transport: tasks out, results in.
+
+The controller asks a set of sites to do a task and reads their results as they arrive; it never
+sees gRPC. `TaskBoard` is the gRPC-facing implementation: each site's job worker waits on a long poll
+(`next_task`) that is answered the moment a task for it exists, and uploads its result
+(`deliver`), which is queued for the controller. A result for a task that is no longer current
+(a straggler's late update) is dropped and logged, never folded into a later round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    kind: str
+    """"train", "evaluate", "release" (HE: upload the decrypted model) or "end"."""
+    round: int
+    total_rounds: int
+    payload_format: str = ""
+    payload: bytes = b""
+    sha256: bytes = b""
+    total_weight: float = 0.0
+
+
+END = Task(task_id="end", kind="end", round=0, total_rounds=0)
+
+
+@dataclass
+class Result:
+    site: str
+    task_id: str
+    num_samples: float
+    metrics: dict[str, float]
+    payload_format: str
+    path: Path | None
+    """The received payload, spooled to a file in the job folder (None for metrics-only results)."""
+    size: int = 0
+    received: float = field(default_factory=time.time)
+
+
+def discard(result: Result) -> None:
+    """Drop a result nobody will use, with its spooled payload."""
+    if result.path is not None:
+        result.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SiteGone:
+    """A site stopped taking part in the job (its worker failed or ended, or it went silent)."""
+
+    site: str
+    reason: str
+
+
+class TaskBoard:
+    """Tasks waiting for each site's worker, and results waiting for the controller."""
+
+    def __init__(self, job_id: str, sites: list[str]) -> None:
+        self.job_id = job_id
+        self.members: set[str] = set(sites)
+        self.gone: dict[str, str] = {}
+        self._tasks: dict[str, Task] = {}
+        self._pending: dict[str, set[str]] = {}
+        """task_id -> sites asked that have not answered yet."""
+        self._changed = asyncio.Condition()
+        self._inbox: asyncio.Queue[Result | SiteGone] = asyncio.Queue()
+        self.closed = False
+        self.ready: set[str] = set()
+        """Sites whose worker has asked for work at least once (it imported torch and loaded its data)."""
+        self._ready_changed = asyncio.Event()
+
+    def mark_ready(self, site: str) -> None:
+        if site not in self.ready:
+            self.ready.add(site)
+            self._ready_changed.set()
+
+    async def wait_ready(self, timeout: float) -> list[str]:
+        """Wait until every active site's worker asked for work; returns the sites still not ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [s for s in self.active_sites() if s not in self.ready]
+            remaining = deadline - time.monotonic()
+            if not missing or remaining <= 0:
+                return missing
+            self._ready_changed.clear()
+            try:
+                await asyncio.wait_for(self._ready_changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def active_sites(self) -> list[str]:
+        return sorted(self.members - set(self.gone))
+
+    async def ask(self, task: Task, sites: list[str]) -> None:
+        """Make `task` the current task of each site in `sites` and wake their workers."""
+        async with self._changed:
+            for site in sites:
+                self._tasks[site] = task
+            self._pending[task.task_id] = set(sites) - set(self.gone)
+            self._changed.notify_all()
+
+    async def next_task(self, site: str, last_task_id: str, timeout: float) -> Task | None:
+        """The site's current task once it differs from `last_task_id`; None after `timeout` seconds."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(
+                        lambda: self.closed or (site in self._tasks and self._tasks[site].task_id != last_task_id)
+                    ),
+                    timeout,
+                )
+            except TimeoutError:
+                return None
+            if self.closed:
+                return END
+            return self._tasks[site]
+
+    def accepts(self, site: str, task_id: str) -> bool:
+        """True when `site` was asked for `task_id` and has not answered it yet."""
+        return site in self._pending.get(task_id, ())
+
+    def deliver(self, result: Result) -> bool:
+        """Queue a result for the controller; False (and the caller drops it) when it is not wanted."""
+        pending = self._pending.get(result.task_id)
+        if pending is None or result.site not in pending:
+            return False
+        pending.discard(result.site)
+        self._inbox.put_nowait(result)
+        return True
+
+    def site_gone(self, site: str, reason: str) -> None:
+        if site in self.members and site not in self.gone:
+            self.gone[site] = reason
+            self._ready_changed.set()
+            for pending in self._pending.values():
+                pending.discard(site)
+            self._inbox.put_nowait(SiteGone(site, reason))
+
+    async def results(self, task: Task, sites: list[str], timeout: float) -> AsyncIterator[Result | SiteGone]:
+        """Results of `task` as they arrive, until every site asked answered or left, or `timeout`
+        (seconds, 0 = none) passed. Whatever is still pending afterwards is dropped when it arrives."""
+        waiting = set(sites) - set(self.gone)
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        try:
+            while waiting:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    item = await asyncio.wait_for(self._inbox.get(), remaining)
+                except TimeoutError:
+                    return
+                if isinstance(item, SiteGone):
+                    if item.site in waiting:
+                        waiting.discard(item.site)
+                        yield item
+                    continue
+                if item.task_id != task.task_id:
+                    discard(item)
+                    continue
+                waiting.discard(item.site)
+                yield item
+        finally:
+            self._pending.pop(task.task_id, None)
+
+    async def close(self) -> None:
+        """Wake every waiting worker: the job is over."""
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()

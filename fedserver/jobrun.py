@@ -1,0 +1,402 @@
+"""One running job on the server: deploy to the sites, run the workflow, collect results, clean up.
+
+The lifecycle is a single coroutine (`JobRun.run`) so that abort is a plain cancellation and every
+way out (completed, aborted, failed) passes through the same `finally`: sites are told to stop,
+their logs are collected, and the result folder is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedgrid import tensors
+from fedgrid.errors import FedgridError, StateError
+from fedgrid.jobspec import JobSpec
+from fedgrid.v1 import federation_pb2 as fpb
+from fedserver import jobstore, results
+from fedserver.fedavg import FedAvg, Model, Outcome, PlainAggregator
+from fedserver.grid import Task, TaskBoard
+from fedserver.jobstore import JobStore, RoundRecord
+from fedserver.registry import SiteRegistry
+from fedserver.watchers import Watchers
+
+START_TIMEOUT = 120.0
+"""Seconds a site may take to fetch the job, verify it and start its worker."""
+END_TIMEOUT = 20.0
+"""Seconds to wait for the sites' final reports (and logs) after the job ended."""
+ABORT_TIMEOUT = 6.0
+"""Seconds to wait for the sites to confirm an abort (the whole abort stays under 10 s)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a job run needs from the server around it."""
+
+    store: JobStore
+    registry: SiteRegistry
+    watchers: Watchers
+    he_context: bytes | None
+    tracking_factory: Callable[..., object] | None = None
+
+
+def job_logger(job_id: str, path: Path) -> logging.Logger:
+    """A logger writing to the job's own log file (and, through the root logger, to the server log)."""
+    logger = logging.getLogger(f"fedserver.job.{job_id[:8]}")
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+class JobRun:
+    def __init__(self, *, job_id: str, spec: JobSpec, sites: list[str], ctx: RunContext) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.ctx = ctx
+        self.job_dir = ctx.store.job_dir(job_id)
+        self.result_dir = self.job_dir / "result"
+        self.result_dir.mkdir(exist_ok=True)
+        self.tmp_dir = self.job_dir / "tmp"
+        self.tmp_dir.mkdir(exist_ok=True)
+        self.log = job_logger(job_id, self.job_dir / "log.txt")
+        self.sites = sorted(sites)
+        self.board = TaskBoard(job_id, self.sites)
+        self.site_states: dict[str, str] = {}
+        self._started: dict[str, asyncio.Future[str]] = {}
+        self._ended: dict[str, asyncio.Future[str]] = {}
+        self._fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+        self.abort_reason = ""
+        self.tracking = None
+        self.layout: tensors.Layout = {}
+        self.model_bytes = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
+        return self._task
+
+    async def abort(self, reason: str) -> None:
+        """Cancel the run; returns when the job is recorded as aborted and the sites were told."""
+        if self._task is None or self._task.done():
+            return
+        self.abort_reason = reason
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def run(self) -> None:
+        store = self.ctx.store
+        status, error = jobstore.COMPLETED, ""
+        outcome = Outcome()
+        try:
+            store.update(self.job_id, status=jobstore.RUNNING, start_time=time.time(), sites=self.sites)
+            await self.ctx.watchers.status(self.job_id)
+            self.log.info("job %s (%s) starting on %s", self.job_id, self.spec.name, ", ".join(self.sites))
+            initial = self._initial_model()
+            self._start_tracking()
+            workflow = asyncio.create_task(self._workflow(initial))
+            done, _ = await asyncio.wait({workflow, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
+            if self._fatal in done and not workflow.done():
+                workflow.cancel()
+                await asyncio.gather(workflow, return_exceptions=True)
+                raise StateError(self._fatal.result())
+            outcome = workflow.result()
+        except asyncio.CancelledError:
+            status, error = jobstore.ABORTED, self.abort_reason or "aborted"
+            self.log.warning("job aborted: %s", error)
+        except FedgridError as exc:
+            status, error = jobstore.FAILED, str(exc)
+            self.log.error("job failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not take the server down
+            status, error = jobstore.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+            self.log.error("job failed with an internal error:\n%s", traceback.format_exc())
+        finally:
+            await self._shutdown(status)
+            await asyncio.to_thread(self._write_result, status, error, outcome)
+            store.update(
+                self.job_id,
+                status=status,
+                end_time=time.time(),
+                error=error,
+                result=self._summary(status, error, outcome),
+            )
+            await self.ctx.watchers.finished(self.job_id)
+            self.log.info("job ended: %s%s", status, f" ({error})" if error else "")
+            for handler in list(self.log.handlers):
+                handler.close()
+                self.log.removeHandler(handler)
+
+    def _initial_model(self) -> Model:
+        cfg = self.spec.server
+        path = self.job_dir / "job" / self.spec.server_app / "config" / cfg.initial_model
+        arrays = tensors.load_file(path, what=f"initial model {cfg.initial_model}")
+        self.layout = tensors.layout_of(arrays)
+        data = tensors.encode(arrays)
+        self.model_bytes = len(data)
+        self.log.info("initial model: %d tensors, %.2f MB", len(arrays), len(data) / 1e6)
+        return Model(tensors.FORMAT, data)
+
+    async def _deploy(self) -> None:
+        """Ask every site to start the job; fail unless at least min_clients did."""
+        loop = asyncio.get_running_loop()
+        hosts: dict[str, int] = {}
+        for site in self.sites:
+            record = self.ctx.registry.get(site)
+            host = record.hostname if record else site
+            hosts[host] = hosts.get(host, 0) + 1
+        for site in self.sites:
+            self._started[site] = loop.create_future()
+            self._ended[site] = loop.create_future()
+            record = self.ctx.registry.get(site)
+            hint = hosts.get(record.hostname if record else site, 1)
+            app = self.spec.app_for_site(site) or ""
+            self.ctx.registry.send(
+                site, fpb.Command(start_job=fpb.StartJob(job_id=self.job_id, app=app, workers_hint=hint))
+            )
+            self._set_state(site, "deploying")
+        done, pending = await asyncio.wait(self._started.values(), timeout=START_TIMEOUT)
+        failures = []
+        for site, future in self._started.items():
+            if future in pending:
+                self._site_left(site, f"did not start the job within {START_TIMEOUT:.0f} s")
+                failures.append(f"{site}: did not start within {START_TIMEOUT:.0f} s")
+            elif future.result() != "started":
+                failures.append(f"{site}: {future.result()}")
+        started = len(self.sites) - len(failures)
+        if started < self.spec.min_clients:
+            raise StateError(
+                f"only {started} of {len(self.sites)} sites started the job (min_clients {self.spec.min_clients}): "
+                + "; ".join(failures)
+            )
+        if failures:
+            self.log.warning("continuing without: %s", "; ".join(failures))
+
+    async def _wait_ready(self) -> None:
+        """Start round 1 once every worker is up, so that round times measure rounds, not start-up."""
+        started = time.monotonic()
+        missing = await self.board.wait_ready(START_TIMEOUT)
+        for site in missing:
+            self._site_left(site, f"its worker did not ask for work within {START_TIMEOUT:.0f} s")
+        if len(self.board.active_sites()) < self.spec.min_clients:
+            raise StateError(
+                f"only {len(self.board.active_sites())} workers came up (min_clients {self.spec.min_clients})"
+            )
+        self.log.info(
+            "workers ready on %d sites after %.1f s", len(self.board.active_sites()), time.monotonic() - started
+        )
+
+    async def _workflow(self, initial: Model) -> Outcome:
+        await self._deploy()
+        await self._wait_ready()
+        workflow = FedAvg(
+            config=self.spec.server,
+            board=self.board,
+            aggregator=self._aggregator,
+            result_dir=self.result_dir,
+            checkpoint_dir=self.job_dir / "checkpoint",
+            log=self.log,
+            on_round=self._on_round,
+            release_model=self._release_model,
+        )
+        return await workflow.run(initial)
+
+    def _aggregator(self) -> PlainAggregator:
+        if self.spec.server.encryption == "ckks":
+            from fedserver.he_aggregation import EncryptedAggregator
+
+            assert self.ctx.he_context is not None  # checked at submit
+            return EncryptedAggregator(self.ctx.he_context, self.layout)  # type: ignore[return-value]
+        return PlainAggregator(self.layout)
+
+    async def _on_round(self, record: RoundRecord) -> None:
+        self.ctx.store.add_round(self.job_id, record)
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
+        self.log.info(
+            "round %d/%d done in %.2f s: %d/%d sites answered, %s",
+            record.round,
+            self.spec.server.num_rounds,
+            record.seconds,
+            record.sites_answered,
+            record.sites_asked,
+            metrics or "no metrics",
+        )
+        if self.tracking is not None:
+            self.tracking.global_metrics(
+                record.round,
+                {
+                    **record.metrics,
+                    "sites_answered": record.sites_answered,
+                    "round_seconds": record.seconds,
+                    "bytes_moved": record.bytes_moved,
+                },
+            )
+        await self.ctx.watchers.round(self.job_id, record)
+
+    async def _release_model(self, model: Model, which: str) -> Path:
+        """HE: one site decrypts `model` and uploads the plaintext, by the job's release policy."""
+        site = self.spec.server.release_site or (self.board.active_sites() or [""])[0]
+        if site not in self.board.active_sites():
+            raise StateError(
+                f"release site {site or '(none)'} is not in the job any more; the {which} model stays encrypted"
+            )
+        task = Task(
+            task_id=f"release-{which}",
+            kind="release",
+            round=0,
+            total_rounds=self.spec.server.num_rounds,
+            payload_format=model.payload_format,
+            payload=model.data,
+            sha256=model.sha256,
+            total_weight=model.total_weight,
+        )
+        await self.board.ask(task, [site])
+        async for item in self.board.results(task, [site], 120.0):
+            if hasattr(item, "path") and item.path is not None:
+                arrays = tensors.load_file(item.path, what=f"{which} model released by {site}")
+                tensors.check_layout(arrays, self.layout, f"{which} model released by {site}")
+                target = self.result_dir / f"{which}_model.safetensors"
+                item.path.replace(target)
+                self.log.info("%s model decrypted and uploaded by %s", which, site)
+                return target
+        raise StateError(f"{site} did not upload the decrypted {which} model")
+
+    async def _shutdown(self, status: str) -> None:
+        """Tell the sites the job is over (normally, or by abort) and wait briefly for their logs."""
+        end = Task(task_id="end", kind="end", round=0, total_rounds=self.spec.server.num_rounds)
+        active = self.board.active_sites()
+        if status == jobstore.COMPLETED:
+            await self.board.ask(end, active)
+            timeout = END_TIMEOUT
+        else:
+            for site in active:
+                try:
+                    self.ctx.registry.send(site, fpb.Command(abort_job=fpb.AbortJob(job_id=self.job_id, reason=status)))
+                except StateError:
+                    pass
+            timeout = ABORT_TIMEOUT
+        await self.board.close()
+        waiting = [f for s, f in self._ended.items() if not f.done() and s in active]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        for site in active:
+            if not self._ended[site].done():
+                self._set_state(site, "no final report")
+        if self.tracking is not None:
+            await asyncio.to_thread(self._close_tracking)
+
+    # ------------------------------------------------------------------ site events
+
+    def site_report(self, site: str, state: str, error: str, log_text: bytes) -> None:
+        if site not in self.sites:
+            return
+        if log_text:
+            path = self.result_dir / "sites" / site / "log.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(log_text)
+        if state == "started":
+            self._set_state(site, "running")
+            _resolve(self._started.get(site), "started")
+            return
+        if state in ("failed", "refused"):
+            reason = error.strip().splitlines()[-1] if error.strip() else f"worker {state}"
+            self._set_state(site, f"{state}: {reason}")
+            _resolve(self._started.get(site), f"{state}: {reason}")
+            _resolve(self._ended.get(site), state)
+            self.board.site_gone(site, f"{state}: {reason}")
+            if state == "failed":
+                # A crash in the training script fails the job: the traceback goes to the job's log.
+                self.log.error("%s: the job's worker failed:\n%s", site, error.strip() or "(no detail)")
+                _resolve(self._fatal, f"{site}: {reason}")
+            else:
+                self.log.warning("%s refused the job: %s", site, reason)
+            return
+        self._set_state(site, state)
+        _resolve(self._started.get(site), state)
+        _resolve(self._ended.get(site), state)
+        if not self.board.closed:
+            self._site_left(site, f"its worker {state} before the job ended")
+
+    def site_restarted(self, site: str) -> None:
+        if site in self.sites and not self.board.closed and site not in self.board.gone:
+            self._site_left(site, "the site daemon restarted")
+
+    def site_dead(self, site: str, silence: float) -> None:
+        if site in self.board.active_sites() and not self.board.closed:
+            self._site_left(site, f"no heartbeat for {silence:.0f} s")
+
+    def _site_left(self, site: str, reason: str) -> None:
+        self._set_state(site, f"left: {reason}")
+        self.log.warning("%s left the job: %s", site, reason)
+        self.board.site_gone(site, reason)
+        _resolve(self._ended.get(site), "left")
+
+    def _set_state(self, site: str, state: str) -> None:
+        self.site_states[site] = state
+        self.ctx.store.set_site_state(self.job_id, site, state)
+
+    # ------------------------------------------------------------------ tracking and results
+
+    def _start_tracking(self) -> None:
+        if self.ctx.tracking_factory is None or not self.spec.server.tracking:
+            return
+        self.tracking = self.ctx.tracking_factory(
+            job_id=self.job_id, spec=self.spec, job_dir=self.job_dir, sites=self.sites
+        )
+        self.tracking.start()
+
+    def _close_tracking(self) -> None:
+        for name in ("final_model.safetensors", "metrics.json", "metrics.csv"):
+            path = self.result_dir / name
+            if path.exists():
+                self.tracking.add_artifact(path)
+        self.tracking.close(timeout=10.0)
+
+    def _write_result(self, status: str, error: str, outcome: Outcome) -> None:
+        rounds = self.ctx.store.rounds(self.job_id)
+        results.write_metrics(self.result_dir, rounds)
+        results.plot_metrics(self.result_dir, rounds, title=f"{self.spec.name} ({self.job_id[:8]})")
+        summary = self._summary(status, error, outcome)
+        (self.result_dir / "result.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        for handler in self.log.handlers:
+            handler.flush()
+        log_file = self.job_dir / "log.txt"
+        if log_file.exists():
+            (self.result_dir / "log.txt").write_bytes(log_file.read_bytes())
+
+    def _summary(self, status: str, error: str, outcome: Outcome) -> dict[str, object]:
+        summary: dict[str, object] = {
+            "job_id": self.job_id,
+            "name": self.spec.name,
+            "status": status,
+            "error": error,
+            "encrypted": self.spec.server.encryption != "none",
+            "rounds_completed": len(outcome.rounds),
+            "num_rounds": self.spec.server.num_rounds,
+            "stopped_early": outcome.stopped_early,
+            "final_metrics": outcome.final_metrics,
+            "best_round": outcome.best_round,
+            "best_value": outcome.best_value,
+            "key_metric": self.spec.server.key_metric,
+            "model_bytes": self.model_bytes,
+            "sites": self.site_states,
+        }
+        if self.tracking is not None:
+            summary["tracking"] = self.tracking.report.as_dict()
+        return summary
+
+
+def _resolve(future: asyncio.Future[str] | None, value: str) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)

@@ -1,0 +1,67 @@
+"""The one place where fedgrid errors become gRPC status codes, and callers become identities.
+
+Servicer methods are wrapped with `rpc(port)`: the wrapper identifies the caller from its verified
+certificate before the method runs (refusing certificates that do not belong on this port), passes
+the identity in, and turns a FedgridError into a status code with a clean message. Anything else is
+logged with its traceback and answered as INTERNAL, so one bad request never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from fedgrid import errors
+from fedgrid.grpc_errors import status_of
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, errors.FedgridError):
+        log.info("%s refused: %s", method, exc)
+        await context.abort(status_of(exc), str(exc))
+    log.exception("%s failed", method)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"{method}: internal error on the server ({type(exc).__name__}); see the server log"
+    )
+
+
+def rpc(fn: Callable) -> Callable:
+    """Decorate a servicer method `f(self, request, context, caller)`.
+
+    The servicer's `identify(context, method)` returns the caller or raises IdentityError; it runs
+    before the body, so no method can forget it.
+    """
+    name = fn.__name__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                caller = self.identify(context, name)
+                async for item in fn(self, request, context, caller):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
+                await _abort(context, name, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            caller = self.identify(context, name)
+            return await fn(self, request, context, caller)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
+            await _abort(context, name, exc)
+
+    return unary_wrapper

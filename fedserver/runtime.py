@@ -1,0 +1,582 @@
+"""The server's job runtime: submission, the scheduler, running jobs, and what sites send about them.
+
+Admin and federation servicers call into this object; it owns the job store, the running
+`JobRun`s and their task boards. Everything runs on the server's event loop; file and CPU work
+goes to threads so that hundreds of waiting sites cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from cryptography import x509
+
+from fedgrid import jobspec
+from fedgrid.certs import Identity
+from fedgrid.errors import (
+    FedgridError,
+    JobSpecError,
+    NotFoundError,
+    StateError,
+    TransferError,
+)
+from fedgrid.jobspec import JobSpec
+from fedgrid.policy import Caller, JobOwner, Policy
+from fedgrid.serde import JobDetail, JobInfo, RoundInfo
+from fedgrid.settings import ServerSettings
+from fedgrid.transfer import frames, receive_async, split
+from fedgrid.v1 import admin_pb2 as apb
+from fedgrid.v1 import federation_pb2 as fpb
+from fedserver import jobstore
+from fedserver.grid import Result, Task
+from fedserver.jobrun import JobRun, RunContext
+from fedserver.jobstore import JobRecord, JobStore
+from fedserver.peers import PeerAuthority
+from fedserver.registry import SiteRegistry
+from fedserver.watchers import Watchers
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "package.zip"
+MANIFEST = "manifest.json"
+SUBMITTER_CERT = "submitter.pem"
+LONG_POLL = 30.0
+"""Seconds a GetTask call waits for a task before answering "idle" (the worker asks again)."""
+
+
+def to_info(record: JobRecord) -> JobInfo:
+    return JobInfo(
+        job_id=record.job_id,
+        name=record.name,
+        status=record.status,
+        submitter=record.submitter,
+        submitter_org=record.submitter_org,
+        submit_time=record.submit_time,
+        start_time=record.start_time,
+        end_time=record.end_time,
+        current_round=record.current_round,
+        num_rounds=record.num_rounds,
+        error=record.error,
+        sites=tuple(record.sites),
+        encrypted=record.encrypted,
+        cloned_from=record.cloned_from,
+    )
+
+
+class JobRuntime:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        registry: SiteRegistry,
+        peers: PeerAuthority,
+        policy: Policy,
+        settings: ServerSettings,
+        ca_cert: x509.Certificate,
+        he_context: bytes | None,
+        tracking_factory: object | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.peers = peers
+        self.policy = policy
+        self.settings = settings
+        self.ca_cert = ca_cert
+        self.he_context = he_context
+        self.watchers = Watchers()
+        self.runs: dict[str, JobRun] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._ctx = RunContext(
+            store=store,
+            registry=registry,
+            watchers=self.watchers,
+            he_context=he_context,
+            tracking_factory=tracking_factory,
+        )  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.store.sweep_incoming()
+        for job_id in self.store.fail_interrupted():
+            log.warning("job %s was running when the server stopped; marked %s", job_id, jobstore.FAILED)
+        self._loop_task = asyncio.create_task(self._scheduler(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(
+            *(run.abort("the server is shutting down") for run in list(self.runs.values())), return_exceptions=True
+        )
+
+    async def _scheduler(self) -> None:
+        """Start queued jobs when their sites are alive; notice sites that fell silent."""
+        while True:
+            try:
+                self._check_liveness()
+                self._start_ready_jobs()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one bad job
+                log.exception("scheduler pass failed")
+            self._wake.clear()
+            self.registry.changed.clear()
+            waits = [asyncio.create_task(self._wake.wait()), asyncio.create_task(self.registry.changed.wait())]
+            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+
+    def _check_liveness(self) -> None:
+        now = time.time()
+        for run in self.runs.values():
+            for site in run.board.active_sites():
+                record = self.registry.get(site)
+                if record is None or not self.registry.is_alive(record):
+                    silence = now - record.last_heartbeat if record else 0.0
+                    run.site_dead(site, silence)
+
+    def _start_ready_jobs(self) -> None:
+        for record in self.store.queued():
+            if len(self.runs) >= self.settings.max_concurrent_jobs:
+                return
+            try:
+                spec = self._spec(record.job_id)
+            except FedgridError as exc:
+                self.store.update(record.job_id, status=jobstore.FAILED, end_time=time.time(), error=str(exc))
+                continue
+            sites = self._startable_sites(spec)
+            if sites is None:
+                continue
+            run = JobRun(job_id=record.job_id, spec=spec, sites=sites, ctx=self._ctx)
+            self.runs[record.job_id] = run
+            task = run.start()
+            task.add_done_callback(lambda _t, job_id=record.job_id: self._run_ended(job_id))
+
+    def _run_ended(self, job_id: str) -> None:
+        self.runs.pop(job_id, None)
+        self._wake.set()
+
+    def _startable_sites(self, spec: JobSpec) -> list[str] | None:
+        alive = {s.name for s in self.registry.alive() if s.stream_open}
+        targets = alive if spec.all_sites else spec.named_sites() & alive
+        return sorted(targets) if len(targets) >= spec.min_clients else None
+
+    def _spec(self, job_id: str) -> JobSpec:
+        return jobspec.load_job(self.store.job_dir(job_id) / "job")
+
+    def waiting_reason(self, record: JobRecord) -> str:
+        if record.status != jobstore.SUBMITTED:
+            return ""
+        try:
+            spec = self._spec(record.job_id)
+        except FedgridError as exc:
+            return str(exc)
+        alive = sorted(s.name for s in self.registry.alive() if s.stream_open)
+        return f"waiting for {spec.min_clients} sites; alive: {', '.join(alive) or 'none'}"
+
+    # ------------------------------------------------------------------ admin: jobs
+
+    def _caller(self, identity: Identity) -> Caller:
+        return Caller(name=identity.name, org=identity.org, role=identity.role or "")
+
+    def _owned(self, identity: Identity, command: str, job_id: str) -> JobRecord:
+        record = self.store.find(job_id)
+        self.policy.check(self._caller(identity), command, JobOwner(record.submitter, record.submitter_org))
+        return record
+
+    async def submit(self, identity: Identity, cert_pem: bytes, frames_in: AsyncIterator[apb.UploadFrame]) -> JobRecord:
+        """Receive, verify and store a signed job upload; nothing is kept if any check fails."""
+        self.policy.check(self._caller(identity), "submit_job")
+        limit = int(self.settings.max_upload_mb * 1e6)
+        buffer = io.BytesIO()
+        header = await receive_async(frames_in, buffer, max_size=limit, what="job upload")
+        job_id = self.store.new_id()
+        staged = self.store.incoming_dir(job_id)
+        try:
+            spec = await asyncio.to_thread(
+                self._check_upload, staged, buffer.getvalue(), header.signed_manifest, cert_pem, identity
+            )
+            record = self.store.add(
+                job_id=job_id,
+                staged=staged,
+                name=spec.name,
+                submitter=identity.name,
+                submitter_org=identity.org,
+                num_rounds=spec.server.num_rounds,
+                meta=json.loads((staged / "job" / jobspec.META_FILE).read_text()),
+                encrypted=spec.server.encryption != "none",
+            )
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        log.info("job %s (%s) submitted by %s (%s)", job_id, spec.name, identity.name, identity.org)
+        self._wake.set()
+        return record
+
+    def _check_upload(
+        self, staged: Path, package: bytes, signed_manifest: bytes, cert_pem: bytes, identity: Identity
+    ) -> JobSpec:
+        job_dir = staged / "job"
+        job_dir.mkdir()
+        jobspec.safe_extract(
+            package,
+            job_dir,
+            max_bytes=int(self.settings.max_upload_mb * 1e6) * 4,
+            max_files=self.settings.max_job_files,
+        )
+        jobspec.verify_signature(job_dir, signed_manifest, x509.load_pem_x509_certificate(cert_pem), identity.name)
+        spec = jobspec.load_job(job_dir, known_sites=self.known_sites())
+        self._check_encryption(spec)
+        (staged / PACKAGE).write_bytes(package)
+        (staged / MANIFEST).write_bytes(signed_manifest)
+        (staged / SUBMITTER_CERT).write_bytes(cert_pem)
+        return spec
+
+    def _check_encryption(self, spec: JobSpec) -> None:
+        if spec.server.encryption == "none":
+            return
+        if self.he_context is None:
+            raise JobSpecError(
+                f"{spec.server_app}/config/server.json: encryption {spec.server.encryption!r} asked, but this "
+                "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
+            )
+        if spec.server.aggregation != "weighted_mean":
+            raise JobSpecError(
+                f"{spec.server_app}/config/server.json: aggregation {spec.server.aggregation!r} needs plaintext "
+                "updates on the server; with encryption only weighted_mean is possible"
+            )
+
+    def known_sites(self) -> set[str]:
+        return {m.name for m in self.peers.roster.participants if m.type == "client"}
+
+    def list_jobs(self, identity: Identity, *, include_finished: bool, name_prefix: str, limit: int) -> list[JobInfo]:
+        self.policy.check(self._caller(identity), "list_jobs")
+        records = self.store.list(include_finished=include_finished, name_prefix=name_prefix, limit=limit)
+        return [to_info(r) for r in records]
+
+    def show_job(self, identity: Identity, job_id: str) -> JobDetail:
+        self.policy.check(self._caller(identity), "show_job")
+        record = self.store.find(job_id)
+        states = dict(self.store.site_states(record.job_id))
+        result = dict(record.result)
+        waiting = self.waiting_reason(record)
+        if waiting:
+            result["waiting"] = waiting
+        rounds = tuple(
+            RoundInfo(r.round, r.sites_answered, r.sites_asked, r.seconds, r.metrics, r.bytes_moved)
+            for r in self.store.rounds(record.job_id)
+        )
+        return JobDetail(info=to_info(record), meta=record.meta, rounds=rounds, site_states=states, result=result)
+
+    async def abort(self, identity: Identity, job_id: str) -> str:
+        record = self._owned(identity, "abort_job", job_id)
+        if record.finished:
+            raise StateError(f"job {record.job_id} already {record.status}")
+        run = self.runs.get(record.job_id)
+        if run is None:
+            self.store.update(
+                record.job_id,
+                status=jobstore.ABORTED,
+                end_time=time.time(),
+                error=f"aborted by {identity.name} before it started",
+            )
+            await self.watchers.finished(record.job_id)
+        else:
+            await run.abort(f"aborted by {identity.name}")
+        log.info("job %s aborted by %s", record.job_id, identity.name)
+        return f"job {record.job_id} aborted"
+
+    def delete(self, identity: Identity, job_id: str) -> str:
+        record = self._owned(identity, "delete_job", job_id)
+        self.store.delete(record.job_id)
+        log.info("job %s deleted by %s", record.job_id, identity.name)
+        return f"job {record.job_id} deleted"
+
+    async def clone(self, identity: Identity, job_id: str) -> JobRecord:
+        self.policy.check(self._caller(identity), "clone_job")
+        source = self.store.find(job_id)
+        new_id = self.store.new_id()
+        staged = self.store.incoming_dir(new_id)
+        try:
+            src_dir = self.store.job_dir(source.job_id)
+            await asyncio.to_thread(shutil.copytree, src_dir / "job", staged / "job")
+            for name in (PACKAGE, MANIFEST, SUBMITTER_CERT):
+                shutil.copy2(src_dir / name, staged / name)
+            record = self.store.add(
+                job_id=new_id,
+                staged=staged,
+                name=source.name,
+                submitter=identity.name,
+                submitter_org=identity.org,
+                num_rounds=source.num_rounds,
+                meta=source.meta,
+                encrypted=source.encrypted,
+                cloned_from=source.job_id,
+            )
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        self._wake.set()
+        return record
+
+    def download_frames(self, identity: Identity, job_id: str) -> list[apb.DownloadFrame]:
+        record = self._owned(identity, "download_job", job_id)
+        if not record.finished:
+            raise StateError(f"job {record.job_id} is {record.status}; its result can be downloaded when it ends")
+        data = zip_result(self.store.job_dir(record.job_id), record)
+        header = apb.DownloadHeader(job_id=record.job_id, size=len(data))
+        return list(frames(apb.DownloadFrame, header, split(data)))
+
+    def job_log(self, identity: Identity, job_id: str, source: str, lines: int) -> tuple[str, str]:
+        self.policy.check(self._caller(identity), "job_log")
+        record = self.store.find(job_id)
+        job_dir = self.store.job_dir(record.job_id)
+        if not source or source == "server":
+            path = job_dir / "log.txt"
+        else:
+            if source not in record.sites:
+                raise NotFoundError(f"{source} is not a site of job {record.job_id} (sites: {', '.join(record.sites)})")
+            path = job_dir / "result" / "sites" / source / "log.txt"
+            if not path.exists():
+                raise NotFoundError(
+                    f"{source} has not sent its log of job {record.job_id} yet (sites send it when the job ends)"
+                )
+        if not path.exists():
+            return "", str(path)
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(text[-lines:] if lines > 0 else text), str(path)
+
+    async def watch(self, identity: Identity, job_id: str, from_round: int) -> AsyncIterator[apb.JobEvent]:
+        from fedgrid.serde import job_info_to_proto, round_info_to_proto
+
+        self.policy.check(self._caller(identity), "watch_job")
+        record = self.store.find(job_id)
+        queue = self.watchers.subscribe(record.job_id)
+        try:
+            sent = from_round - 1
+            for r in self.store.rounds(record.job_id):
+                if r.round > sent:
+                    sent = r.round
+                    yield apb.JobEvent(
+                        round=round_info_to_proto(
+                            RoundInfo(r.round, r.sites_answered, r.sites_asked, r.seconds, r.metrics, r.bytes_moved)
+                        )
+                    )
+            while True:
+                current = self.store.get(record.job_id)
+                if current.finished:
+                    yield apb.JobEvent(finished=job_info_to_proto(to_info(current)))
+                    return
+                kind, payload = await queue.get()
+                if kind == "round" and payload is not None and payload.round > sent:
+                    sent = payload.round
+                    yield apb.JobEvent(
+                        round=round_info_to_proto(
+                            RoundInfo(
+                                payload.round,
+                                payload.sites_answered,
+                                payload.sites_asked,
+                                payload.seconds,
+                                payload.metrics,
+                                payload.bytes_moved,
+                            )
+                        )
+                    )
+                elif kind == "status":
+                    yield apb.JobEvent(status=job_info_to_proto(to_info(self.store.get(record.job_id))))
+        finally:
+            self.watchers.unsubscribe(record.job_id, queue)
+
+    # ------------------------------------------------------------------ federation: sites and workers
+
+    def site_registered(self, site: str, running_jobs: list[str]) -> None:
+        for job_id in running_jobs:
+            run = self.runs.get(job_id)
+            if run is None or site not in run.board.active_sites():
+                self.registry.send(
+                    site,
+                    fpb.Command(
+                        abort_job=fpb.AbortJob(job_id=job_id, reason="the server does not run this job (any more)")
+                    ),
+                )
+        for run in self.runs.values():
+            if (
+                site in run.board.active_sites()
+                and run.job_id not in running_jobs
+                and run.site_states.get(site) == "running"
+            ):
+                run.site_restarted(site)
+        self._wake.set()
+
+    def _run_for(self, job_id: str, site: str) -> JobRun:
+        run = self.runs.get(job_id)
+        if run is None:
+            record = self.store.get(job_id)
+            raise StateError(f"job {job_id} is {record.status}, not running")
+        if site not in run.sites:
+            raise StateError(f"{site} is not a site of job {job_id}")
+        return run
+
+    def job_package_frames(self, job_id: str, site: str) -> list[fpb.JobFrame]:
+        run = self._run_for(job_id, site)
+        job_dir = self.store.job_dir(job_id)
+        package = (job_dir / PACKAGE).read_bytes()
+        header = fpb.JobHeader(
+            job_id=job_id,
+            app=run.spec.app_for_site(site) or "",
+            signed_manifest=(job_dir / MANIFEST).read_bytes(),
+            submitter_cert=(job_dir / SUBMITTER_CERT).read_bytes(),
+            size=len(package),
+        )
+        return list(frames(fpb.JobFrame, header, split(package)))
+
+    async def site_report(self, site: str, report: fpb.JobReport) -> None:
+        run = self.runs.get(report.job_id)
+        if run is None:
+            log.info("report from %s about job %s, which is not running: %s", site, report.job_id, report.state)
+            return
+        run.site_report(site, report.state, report.error, report.log[-(4 << 20) :])
+
+    async def next_task(self, site: str, request: fpb.TaskRequest) -> list[fpb.TaskFrame]:
+        run = self.runs.get(request.job_id)
+        if run is None:
+            record = self.store.get(request.job_id)
+            header = fpb.TaskHeader(job_id=request.job_id, task_id="end", kind="end", reason=f"job is {record.status}")
+            return list(frames(fpb.TaskFrame, header, ()))
+        if site not in run.sites:
+            raise StateError(f"{site} is not a site of job {request.job_id}")
+        run.board.mark_ready(site)
+        task = await run.board.next_task(site, request.last_task_id, LONG_POLL)
+        if task is None:
+            return list(frames(fpb.TaskFrame, fpb.TaskHeader(job_id=request.job_id, kind="idle"), ()))
+        return task_frames(run, task, request.cached_sha256)
+
+    async def receive_result(self, site: str, frames_in: AsyncIterator[fpb.ResultFrame]) -> str:
+        first = await anext(aiter(frames_in), None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise TransferError("result stream does not start with a header")
+        header = first.header
+        run = self._run_for(header.job_id, site)
+        if not run.board.accepts(site, header.task_id):
+            run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
+            raise StateError(f"task {header.task_id} is no longer open (late result dropped)")
+        limit = max(64 << 20, 32 * run.model_bytes)
+        spool = tempfile.NamedTemporaryFile(dir=run.tmp_dir, prefix=f"{site}-", suffix=".part", delete=False)
+        path = Path(spool.name)
+        try:
+            with spool:
+
+                async def rest() -> AsyncIterator[fpb.ResultFrame]:
+                    yield first
+                    async for frame in frames_in:
+                        yield frame
+
+                await receive_async(rest(), spool, max_size=limit, what=f"result of {header.task_id} from {site}")
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, FedgridError):
+                run.log.warning("%s: result refused: %s", site, exc)
+            raise
+        size = path.stat().st_size
+        result = Result(
+            site=site,
+            task_id=header.task_id,
+            num_samples=header.num_samples,
+            metrics=dict(header.metrics),
+            payload_format=header.payload_format,
+            path=path if size else None,
+            size=size,
+        )
+        if not size:
+            path.unlink(missing_ok=True)
+        if not run.board.deliver(result):
+            if result.path is not None:
+                result.path.unlink(missing_ok=True)
+            run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
+            return "late: dropped"
+        return "accepted"
+
+    def receive_events(self, site: str, batch: fpb.EventBatch) -> str:
+        run = self._run_for(batch.job_id, site)
+        if run.tracking is None:
+            return "no tracking configured for this job; events ignored"
+        from fedserver.tracking import TrackingEvent
+
+        events = [
+            TrackingEvent(
+                site=site,
+                seq=e.seq,
+                kind=e.kind,
+                tag=e.tag,
+                value=e.value,
+                step=e.step,
+                wall_time=e.wall_time,
+                text=e.text,
+                params=dict(e.params),
+            )
+            for e in batch.events
+        ]
+        return run.tracking.site_events(site, events)
+
+
+def task_frames(run: JobRun, task: Task, cached_sha256: bytes) -> list[fpb.TaskFrame]:
+    """Frames of a task: just the header when the worker already holds the payload."""
+    header = fpb.TaskHeader(
+        job_id=run.job_id,
+        task_id=task.task_id,
+        kind=task.kind,
+        round=task.round,
+        total_rounds=task.total_rounds,
+        payload_format=task.payload_format,
+        payload_sha256=task.sha256,
+        payload_size=len(task.payload),
+        total_weight=task.total_weight,
+    )
+    if not task.payload:
+        return list(frames(fpb.TaskFrame, header, ()))
+    if cached_sha256 and cached_sha256 == task.sha256:
+        header.payload_cached = True
+        return list(frames(fpb.TaskFrame, header, ()))
+    cache = run.__dict__.setdefault("_frames", {})
+    if task.task_id not in cache:
+        cache.clear()
+        cache[task.task_id] = list(frames(fpb.TaskFrame, header, split(task.payload)))
+    return cache[task.task_id]
+
+
+def zip_result(job_dir: Path, record: JobRecord) -> bytes:
+    """The downloadable result: the result folder plus the job's meta and config."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted((job_dir / "result").rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(job_dir / "result").as_posix())
+        meta = job_dir / "job" / jobspec.META_FILE
+        if meta.exists():
+            archive.write(meta, f"job/{jobspec.META_FILE}")
+        archive.writestr(
+            "job_info.json",
+            json.dumps(
+                {
+                    "job_id": record.job_id,
+                    "name": record.name,
+                    "status": record.status,
+                    "submitter": record.submitter,
+                    "submit_time": record.submit_time,
+                    "start_time": record.start_time,
+                    "end_time": record.end_time,
+                    "error": record.error,
+                },
+                indent=2,
+            ),
+        )
+    return buffer.getvalue()
