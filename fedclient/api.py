@@ -238,9 +238,9 @@ class _Worker:
 
 
 def _translate(exc: grpc.RpcError, what: str) -> FedgridError:
-    from fedgrid.grpc_errors import error_from_status
+    from fedgrid.grpc_errors import error_from_rpc
 
-    return error_from_status(exc.code(), f"{what}: {exc.details()}")
+    return error_from_rpc(exc, f"{what}: ")
 
 
 def _to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

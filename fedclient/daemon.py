@@ -27,7 +27,7 @@ from cryptography import x509
 from fedgrid import __version__, jobspec
 from fedgrid.certs import identity_from_cert, verify_issued_by
 from fedgrid.errors import FedgridError, IdentityError, StateError
-from fedgrid.grpc_errors import error_from_status
+from fedgrid.grpc_errors import error_from_rpc
 from fedgrid.kit import Kit
 from fedgrid.settings import SiteSettings
 from fedgrid.tls import secure_channel
@@ -317,7 +317,7 @@ class SiteDaemon:
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    log.warning("report of job %s refused: %s", job_id, error_from_status(exc.code(), exc.details()))
+                    log.warning("report of job %s refused: %s", job_id, error_from_rpc(exc))
                     return
                 if self.stopping.wait(backoff.next()):
                     return

@@ -32,10 +32,34 @@ def status_of(exc: errors.FedgridError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def error_from_status(code: grpc.StatusCode, details: str) -> errors.FedgridError:
-    """The error class the server raised for `code`, carrying its message."""
+ERROR_KEY = "fedgrid-error"
+"""Trailing metadata key carrying the name of the error class the server raised."""
+
+
+def error_metadata(exc: errors.FedgridError) -> tuple[tuple[str, str], ...]:
+    return ((ERROR_KEY, type(exc).__name__),)
+
+
+def error_from_rpc(exc: grpc.RpcError, prefix: str = "") -> errors.FedgridError:
+    """The FedgridError a failed call stands for: the server's own class when it named one."""
+    name = ""
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == ERROR_KEY:
+                name = value
+    except Exception:  # noqa: BLE001 - no metadata on this error: fall back to the status code
+        name = ""
+    details = f"{prefix}{exc.details() or ''}"
+    return error_from_status(exc.code(), details, name)
+
+
+def error_from_status(code: grpc.StatusCode, details: str, name: str = "") -> errors.FedgridError:
+    """The error class the server raised (by `name`, else by `code`), carrying its message."""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return UnreachableError(details)
+    cls = getattr(errors, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, errors.FedgridError):
+        return cls(details)
     for cls, status in STATUS_OF:
         if status == code:
             if cls is errors.ConfigError:

@@ -27,7 +27,7 @@ import grpc
 
 from fedgrid import jobspec
 from fedgrid.errors import FedgridError, JobSpecError, StateError
-from fedgrid.grpc_errors import UnreachableError, error_from_status
+from fedgrid.grpc_errors import UnreachableError, error_from_rpc
 from fedgrid.kit import Kit, load_kit
 from fedgrid.serde import (
     JobDetail,
@@ -88,7 +88,7 @@ class Session:
                 "Start it with <server kit>/startup/start.sh (or ./start_fl.sh N); if it runs, this kit's "
                 "certificate may have been refused (see the server log)"
             )
-        return error_from_status(code, details)
+        return error_from_rpc(exc)
 
     # ------------------------------------------------------------------ status
 

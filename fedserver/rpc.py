@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from fedgrid import errors
-from fedgrid.grpc_errors import status_of
+from fedgrid.grpc_errors import error_metadata, status_of
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
     if isinstance(exc, errors.FedgridError):
         log.info("%s refused: %s", method, exc)
-        await context.abort(status_of(exc), str(exc))
+        await context.abort(status_of(exc), str(exc), error_metadata(exc))
     log.exception("%s failed", method)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"{method}: internal error on the server ({type(exc).__name__}); see the server log"

@@ -1,0 +1,1 @@
+"""The provisioning tool: project schema, root CA and certificates, kit builders, and `provision` itself."""

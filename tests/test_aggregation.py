@@ -1,0 +1,145 @@
+"""FedAvg arithmetic and the round loop, without sockets: the controller runs against the real
+TaskBoard with sites played by coroutines (the seam between controller and transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgrid import tensors
+from fedgrid.errors import PayloadError
+from fedgrid.jobspec import ServerConfig, TargetMetric
+from fedserver.aggregation import WeightedMean, weighted_metrics
+from fedserver.fedavg import FedAvg, Model, PlainAggregator, RoundFailed
+from fedserver.grid import Result, TaskBoard
+
+LAYOUT_ARRAYS = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def test_weighted_mean_weights_by_sample_count() -> None:
+    mean = WeightedMean(tensors.layout_of(LAYOUT_ARRAYS))
+    mean.add({"w": np.full((3, 2), 1.0, np.float32), "b": np.ones(2, np.float32)}, 1.0, "a")
+    mean.add({"w": np.full((3, 2), 4.0, np.float32), "b": np.full(2, 4.0, np.float32)}, 3.0, "b")
+    result = mean.result()
+    assert result["w"].dtype == np.float32
+    np.testing.assert_allclose(result["w"], 3.25)
+    assert mean.total_weight == 4.0 and mean.count == 2
+
+
+@pytest.mark.parametrize(
+    ("update", "weight", "message"),
+    [
+        ({"w": np.zeros((3, 2), np.float32)}, 1.0, "missing b"),
+        ({"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1.0, "shape"),
+        ({"w": np.zeros((3, 2), np.float64), "b": np.zeros(2, np.float32)}, 1.0, "dtype"),
+        ({"w": np.full((3, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)}, 1.0, "NaN"),
+        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, 0.0, "positive"),
+    ],
+)
+def test_a_bad_update_is_refused_and_changes_nothing(update: dict, weight: float, message: str) -> None:
+    mean = WeightedMean(tensors.layout_of(LAYOUT_ARRAYS))
+    mean.add({"w": np.full((3, 2), 2.0, np.float32), "b": np.ones(2, np.float32)}, 2.0, "good")
+    with pytest.raises(PayloadError, match=message):
+        mean.add(update, weight, "bad")
+    assert mean.count == 1
+    np.testing.assert_allclose(mean.result()["w"], 2.0)
+
+
+def test_weighted_metrics_skip_missing_and_non_finite() -> None:
+    got = weighted_metrics([({"accuracy": 0.5, "loss": 1.0}, 100), ({"accuracy": 1.0, "loss": float("nan")}, 300)])
+    assert got == {"accuracy": pytest.approx(0.875), "loss": pytest.approx(1.0)}
+
+
+def test_safetensors_round_trip_refuses_garbage() -> None:
+    data = tensors.encode(LAYOUT_ARRAYS)
+    assert set(tensors.decode(data)) == {"w", "b"}
+    with pytest.raises(PayloadError, match="not a valid safetensors"):
+        tensors.decode(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+
+
+async def _site(board: TaskBoard, name: str, tmp: Path, value: float, samples: int, slow_rounds: set[int]) -> None:
+    last = ""
+    while True:
+        task = await board.next_task(name, last, timeout=5)
+        if task is None or task.kind == "end":
+            return
+        last = task.task_id
+        if task.round in slow_rounds:
+            await asyncio.sleep(0.6)
+        if task.kind == "evaluate":
+            result = Result(name, task.task_id, samples, {"accuracy": value / 10}, "", None)
+        else:
+            path = tmp / f"{name}-{task.task_id}.safetensors"
+            arrays = {k: np.full(v.shape, value, np.float32) for k, v in LAYOUT_ARRAYS.items()}
+            tensors.save_file(arrays, path)
+            result = Result(name, task.task_id, samples, {}, tensors.FORMAT, path, path.stat().st_size)
+        if not board.deliver(result) and result.path is not None:
+            result.path.unlink()
+
+
+def _run(tmp: Path, config: ServerConfig, sites: dict[str, tuple[float, int, set[int]]]) -> tuple:
+    async def main() -> tuple:
+        board = TaskBoard("job", list(sites))
+        rounds = []
+
+        async def on_round(record: object) -> None:
+            rounds.append(record)
+
+        workflow = FedAvg(
+            config=config, board=board, aggregator=lambda: PlainAggregator(tensors.layout_of(LAYOUT_ARRAYS)),
+            result_dir=tmp / "result", checkpoint_dir=tmp / "checkpoint", log=logging.getLogger("test"),
+            on_round=on_round,
+        )
+        workers = [asyncio.create_task(_site(board, n, tmp, *args)) for n, args in sites.items()]
+        try:
+            outcome = await workflow.run(Model(tensors.FORMAT, tensors.encode(LAYOUT_ARRAYS)))
+        finally:
+            await board.close()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return outcome, rounds
+
+    return asyncio.run(main())
+
+
+def test_fedavg_rounds_weighted_result_checkpoints_and_best_model(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=3, min_clients=2)
+    outcome, rounds = _run(tmp_path, config, {"a": (1.0, 100, set()), "b": (4.0, 300, set())})
+    assert [r.round for r in rounds] == [1, 2, 3]
+    assert all(r.sites_answered == 2 for r in rounds)
+    final = tensors.load_file(outcome.final_model)
+    np.testing.assert_allclose(final["w"], 3.25)
+    assert outcome.final_metrics["accuracy"] == pytest.approx(0.325)
+    assert (tmp_path / "checkpoint" / "global_model.safetensors").exists()
+    assert outcome.best_model is not None and outcome.best_model.exists()
+
+
+def test_straggler_is_dropped_after_round_timeout(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=2, min_clients=2, min_responses=1, round_timeout=0.3)
+    outcome, rounds = _run(tmp_path, config, {"a": (1.0, 100, set()), "b": (9.0, 100, {1, 2})})
+    assert [r.sites_answered for r in rounds] == [1, 1]
+    np.testing.assert_allclose(tensors.load_file(outcome.final_model)["w"], 1.0)
+    assert not list(tmp_path.glob("b-round-*-train.safetensors")), "late updates must be dropped, not kept"
+
+
+def test_round_fails_below_min_responses(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=1, min_clients=2, min_responses=2, round_timeout=0.3)
+    with pytest.raises(RoundFailed, match="1 of 2 sites sent a usable update, at least 2 needed"):
+        _run(tmp_path, config, {"a": (1.0, 100, set()), "b": (9.0, 100, {1})})
+
+
+def test_target_metric_stops_early(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=10, min_clients=1, target_metric=TargetMetric("accuracy", 0.05))
+    outcome, rounds = _run(tmp_path, config, {"a": (1.0, 100, set())})
+    assert len(rounds) == 1
+    assert "accuracy reached" in outcome.stopped_early
+
+
+def test_client_fraction_chooses_at_least_min_clients(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=2, min_clients=2, client_fraction=0.25)
+    sites = {n: (1.0, 10, set()) for n in "abcdef"}
+    _outcome, rounds = _run(tmp_path, config, sites)
+    assert [r.sites_asked for r in rounds] == [2, 2]
