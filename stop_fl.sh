@@ -5,4 +5,4 @@ root="$(cd "$(dirname "$0")" && pwd)"
 PY="${FEDGRID_PYTHON:-$root/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 cd "$root"
-exec "$PY" -m fedgrid.localfl stop --workspaces "$root/workspaces"
+exec "$PY" -m fedgrid.localfl stop --workspaces "$root/workspaces" "$@"

@@ -197,7 +197,15 @@ class SiteDaemon:
         with self.lock:
             if job_id in self.jobs and not self.jobs[job_id].done.is_set():
                 return
+            busy = sum(1 for j in self.jobs.values() if not j.done.is_set())
             job = self.jobs[job_id] = JobProcess(job_id, job_dir)
+        if busy >= self.settings.max_concurrent_jobs:
+            reason = (f"this site already runs {busy} jobs, its limit (max_concurrent_jobs in local/site.json); "
+                      "try again when one has finished")
+            log.warning("job %s refused: %s", job_id, reason)
+            self._report(job_id, "refused", reason)
+            job.done.set()
+            return
         try:
             try:
                 threads = self._prepare(job, command)
