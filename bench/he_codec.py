@@ -120,7 +120,7 @@ def _worker_init(secret: bytes, sites: list[dict[str, np.ndarray]]) -> None:
     _STATE["sites"] = sites
 
 
-def _site_encrypt(job: tuple[int, int, bool, Any]) -> tuple[float, float, bytes]:
+def _site_encrypt(job: tuple[int, int, bool, Any]) -> tuple[int, float, float, bytes]:
     index, count, encrypted, barrier = job
     barrier.wait()
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def _site_encrypt(job: tuple[int, int, bool, Any]) -> tuple[float, float, bytes]
         data = b"".join(he.encrypt_update(_STATE["ctx"], _STATE["sites"][index], count))
     else:
         data = tensors.encode(_STATE["sites"][index])
-    return start, time.perf_counter(), data
+    return index, start, time.perf_counter(), data
 
 
 def _site_decrypt(job: tuple[bytes, bool, Any]) -> tuple[float, float]:
@@ -143,38 +143,41 @@ def _site_decrypt(job: tuple[bytes, bool, Any]) -> tuple[float, float]:
 
 
 def concurrent_round(params: he.HEParams | None, sites: list[dict[str, np.ndarray]], counts: list[int]) -> dict:
-    """Wall seconds of the HE-dependent phases of a round with every site a process on this machine."""
+    """Wall seconds of the phases of a round that encryption changes, every site a process on this machine.
+
+    Without params: the plaintext path (safetensors, fedserver's WeightedMean) for comparison.
+    """
     secret, public = he.create_contexts(params) if params else (b"", b"")
     n = len(sites)
     ctx = multiprocessing.get_context("fork")
     with ctx.Manager() as manager, ctx.Pool(n, _worker_init, (secret, sites)) as pool:
         barrier = manager.Barrier(n)
-        pool.map(_site_encrypt, [(i, counts[i], bool(params), barrier) for i in range(n)])  # warm up
-        uploads = pool.map(_site_encrypt, [(i, counts[i], bool(params), barrier) for i in range(n)], chunksize=1)
-        encrypt_wall = max(end for _, end, _ in uploads) - min(start for start, _, _ in uploads)
-        order = sorted(uploads, key=lambda u: u[1])
-        start = time.perf_counter()
+        jobs = [(i, counts[i], params is not None, barrier) for i in range(n)]
+        pool.map(_site_encrypt, jobs, chunksize=1)  # warm up
+        uploads = sorted(pool.map(_site_encrypt, jobs, chunksize=1), key=lambda u: u[2])  # in arrival order
+        encrypt_wall = max(u[2] for u in uploads) - min(u[1] for u in uploads)
+
+        layout = tensors.layout_of(sites[0])
         if params:
-            server = he.HEContext.load(public, expect_secret_key=False)
-            total = he.EncryptedSum(server, tensors.layout_of(sites[0]))
-            for _, _, data in order[:-1]:
-                total.add([data])
-            last = time.perf_counter()
-            total.add([order[-1][2]])
-            aggregate = b"".join(total.serialize())
+            total = he.EncryptedSum(he.HEContext.load(public, expect_secret_key=False), layout)
+            fold: Callable[[int, bytes], None] = lambda i, data: total.add([data])  # noqa: E731
+            finish: Callable[[], bytes] = lambda: b"".join(total.serialize())  # noqa: E731
         else:
             from fedserver.aggregation import WeightedMean
 
-            mean = WeightedMean(tensors.layout_of(sites[0]))
-            for (_, _, data), n_i in zip(order[:-1], counts, strict=False):
-                mean.add(tensors.decode(data), n_i, "site")
-            last = time.perf_counter()
-            mean.add(tensors.decode(order[-1][2]), counts[-1], "site")
-            aggregate = tensors.encode(mean.result())
-        server_last = time.perf_counter() - last
-        del start
-        pool.map(_site_decrypt, [(aggregate, bool(params), barrier) for _ in range(n)])  # warm up
-        downloads = pool.map(_site_decrypt, [(aggregate, bool(params), barrier) for _ in range(n)], chunksize=1)
+            mean = WeightedMean(layout)
+            fold = lambda i, data: mean.add(tensors.decode(data), counts[i], f"site {i}")  # noqa: E731
+            finish = lambda: tensors.encode(mean.result())  # noqa: E731
+        for index, _, _, data in uploads[:-1]:
+            fold(index, data)
+        start = time.perf_counter()  # the last upload is the only one on the critical path
+        fold(uploads[-1][0], uploads[-1][3])
+        aggregate = finish()
+        server_last = time.perf_counter() - start
+
+        jobs = [(aggregate, params is not None, barrier) for _ in range(n)]
+        pool.map(_site_decrypt, jobs, chunksize=1)  # warm up
+        downloads = pool.map(_site_decrypt, jobs, chunksize=1)
         decrypt_wall = max(end for _, end in downloads) - min(start for start, _ in downloads)
     return {"encrypt": encrypt_wall, "server": server_last, "decrypt": decrypt_wall,
             "total": encrypt_wall + server_last + decrypt_wall}
@@ -208,14 +211,13 @@ def main() -> None:
             ("52-bit data prime", he.HEParams(coeff_mod_bit_sizes=(52, 52), scale_bits=25, max_abs_value=64,
                                               max_total_weight=2**17)),
         ]
-    results = {}
     for label, params in configs:
         try:
             params.validate(label)
         except Exception as exc:  # noqa: BLE001 - a sweep row that the validator refuses is a finding too
             print(f"\n== {label}: refused by validation: {exc}")
             continue
-        results[label] = measure(label, params, sites, counts, args.repeat)
+        measure(label, params, sites, counts, args.repeat)
 
     if not args.no_concurrent:
         print(f"\n== {args.sites} sites as processes at once on {os.cpu_count()} cores (wall s; "

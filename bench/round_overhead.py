@@ -22,11 +22,16 @@ This same file is the job's training script: the worker runs it with --site.
 from __future__ import annotations
 
 import argparse
+import atexit
+import cProfile
+import io
 import json
 import math
 import os
+import pstats
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,16 +75,26 @@ def site_main(args: argparse.Namespace) -> None:
     val_loader = make_loader(data.x_val[: args.val_samples], data.y_val[: args.val_samples], 1000, shuffle=False)
     loss_fn = torch.nn.CrossEntropyLoss()
     loss_fn(model(batch[0]), batch[1]).backward()  # warm autograd up before round 1, like any real script would
+    atexit.register(lambda: print(TIMING_MARK + json.dumps({"site": site, "kind": "exit", "t": time.time()}),
+                                  flush=True))
+    profile = cProfile.Profile() if args.profile else None
     while api.is_running():
         asked = time.time()
+        if profile is not None:
+            profile.enable()
         task = api.receive()
         if task is None:
             break
         got = time.time()
+        if profile is not None:
+            profile.disable()
+        compute_cpu = time.thread_time()
         model.load_state_dict(task.params)
         if task.is_evaluate:
             loss, accuracy = evaluate(model, val_loader)
-            computed = time.time()
+            computed, compute_cpu = time.time(), time.thread_time() - compute_cpu
+            if profile is not None:
+                profile.enable()
             api.send(metrics={"accuracy": accuracy, "loss": loss}, num_samples=len(val_loader.y))
         else:
             model.train()
@@ -88,12 +103,23 @@ def site_main(args: argparse.Namespace) -> None:
             loss = loss_fn(model(batch[0]), batch[1])
             loss.backward()
             optimizer.step()
-            computed = time.time()
-            api.send(model.state_dict(), num_samples=len(data.y_train), metrics={"train_loss": loss.item()})
+            train_loss = loss.item()
+            computed, compute_cpu = time.time(), time.thread_time() - compute_cpu
+            if profile is not None:
+                profile.enable()
+            api.send(model.state_dict(), num_samples=len(data.y_train), metrics={"train_loss": train_loss})
+        if profile is not None:
+            profile.disable()
         sent = time.time()
         timing = {"site": site, "round": task.current_round, "kind": task.kind, "asked": asked, "got": got,
-                  "computed": computed, "sent": sent}
+                  "computed": computed, "sent": sent, "compute_cpu": compute_cpu, "process_cpu": time.process_time()}
         print(TIMING_MARK + json.dumps(timing), flush=True)
+    if profile is not None:
+        profile.disable()
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
+        print(out.getvalue(), flush=True)
+    print(TIMING_MARK + json.dumps({"site": site, "kind": "loop-end", "t": time.time()}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- log parsing
@@ -152,7 +178,10 @@ def parse_job_log(text: str) -> JobLog:
 
 
 def site_timings(kits: list[Path], job_id: str) -> dict[tuple[int, str], list[dict[str, float]]]:
-    """(round, kind) -> the sites' timing lines, read from each site's job log on this machine."""
+    """(round, kind) -> the sites' timing lines, read from each site's job log on this machine.
+
+    Lines without a round (loop end, interpreter exit) are filed under round 0.
+    """
     out: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
     for kit in kits:
         path = kit / "workspace" / "jobs" / job_id / "log.txt"
@@ -161,8 +190,29 @@ def site_timings(kits: list[Path], job_id: str) -> dict[tuple[int, str], list[di
         for line in path.read_text(errors="replace").splitlines():
             if line.startswith(TIMING_MARK):
                 item = json.loads(line[len(TIMING_MARK):])
-                out[(item["round"], item["kind"])].append(item)
+                out[(item.get("round", 0), item["kind"])].append(item)
     return out
+
+
+def site_profile(kit: Path, job_id: str) -> str:
+    """The cProfile table a site printed into its job log (with --profile)."""
+    path = kit / "workspace" / "jobs" / job_id / "log.txt"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    start = text.find("function calls")
+    return text[start:].split(TIMING_MARK)[0].rstrip() if start >= 0 else "(no profile found)"
+
+
+def daemon_times(kit: Path, job_id: str, what: str) -> list[float]:
+    """Timestamps of a site daemon's log lines about `job_id` that contain `what`."""
+    path = kit / "log.txt"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return [log_time(line) for line in lines if job_id in line and what in line and line[:4].isdigit()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -192,7 +242,7 @@ def breakdown(job: JobLog, sites: dict[tuple[int, str], list[dict[str, float]]],
     for n in rounds:
         r, nxt = job.rounds[n], job.rounds.get(n + 1)
         train, evaluation = sites.get((n, "train"), []), sites.get((n, "evaluate"), [])
-        if not r.folded or len(train) == 0:
+        if not r.folded or not train:
             continue
         folded = sorted(r.folded)
         got = sorted(s["got"] for s in train)
@@ -200,15 +250,18 @@ def breakdown(job: JobLog, sites: dict[tuple[int, str], list[dict[str, float]]],
         phases["train task: dispatched -> last site holds the model"].append(got[-1] - r.sent)
         phases["site: load_state_dict + one SGD step (median site)"].append(
             statistics.median(s["computed"] - s["got"] for s in train))
-        phases["site: api.send of the update (median site)"].append(statistics.median(s["sent"] - s["computed"]
-                                                                                      for s in train))
+        phases["site: api.send of the update (median site)"].append(
+            statistics.median(s["sent"] - s["computed"] for s in train))
         phases["server: dispatched -> first update folded"].append(folded[0] - r.sent)
         phases["server: first -> last update folded"].append(folded[-1] - folded[0])
         if evaluation:
             eval_got = sorted(s["got"] for s in evaluation)
-            phases["last fold -> aggregate + eval task at first site"].append(eval_got[0] - folded[-1])
-            phases["site: evaluate on the val slice (median site)"].append(
+            phases["last fold -> eval task (new model) at first site"].append(eval_got[0] - folded[-1])
+            phases["last fold -> eval task (new model) at last site"].append(eval_got[-1] - folded[-1])
+            phases["site: load_state_dict + evaluate (median site)"].append(
                 statistics.median(s["computed"] - s["got"] for s in evaluation))
+            phases["site: api.send of the metrics (median site)"].append(
+                statistics.median(s["sent"] - s["computed"] for s in evaluation))
         phases["server: last fold -> evaluation metrics in (log line)"].append(r.evaluated - folded[-1])
         phases["server: metrics in -> round recorded (checkpoint, store)"].append(r.done - r.evaluated)
         if nxt is not None and not math.isnan(nxt.sent):
@@ -216,7 +269,56 @@ def breakdown(job: JobLog, sites: dict[tuple[int, str], list[dict[str, float]]],
     return [f"  {name:<58} {statistics.median(v) * 1000:8.1f} ms" for name, v in phases.items()]
 
 
+def cpu_lines(
+    sites: dict[tuple[int, str], list[dict[str, float]]], server_cpu: dict[int, float], first: int, last: int
+) -> list[str]:
+    """CPU seconds per round, by process, between the end of round `first` and the end of round `last`."""
+    n = last - first
+    if n <= 0:
+        return []
+    lines = []
+    if first in server_cpu and last in server_cpu:
+        lines.append(f"  server daemon{'':<40} {(server_cpu[last] - server_cpu[first]) / n * 1000:8.1f} ms")
+    at = {(s["site"], r): s for (r, kind), items in sites.items() if kind == "evaluate" for s in items}
+    workers, compute = [], []
+    for name in sorted({site for site, _ in at}):
+        if (name, first) in at and (name, last) in at:
+            workers.append((at[(name, last)]["process_cpu"] - at[(name, first)]["process_cpu"]) / n)
+            compute.append(sum(s["compute_cpu"] for (r, _), items in sites.items() if first < r <= last
+                               for s in items if s["site"] == name and "compute_cpu" in s) / n)
+    if workers:
+        total, model = sum(workers), sum(compute)
+        lines.append(f"  {len(workers)} job workers, all threads{'':<27} {total * 1000:8.1f} ms")
+        lines.append(f"    of which training + evaluation (torch){'':<14} {model * 1000:8.1f} ms")
+        lines.append(f"    of which framework (receive, decode, encode, send){'':<2} {(total - model) * 1000:8.1f} ms")
+        if first in server_cpu and last in server_cpu:
+            everything = total + (server_cpu[last] - server_cpu[first]) / n
+            lines.append(f"  sum / {os.cpu_count()} cores = lower bound on a round's wall time here"
+                         f"{'':<5} {everything / (os.cpu_count() or 1) * 1000:8.1f} ms")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- driver
+
+
+def start_server_profiled(fed: object, kit: Path, out: Path) -> None:
+    """Start the server daemon under cProfile (instead of start.sh), in the way stop.sh can still stop it."""
+    from federation import ENV
+
+    ready = kit / "daemon.ready"
+    ready.unlink(missing_ok=True)
+    with open(kit / "log.txt", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "fedserver", "--kit", str(kit)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
+        )
+    (kit / "daemon.pid").write_text(str(process.pid))
+    fed.running.append(kit)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"profiled server did not start; see {kit / 'log.txt'}")
+        time.sleep(0.05)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,25 +335,31 @@ def run(args: argparse.Namespace) -> int:
     model = build_model("mlp")
     print(load_line("before"), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="fedgrid-round-overhead-"))
+    server_profile = tmp / "server.prof"
     try:
         project = provision_project(tmp / "project", n_sites=args.sites)
         fed = Federation(project)
+        server_cpu: dict[int, float] = {}
         try:
             t0 = time.perf_counter()
-            fed.start(project.server)
+            if args.profile:
+                start_server_profiled(fed, project.server, server_profile)
+            else:
+                fed.start(project.server)
             t_server = time.perf_counter() - t0
             for site in project.sites:
                 fed.start(site)
             t_sites = time.perf_counter() - t0 - t_server
             fed.wait_alive([s.name for s in project.sites])
             t_startup = time.perf_counter() - t0
+            server_pid = fed.pid(project.server)
 
             recipe = FedAvgRecipe(
                 name="round_overhead",
                 model=model,
                 train_script=Path(__file__),
                 train_args=["--site", "--data_root", str(data_root), "--batch_size", str(args.batch_size),
-                            "--val_samples", str(args.val_samples)],
+                            "--val_samples", str(args.val_samples), *(["--profile"] if args.profile else [])],
                 num_rounds=args.rounds,
                 min_clients=args.sites,
             )
@@ -264,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
                 accepted = time.time()
                 for event in session.watch_job(job_id):
                     if isinstance(event, RoundInfo):
+                        server_cpu[event.round] = cpu_seconds(server_pid)
                         rounds.append(event)
                     else:
                         final = event
@@ -271,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
             job_log_path = project.server / "workspace" / "jobs" / job_id / "log.txt"
             job = parse_job_log(job_log_path.read_text(errors="replace"))
             sites = site_timings(list(project.sites), job_id)
+            worker_ended = [t for kit in project.sites for t in daemon_times(kit, job_id, "worker ended")]
         finally:
             fed.close()
         print(load_line("after"), flush=True)
@@ -280,13 +390,29 @@ def run(args: argparse.Namespace) -> int:
             return 1
         report(args, count_parameters(model), rounds, job, sites,
                startup=(t_startup, t_server, t_sites), submit=(submitted, accepted), finished_seen=finished_seen,
-               end_time=final.end_time)
+               end_time=final.end_time, worker_ended=worker_ended, server_cpu=server_cpu)
+        if args.profile:
+            print_profiles(project.sites[0], job_id, server_profile)
         if args.keep:
             print(f"kept: {tmp} (server job log: {job_log_path})")
         return 0
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_profiles(site_kit: Path, job_id: str, server_profile: Path) -> None:
+    print(f"\nprofile of {site_kit.name}'s worker inside api.receive / api.send (all rounds; tottime):")
+    print(site_profile(site_kit, job_id))
+    deadline = time.monotonic() + 15
+    while not server_profile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if server_profile.exists():
+        print("\nprofile of the server's main thread (event loop), whole run (tottime):")
+        stats = pstats.Stats(str(server_profile))
+        stats.sort_stats("tottime").print_stats(30)
+        print("\n(cumulative):")
+        stats.sort_stats("cumulative").print_stats(40)
 
 
 def report(
@@ -300,19 +426,22 @@ def report(
     submit: tuple[float, float],
     finished_seen: float,
     end_time: float,
+    worker_ended: list[float],
+    server_cpu: dict[int, float],
 ) -> None:
     later = [r for r in rounds if r.round >= 2]
     reported = [r.seconds for r in later]
     cadence = [job.rounds[r.round + 1].sent - job.rounds[r.round].sent for r in later if r.round + 1 in job.rounds]
-    last = job.rounds[max(job.rounds)]
-    first_dispatch = job.rounds[1].sent
+    last_round = max(job.rounds)
+    last = job.rounds[last_round]
     median = statistics.median(reported)
     print()
     print(f"round overhead: {args.sites} sites, MLP {params:,} parameters, one step of batch {args.batch_size} "
-          f"per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds")
+          f"per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds"
+          f"{' (PROFILED: figures inflated)' if args.profile else ''}")
     print(f"federation start-up (start_all): {startup[0]:6.2f} s   (server {startup[1]:.2f} s, "
           f"{args.sites} sites {startup[2]:.2f} s, until all alive {startup[0] - startup[1] - startup[2]:.2f} s)")
-    print(f"submit -> round 1 dispatched:    {first_dispatch - submit[0]:6.2f} s   (upload + checks "
+    print(f"submit -> round 1 dispatched:    {job.rounds[1].sent - submit[0]:6.2f} s   (upload + checks "
           f"{submit[1] - submit[0]:.2f} s, queued -> job started {job.starting - submit[1]:.2f} s, "
           f"deploy + workers up {job.ready - job.starting:.2f} s)")
     print(f"round 1:                         {rounds[0].seconds:6.3f} s   (warm-up; not in the figures below)")
@@ -320,8 +449,15 @@ def report(
     print(f"  {summary(reported)}")
     print(f"per round, rounds 2..{len(rounds) - 1} (wall cadence: dispatch -> next round's dispatch, everything)")
     print(f"  {summary(cadence)}")
+    end_task = [s["t"] for s in sites.get((0, "loop-end"), [])]
+    at_exit = [s["t"] for s in sites.get((0, "exit"), [])]
     print(f"last round done -> FINISHED:     {end_time - last.done:6.2f} s   (as the admin saw it: "
-          f"{finished_seen - last.done:.2f} s; job log 'job ended' {job.ended - last.done:.2f} s)")
+          f"{finished_seen - last.done:.2f} s)")
+    if end_task and at_exit and worker_ended:
+        print(f"  last round done -> every worker left its loop  {max(end_task) - last.done:6.2f} s")
+        print(f"  -> api shutdown done (atexit), slowest worker  {max(at_exit) - max(end_task):6.2f} s")
+        print(f"  -> last worker process gone (daemon log)       {max(worker_ended) - max(at_exit):6.2f} s")
+        print(f"  -> job recorded FINISHED (results, plots)      {end_time - max(worker_ended):6.2f} s")
     print()
     print(f"target: under {TARGET_SECONDS:.1f} s per round -> {'met' if median < TARGET_SECONDS else 'NOT met'} "
           f"(median {median:.3f} s)")
@@ -332,6 +468,9 @@ def report(
     print(f"breakdown of a round (median over rounds 2..{len(rounds)}; server log has ms resolution):")
     for line in breakdown(job, sites, [r.round for r in later]):
         print(line)
+    print(f"CPU per round (rounds 2..{last_round}, from /proc and the workers' process_time):")
+    for line in cpu_lines(sites, server_cpu, 1, last_round):
+        print(line)
 
 
 def main() -> int:
@@ -340,6 +479,8 @@ def main() -> int:
     parser.add_argument("--sites", type=int, default=4, help="sites (default 4)")
     parser.add_argument("--batch_size", type=int, default=32, help="the one training batch per round (default 32)")
     parser.add_argument("--val_samples", type=int, default=500, help="validation images per site (default 500)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the server under cProfile and profile site-1's api calls; prints both")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)

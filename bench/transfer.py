@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def serve(kit_dir: str, port: int, mb: int) -> None:
     """The server side (run in its own process)."""
-    from fedgrid import transfer
+    from fedgrid import transfer, wire
     from fedgrid.kit import load_kit
     from fedgrid.tls import server_credentials
     from fedgrid.v1 import admin_pb2, common_pb2
@@ -50,10 +50,10 @@ def serve(kit_dir: str, port: int, mb: int) -> None:
                                    transfer.split(payload))
 
     handlers = {
-        "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=admin_pb2.UploadFrame.FromString,
+        "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
                                                    response_serializer=common_pb2.Ack.SerializeToString),
         "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=admin_pb2.JobRequest.FromString,
-                                                     response_serializer=admin_pb2.DownloadFrame.SerializeToString),
+                                                     response_serializer=wire.serialize),
     }
     server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Transfer", handlers),))
@@ -113,7 +113,7 @@ def main() -> int:
 
     from conftest import provision_project
 
-    from fedgrid import transfer
+    from fedgrid import transfer, wire
     from fedgrid.kit import load_kit
     from fedgrid.tls import secure_channel
     from fedgrid.v1 import admin_pb2, common_pb2
@@ -130,11 +130,11 @@ def main() -> int:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             kit = load_kit(project.admin_roles["project_admin"])
             with secure_channel(kit, project.admin_port) as channel:
-                up = channel.stream_unary("/bench.Transfer/Up", request_serializer=admin_pb2.UploadFrame.SerializeToString,
+                up = channel.stream_unary("/bench.Transfer/Up", request_serializer=wire.serialize,
                                           response_deserializer=common_pb2.Ack.FromString)
                 down = channel.unary_stream("/bench.Transfer/Down",
                                             request_serializer=admin_pb2.JobRequest.SerializeToString,
-                                            response_deserializer=admin_pb2.DownloadFrame.FromString)
+                                            response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame))
                 expected = hashlib.sha256(payload).hexdigest()
                 up_times, down_times = [], []
                 for _ in range(args.repeat):

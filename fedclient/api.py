@@ -39,14 +39,13 @@ import grpc
 import numpy as np
 import torch
 
-from fedgrid import tensors, transfer
+from fedgrid import tensors, transfer, wire
 from fedgrid.errors import FedgridError, StateError, TransferError
 from fedgrid.jobspec import SERVER_CONFIG, load_job
 from fedgrid.kit import Kit, load_kit
 from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings, settings_to_dict
 from fedgrid.tls import secure_channel
 from fedgrid.v1 import federation_pb2 as fpb
-from fedgrid.v1 import federation_pb2_grpc
 
 log = logging.getLogger("fedclient.api")
 
@@ -85,7 +84,7 @@ class _Worker:
         self.job_id = job_id
         self.job_dir = job_dir
         self.channel = secure_channel(kit, kit.fed_port)
-        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
         self.settings = load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE)
         spec = load_job(job_dir / "job")
         self.encrypted = spec.server.encryption == "ckks"

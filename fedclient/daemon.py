@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from fedgrid import __version__, jobspec
+from fedgrid import __version__, jobspec, wire
 from fedgrid.certs import identity_from_cert, verify_issued_by
 from fedgrid.errors import FedgridError, IdentityError, StateError
 from fedgrid.grpc_errors import error_from_rpc
@@ -33,7 +33,6 @@ from fedgrid.settings import SiteSettings
 from fedgrid.tls import secure_channel
 from fedgrid.transfer import receive
 from fedgrid.v1 import federation_pb2 as fpb
-from fedgrid.v1 import federation_pb2_grpc
 
 log = logging.getLogger("fedclient")
 
@@ -77,7 +76,7 @@ class SiteDaemon:
         self.workspace = kit.workspace_dir
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
         self.channel = secure_channel(kit, kit.fed_port)
-        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
         self.jobs: dict[str, JobProcess] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -212,6 +211,10 @@ class SiteDaemon:
             except FedgridError as exc:
                 log.warning("job %s refused: %s", job_id, exc)
                 self._report(job_id, "refused", str(exc))
+                return
+            except grpc.RpcError as exc:
+                log.warning("job %s: could not fetch it from the server: %s", job_id, exc.details())
+                self._report(job_id, "refused", f"could not fetch the job from the server ({exc.details()})")
                 return
             log_file = open(job_dir / "log.txt", "ab")  # noqa: SIM115 - handed to the worker process
             with self.lock:

@@ -38,6 +38,14 @@ he_context.bin (the kits' startup/he_context.bin)::
 
     b"FGHECTX1" | uint32 LE length | JSON {context_id, params, secret_key} | uint32 LE length | TenSEAL context
 
+Decryption adds noise before anything leaves a site. CKKS decryption is approximate: the exact
+decrypted values of a ciphertext one holds give away the secret key (Li & Micciancio, Eurocrypt 2021),
+and the server holds the aggregate whose decryption, the final model, sites release to it. Gaussian
+noise of twice the size of a fresh ciphertext's own noise is added to every decrypted value, so a
+released value is no better for an attacker than a fresh RLWE sample with twice SEAL's error. It is
+derived from the secret context and the stream's digest: every site gets the same model from the same
+aggregate, and decrypting again reveals nothing new. It costs about a third of a bit of precision.
+
 The context id is random per `create_contexts` call, so an update made in another provisioning run is
 refused by id even when the parameters are the same (its ciphertexts would load and add to garbage).
 """
@@ -45,6 +53,7 @@ refused by id even when the parameters are the same (its ciphertexts would load 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -70,6 +79,8 @@ MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 PRIME_BITS = (30, 60)  # SEAL's largest prime is 60 bits; below 30 there are too few NTT primes for big N
 MIN_PRECISION_BITS = 12  # bits after the point, per unit of total weight, that a mean must keep
 INT_SHIFT_BITS = 12  # integer tensors (BatchNorm's num_batches_tracked, ...) are encrypted as x / 2^12
+SEAL_NOISE_SIGMA = 3.2  # standard deviation of SEAL's encryption error per coefficient
+FLOOD_FACTOR = 2.0  # decryption noise, per slot, relative to a fresh ciphertext's: SEAL_NOISE_SIGMA·sqrt(N/2)
 ENCRYPTIONS = ("symmetric", "asymmetric")
 
 _CONTEXT_MAGIC = b"FGHECTX1"
@@ -90,13 +101,13 @@ Source = Iterable[bytes] | BinaryIO | bytes
 
 
 def _noise_bits(degree: int, encryption: str) -> float:
-    """Estimated log2 of the largest decryption error of a slot, in units of the scale.
+    """Estimated log2 of the largest error of a decrypted slot (encryption and decryption noise), in units of the scale.
 
-    Calibrated with bench/he_codec.py: the maximum over 670K slots of a sum of 4 fresh ciphertexts was
-    2^11.0 (symmetric) and 2^14.6 (public key) at N=8192; it grows with sqrt(N). Two bits of margin
-    cover up to ~64 sites.
+    Calibrated with bench/he_codec.py at N=8192: the largest error over 670K slots of a sum of 4 fresh
+    ciphertexts was 2^11.0 (symmetric) and 2^14.6 (public key) before decryption noise, 2^11.6 with it;
+    both grow with sqrt(N). About two bits of margin cover sums of up to ~64 sites.
     """
-    return 0.5 * math.log2(degree) + (6.5 if encryption == "symmetric" else 10.0)
+    return 0.5 * math.log2(degree) + (7.0 if encryption == "symmetric" else 10.0)
 
 
 @dataclass(frozen=True)
@@ -289,10 +300,11 @@ def _pack_context(context_id: str, params: HEParams, secret_key: bool, body: byt
 class HEContext:
     """A loaded he_context.bin: TenSEAL context, context id and parameters. Build it with `load`."""
 
-    def __init__(self, context_id: str, params: HEParams, native_context: Any) -> None:
+    def __init__(self, context_id: str, params: HEParams, native_context: Any, flood_key: bytes = b"") -> None:
         self.context_id = context_id
         self.params = params
         self._ctx = native_context
+        self._flood_key = flood_key  # secret: derived from the secret-key context, seeds decryption noise
         self._scale = 2.0 ** params.scale_bits
         self._parms_id = list(native_context.seal_context().first_parms_id())
         data_primes = len(params.coeff_mod_bit_sizes) - 1
@@ -337,7 +349,8 @@ class HEContext:
             raise EncryptionError(
                 f"{where}: holds a secret key, which the server must never have; use the server kit's context"
                 if secret_flag else f"{where}: holds no secret key; a site needs the context from a site kit")
-        return cls(context_id, params, native_context)
+        flood_key = hashlib.sha256(b"fedgrid he decryption noise\0" + body).digest() if secret_flag else b""
+        return cls(context_id, params, native_context, flood_key)
 
     @property
     def has_secret_key(self) -> bool:
@@ -499,7 +512,11 @@ class _Framer:
 
 
 class _Reader:
-    """Pulls bytes from pieces of any size (or a file) and parses records with bounded lengths."""
+    """Pulls bytes from pieces of any size (or a file) and parses records with bounded lengths.
+
+    A record that lies inside one piece is sliced out of it, so a whole stream handed over as one
+    piece is never copied as a whole; only records that straddle pieces are joined.
+    """
 
     def __init__(self, source: Source, what: str) -> None:
         read = getattr(source, "read", None)
@@ -509,30 +526,36 @@ class _Reader:
             self._pieces = iter(lambda: read(_READ_SIZE), b"")
         else:
             self._pieces = iter(source)
-        self._buf = bytearray()
+        self._chunk = memoryview(b"")
         self._pos = 0
         self._consumed = 0
         self._digest = hashlib.sha256()
         self.what = what
 
     def _fill(self, n: int) -> bool:
-        while len(self._buf) - self._pos < n:
+        """Make n bytes available at self._pos; False when the stream ends first."""
+        have = len(self._chunk) - self._pos
+        if have >= n:
+            return True
+        parts = [self._chunk[self._pos:]] if have else []
+        while have < n:
             piece = next(self._pieces, None)
             if piece is None:
+                self._chunk, self._pos = memoryview(b"".join(parts)), 0
                 return False
-            if self._pos:
-                del self._buf[:self._pos]
-                self._pos = 0
-            self._buf += piece
+            view = memoryview(piece).cast("B")
+            parts.append(view)
+            have += len(view)
+        self._chunk = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+        self._pos = 0
         return True
 
     def take(self, n: int, hashed: bool = True) -> bytes:
         if not self._fill(n):
             raise PayloadError(
-                f"{self.what}: the stream ends early, after {self._consumed + len(self._buf) - self._pos} bytes "
+                f"{self.what}: the stream ends early, after {self._consumed + len(self._chunk)} bytes "
                 "(truncated upload?)")
-        with memoryview(self._buf) as view:
-            data = bytes(view[self._pos:self._pos + n])
+        data = bytes(self._chunk[self._pos:self._pos + n])
         self._pos += n
         self._consumed += n
         if hashed:
@@ -547,7 +570,8 @@ class _Reader:
             raise PayloadError(f"{self.what}: the {name} record claims {length} bytes, above the limit of {limit}")
         return self.take(length)
 
-    def finish(self) -> None:
+    def finish(self) -> bytes:
+        """Check the end record and that nothing follows; the stream's digest."""
         expected = self._digest.digest()
         found, length = _RECORD.unpack(self.take(_RECORD.size, hashed=False))
         if found != b"E" or length != 32:
@@ -556,6 +580,7 @@ class _Reader:
             raise PayloadError(f"{self.what}: digest mismatch: the stream was changed or corrupted")
         if self._fill(1):
             raise PayloadError(f"{self.what}: unexpected bytes after the end record")
+        return expected
 
 
 def _read_header(reader: _Reader, ctx: HEContext) -> _Header:
@@ -733,9 +758,22 @@ def decrypt_update(
         except (ValueError, RuntimeError) as exc:
             raise EncryptionError(f"{what}: ciphertext {index} does not decrypt ({exc})") from exc
         start += length
-    reader.finish()
+    digest = reader.finish()
+    flat += _decryption_noise(ctx, digest, flat.size)
     flat /= header.weight
     return _unflatten(header.specs, flat), header.weight
+
+
+def _decryption_noise(ctx: HEContext, digest: bytes, size: int) -> np.ndarray:
+    """Noise that makes released decryptions useless for key recovery (see the module docstring).
+
+    Seeded by a key only secret-context holders have and by the stream, so every site adds the same
+    noise to the same aggregate and the server can neither predict nor average it away.
+    """
+    params = ctx.params
+    sigma = FLOOD_FACTOR * SEAL_NOISE_SIGMA * math.sqrt(params.slots) / 2.0 ** params.scale_bits
+    seed = int.from_bytes(hmac.new(ctx._flood_key, digest, hashlib.sha256).digest(), "little")
+    return np.random.default_rng(seed).normal(0.0, sigma, size)
 
 
 def decrypt_mean(ctx: HEContext, stream: Source, what: str = "encrypted model") -> dict[str, np.ndarray]:

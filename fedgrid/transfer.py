@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from fedgrid.errors import TransferError
 from fedgrid.v1 import common_pb2
+from fedgrid.wire import encode_data
 
 CHUNK_SIZE = 1 << 20
 """Bytes per data frame; measured with bench/transfer.py (1 MB is at the top of the curve)."""
@@ -35,39 +36,31 @@ GRPC_OPTIONS = [
 F = TypeVar("F")
 
 
-def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """Cut a buffer into chunk-sized pieces."""
+def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+    """Cut a buffer into chunk-sized views (no copies)."""
     view = memoryview(data)
     for start in range(0, len(view), chunk_size):
-        yield bytes(view[start : start + chunk_size])
+        yield view[start : start + chunk_size]
 
 
-def frames(frame_cls: type[F], header: Any, pieces: Iterable[bytes]) -> Iterator[F]:
-    """Header frame, one data frame per piece (re-cut to CHUNK_SIZE), then the trailer.
+def frames(frame_cls: type[F], header: Any, pieces: Iterable[bytes | memoryview]) -> Iterator[F | bytes]:
+    """Header frame, one data frame per CHUNK_SIZE of the pieces, then the trailer.
 
-    `pieces` may be a generator that produces bytes while earlier frames are already on the wire
-    (encryption overlapping upload).
+    Data frames come out already serialized (see `fedgrid.wire`); send them with the stubs and
+    handlers of `fedgrid.wire`. `pieces` may be a generator that produces bytes while earlier frames
+    are already on the wire (encryption overlapping upload).
     """
     yield frame_cls(header=header)  # type: ignore[call-arg]
     digest = hashlib.sha256()
     size = 0
     for piece in pieces:
-        for chunk in split(piece) if len(piece) > CHUNK_SIZE else (piece,):
+        for chunk in split(piece):
             if not chunk:
                 continue
             digest.update(chunk)
             size += len(chunk)
-            yield frame_cls(data=bytes(chunk))  # type: ignore[call-arg]
+            yield encode_data(chunk)
     yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=digest.digest()))  # type: ignore[call-arg]
-
-
-def prepared_frames(frame_cls: type[F], header: Any, data: bytes) -> list[F]:
-    """All frames of a payload built once, to send the same objects to many peers.
-
-    The global model of a round goes to every site: chunking and hashing it once per round
-    instead of once per site keeps the server's share of the round flat in the number of sites.
-    """
-    return list(frames(frame_cls, header, split(data)))
 
 
 class Assembler:

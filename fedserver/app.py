@@ -16,7 +16,8 @@ from fedgrid.policy import POLICY_FILE, Policy
 from fedgrid.settings import SERVER_SETTINGS_FILE, ServerSettings, load_settings
 from fedgrid.tls import server_credentials
 from fedgrid.transfer import GRPC_OPTIONS
-from fedgrid.v1 import admin_pb2_grpc, federation_pb2_grpc
+from fedgrid import wire
+from fedgrid.v1 import admin_pb2, federation_pb2
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService
 from fedserver.jobstore import JobStore
@@ -90,15 +91,17 @@ class ServerApp:
         for service in ("", *SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         federation = grpc.aio.server(options=GRPC_OPTIONS)
-        federation_pb2_grpc.add_FederationServicer_to_server(
+        wire.add_servicer(
+            federation,
             FederationService(
                 peers=self.peers, registry=self.registry, runtime=self.runtime, server_name=self.kit.name
             ),
-            federation,
+            federation_pb2.DESCRIPTOR.services_by_name["Federation"],
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, federation)
         admin = grpc.aio.server(options=GRPC_OPTIONS)
-        admin_pb2_grpc.add_AdminServicer_to_server(
+        wire.add_servicer(
+            admin,
             AdminService(
                 peers=self.peers,
                 registry=self.registry,
@@ -106,7 +109,7 @@ class ServerApp:
                 server_name=self.kit.name,
                 started=self.started,
             ),
-            admin,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"],
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         self._bind(federation, self.kit.fed_port, "federation")

@@ -146,6 +146,8 @@ class JobRuntime:
 
     def _start_ready_jobs(self) -> None:
         for record in self.store.queued():
+            if record.job_id in self.runs:
+                continue
             if len(self.runs) >= self.settings.max_concurrent_jobs:
                 return
             try:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from conftest import ProvisionedProject
 
-from fedgrid import transfer
+from fedgrid import transfer, wire
 from fedgrid.errors import TransferError
 from fedgrid.kit import load_kit
 from fedgrid.tls import secure_channel, server_credentials
@@ -32,11 +32,11 @@ class Harness:
         self.received: dict[str, object] = {}
         handlers = {
             "Up": grpc.stream_unary_rpc_method_handler(
-                self.up, request_deserializer=admin_pb2.UploadFrame.FromString,
+                self.up, request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
                 response_serializer=common_pb2.Ack.SerializeToString),
             "Down": grpc.unary_stream_rpc_method_handler(
                 self.down, request_deserializer=admin_pb2.JobRequest.FromString,
-                response_serializer=admin_pb2.DownloadFrame.SerializeToString),
+                response_serializer=wire.serialize),
         }
         self.server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Transfer", handlers),))
@@ -59,7 +59,7 @@ class Harness:
                                    transfer.split(self.payload))
 
     def upload(self, frames: Iterator[admin_pb2.UploadFrame]) -> common_pb2.Ack:
-        call = self.channel.stream_unary("/test.Transfer/Up", request_serializer=admin_pb2.UploadFrame.SerializeToString,
+        call = self.channel.stream_unary("/test.Transfer/Up", request_serializer=wire.serialize,
                                          response_deserializer=common_pb2.Ack.FromString)
         return call(frames, timeout=120)
 
@@ -84,7 +84,7 @@ def test_100_mb_upload_arrives_whole(harness: Harness) -> None:
 
 def test_100_mb_download_arrives_whole(harness: Harness) -> None:
     call = harness.channel.unary_stream("/test.Transfer/Down", request_serializer=admin_pb2.JobRequest.SerializeToString,
-                                        response_deserializer=admin_pb2.DownloadFrame.FromString)
+                                        response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame))
     sink = io.BytesIO()
     header = transfer.receive(call(admin_pb2.JobRequest(), timeout=120), sink, max_size=100 * MB, what="download")
     assert header.size == 100 * MB
@@ -94,7 +94,7 @@ def test_100_mb_download_arrives_whole(harness: Harness) -> None:
 def _stream(data: bytes, trailer: common_pb2.Trailer | None) -> Iterator[admin_pb2.UploadFrame]:
     yield admin_pb2.UploadFrame(header=admin_pb2.UploadHeader(size=len(data)))
     for chunk in transfer.split(data):
-        yield admin_pb2.UploadFrame(data=chunk)
+        yield admin_pb2.UploadFrame(data=bytes(chunk))
     if trailer is not None:
         yield admin_pb2.UploadFrame(trailer=trailer)
 

@@ -65,7 +65,8 @@ class EventLimits:
     max_events_per_call: int = 2000
     """Events looked at in one `site_events` call; the rest of the batch is dropped and counted."""
     max_events_per_site: int = 250_000
-    """Events kept per site and job (about 40 MB of journal); later ones are dropped and counted."""
+    """Events judged (kept or refused) per site and job: at most ~40 MB of journal and of seq bookkeeping.
+    Later events are dropped and counted without being looked at."""
     max_tag_chars: int = 1000
     """Tags longer than this are refused; 251..1000 characters are shortened with a hash."""
     max_text_chars: int = 16_384
@@ -103,6 +104,13 @@ def truncate_text(text: str, limit: int) -> str:
         return text
     marker = f"\n[... truncated {len(text) - limit} characters]"
     return text[: max(0, limit - len(marker))] + marker
+
+
+def describe(value: float) -> str:
+    """NaN, +inf or -inf, as a researcher would write them."""
+    if math.isnan(value):
+        return "NaN"
+    return "+inf" if value > 0 else "-inf"
 
 
 def shorten(name: str) -> str:
@@ -162,7 +170,7 @@ def check_event(event: TrackingEvent, limits: EventLimits, now: float) -> Checke
         except (TypeError, ValueError):
             return Refused("not a number", f"value {shorten(str(event.value))!r} for {shorten(tag)!r} is not a number")
         if not math.isfinite(value):
-            return Refused("non-finite value", f"{value} value for {shorten(tag)!r} at step {step}")
+            return Refused("non-finite value", f"{describe(value)} value for {shorten(tag)!r} at step {step}")
         return Checked(key, value, step, timestamp_ms, "", {}, tuple(adjustments))
 
     if event.kind == "text":

@@ -1,0 +1,44 @@
+"""From a job spec to its `JobTracking`: the one place that knows both the job spec and the tracking API."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedserver.tracking.hub import JobTracking, TrackerConfig
+
+if TYPE_CHECKING:
+    from fedgrid.jobspec import JobSpec
+
+
+def make_factory(*, default_mlflow_uri: str) -> Callable[..., JobTracking]:
+    """A builder the server calls once per job; `default_mlflow_uri` serves MLflow trackers without a URI."""
+
+    def build(*, job_id: str, spec: JobSpec, job_dir: Path, sites: Sequence[str]) -> JobTracking:
+        tracking = JobTracking(
+            job_id=job_id,
+            job_name=spec.name,
+            job_dir=job_dir,
+            trackers=[TrackerConfig(t.type, t.tracking_uri, t.experiment_name) for t in spec.server.tracking],
+            default_mlflow_uri=default_mlflow_uri,
+            sites=sites,
+        )
+        tracking.log_params(job_params(spec, sites))
+        return tracking
+
+    return build
+
+
+def job_params(spec: JobSpec, sites: Sequence[str]) -> dict[str, str | float | int]:
+    """The job's settings as MLflow params, so runs can be compared by them."""
+    params: dict[str, str | float | int] = {"job_name": spec.name, "sites": len(sites)}
+    for field in dataclasses.fields(spec.server):
+        value = getattr(spec.server, field.name)
+        if isinstance(value, bool | int | float | str):
+            params[field.name] = value
+    target = spec.server.target_metric
+    if target is not None:
+        params["target_metric"] = f"{target.name} {'>=' if target.mode == 'max' else '<='} {target.value}"
+    return params
