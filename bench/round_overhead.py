@@ -1,6 +1,6 @@
 """What a FedAvg round costs when the training is nearly free: the framework's own overhead per round.
 
-    python bench/round_overhead.py [--rounds 20] [--sites 4] [--val_samples 500]
+    python bench/round_overhead.py [--rounds 20] [--sites 4] [--val_samples 500] [--profile]
 
 Provisions a throw-away project on loopback, starts a real federation from the kits' start.sh (server
 and site daemons, gRPC over mutual TLS) and runs one FedAvg job of the 669,706-parameter MLP
@@ -9,12 +9,20 @@ batch of --batch_size, SGD lr 0.01 momentum 0.9) and evaluates the new global mo
 --val_samples validation images, so a round is almost all framework: dispatch of the global model,
 upload of the updates, folding, the evaluation task, checkpointing and bookkeeping.
 
-Printed: start-up of the federation (start_all), time from submit to round 1 (the job log's
-"workers ready" line), per-round seconds over rounds 2..N (round 1 carries one-off warm-up), the time
-from the last round to FINISHED, the reference figures of NVIDIA FLARE and Flower on this machine
-(from our issue, not measured here) with ratios, and a breakdown of a round from the server's job log
-timestamps and the sites' own timing lines. The machine load (1-minute load average) is printed
-before and after: other work on the two cores shows up in every figure.
+Printed:
+- start-up of the federation (start_all), time from submit to round 1 (the job log's "workers ready"
+  line and the first dispatch), per-round seconds over rounds 2..N (round 1 carries one-off warm-up),
+  and the time from the last round to FINISHED, split by what happens in it;
+- the reference figures of NVIDIA FLARE and Flower on this machine (from our issue, not measured
+  here) with ratios;
+- a breakdown of a round from the server's job log timestamps and the sites' own timing lines (same
+  clock: everything runs on this machine), the CPU each process spent per round (from /proc), and
+  the garbage collections in the workers;
+- the machine's load: the load average before and after, and the CPU share other processes (not
+  this federation) took during the rounds. Other work on the two cores shows up in every figure.
+
+--profile also runs the server under cProfile (and prints its top functions) and profiles site-1's
+calls into fedclient.api; the round figures are then inflated by the profilers.
 
 This same file is the job's training script: the worker runs it with --site.
 """
@@ -24,11 +32,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import cProfile
+import gc
 import io
 import json
 import math
 import os
 import pstats
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -39,6 +49,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 0.1
@@ -49,8 +60,30 @@ REFERENCE = (
 """Seconds per one-batch round of the other frameworks on this machine: figures from our issue, not re-measured."""
 TIMING_MARK = "BENCH-TIMING "
 
+Timings = dict[tuple[int, str], list[dict[str, Any]]]
+"""(round, task kind) -> one timing record per site; records without a round are filed under round 0."""
+
 
 # ---------------------------------------------------------------------------------------------- site side
+
+
+def watch_gc() -> list[tuple[float, int, float]]:
+    """Record every garbage collection of this process as (wall-clock start, generation, seconds)."""
+    events: list[tuple[float, int, float]] = []
+    started = [0.0, 0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.time(), time.perf_counter()]
+        else:
+            events.append((started[0], info["generation"], time.perf_counter() - started[1]))
+
+    gc.callbacks.append(on_gc)
+    return events
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(TIMING_MARK + json.dumps(record), flush=True)
 
 
 def site_main(args: argparse.Namespace) -> None:
@@ -63,36 +96,37 @@ def site_main(args: argparse.Namespace) -> None:
 
     from fedclient import api
     from fedgrid.data import load_site
-    from fedgrid.models import build_model
+    from fedgrid.models import MLP
     from fedgrid.training import evaluate, make_loader
 
     api.init()
     site = api.get_site_name()
     data = load_site(Path(args.data_root) / site)
     torch.manual_seed(args.seed)
-    model = build_model("mlp")
+    model = MLP(hidden=args.hidden)
     batch = next(iter(make_loader(data.x_train, data.y_train, args.batch_size, shuffle=True, seed=args.seed)))
     val_loader = make_loader(data.x_val[: args.val_samples], data.y_val[: args.val_samples], 1000, shuffle=False)
     loss_fn = torch.nn.CrossEntropyLoss()
     loss_fn(model(batch[0]), batch[1]).backward()  # warm autograd up before round 1, like any real script would
-    atexit.register(lambda: print(TIMING_MARK + json.dumps({"site": site, "kind": "exit", "t": time.time()}),
-                                  flush=True))
+    atexit.register(lambda: emit({"site": site, "kind": "exit", "t": time.time()}))
+    if args.freeze_gc:
+        gc.freeze()  # experiment: keep the start-up heap (torch's objects) out of every later collection
+    collections = watch_gc()
     profile = cProfile.Profile() if args.profile else None
     while api.is_running():
         asked = time.time()
         if profile is not None:
             profile.enable()
         task = api.receive()
-        if task is None:
-            break
-        got = time.time()
         if profile is not None:
             profile.disable()
-        compute_cpu = time.thread_time()
+        if task is None:
+            break
+        got, cpu = time.time(), time.thread_time()
         model.load_state_dict(task.params)
         if task.is_evaluate:
             loss, accuracy = evaluate(model, val_loader)
-            computed, compute_cpu = time.time(), time.thread_time() - compute_cpu
+            computed, cpu = time.time(), time.thread_time() - cpu
             if profile is not None:
                 profile.enable()
             api.send(metrics={"accuracy": accuracy, "loss": loss}, num_samples=len(val_loader.y))
@@ -104,25 +138,40 @@ def site_main(args: argparse.Namespace) -> None:
             loss.backward()
             optimizer.step()
             train_loss = loss.item()
-            computed, compute_cpu = time.time(), time.thread_time() - compute_cpu
+            computed, cpu = time.time(), time.thread_time() - cpu
             if profile is not None:
                 profile.enable()
             api.send(model.state_dict(), num_samples=len(data.y_train), metrics={"train_loss": train_loss})
         if profile is not None:
             profile.disable()
-        sent = time.time()
-        timing = {"site": site, "round": task.current_round, "kind": task.kind, "asked": asked, "got": got,
-                  "computed": computed, "sent": sent, "compute_cpu": compute_cpu, "process_cpu": time.process_time()}
-        print(TIMING_MARK + json.dumps(timing), flush=True)
+        emit({"site": site, "round": task.current_round, "kind": task.kind, "asked": asked, "got": got,
+              "computed": computed, "sent": time.time(), "compute_cpu": cpu})
     if profile is not None:
-        profile.disable()
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
         print(out.getvalue(), flush=True)
-    print(TIMING_MARK + json.dumps({"site": site, "kind": "loop-end", "t": time.time()}), flush=True)
+    emit({"site": site, "kind": "loop-end", "t": time.time(), "gc": collections})
 
 
-# ---------------------------------------------------------------------------------------------- log parsing
+def serve_profiled(out: str, argv: list[str]) -> None:
+    """Run the server daemon under cProfile, recording its garbage collections; both written at exit.
+
+    Started as `round_overhead.py --profiled-server OUT -m fedserver --kit KIT`, so that the kit's
+    stop.sh still recognises (and stops) it.
+    """
+    collections = watch_gc()
+    sys.argv = ["fedserver", *argv[argv.index("--kit"):]]
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(runpy.run_module, "fedserver", run_name="__main__", alter_sys=True)
+    except SystemExit:
+        pass
+    finally:
+        profile.dump_stats(out)
+        Path(out + ".gc.json").write_text(json.dumps(collections))
+
+
+# ---------------------------------------------------------------------------------------------- logs and /proc
 
 
 @dataclass
@@ -133,7 +182,6 @@ class RoundLog:
     folded: list[float] = field(default_factory=list)
     evaluated: float = math.nan
     done: float = math.nan
-    seconds: float = math.nan
 
 
 @dataclass
@@ -163,8 +211,7 @@ def parse_job_log(text: str) -> JobLog:
             job.ended = t
         elif message.startswith("round "):
             head, _, rest = message.partition(" ")[2].partition(" ")
-            number = int(head.rstrip(":").split("/")[0])
-            r = job.rounds[number]
+            r = job.rounds[int(head.rstrip(":").split("/")[0])]
             if rest.startswith("model sent"):
                 r.sent = t
             elif "folded in" in rest:
@@ -173,21 +220,15 @@ def parse_job_log(text: str) -> JobLog:
                 r.evaluated = t
             elif rest.startswith("done in"):
                 r.done = t
-                r.seconds = float(rest.split()[2])
     return job
 
 
-def site_timings(kits: list[Path], job_id: str) -> dict[tuple[int, str], list[dict[str, float]]]:
-    """(round, kind) -> the sites' timing lines, read from each site's job log on this machine.
-
-    Lines without a round (loop end, interpreter exit) are filed under round 0.
-    """
-    out: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
+def site_timings(kits: list[Path], job_id: str) -> Timings:
+    """The sites' timing lines, read from each site's job log on this machine."""
+    out: Timings = defaultdict(list)
     for kit in kits:
         path = kit / "workspace" / "jobs" / job_id / "log.txt"
-        if not path.exists():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
             if line.startswith(TIMING_MARK):
                 item = json.loads(line[len(TIMING_MARK):])
                 out[(item.get("round", 0), item["kind"])].append(item)
@@ -210,9 +251,45 @@ def daemon_times(kit: Path, job_id: str, what: str) -> list[float]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (from /proc, clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent so far (all cores; idle and iowait excluded)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the job workers of a site daemon)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+@dataclass
+class CpuSample:
+    """CPU seconds so far of each process group of the federation, and of the whole machine."""
+
+    wall: float
+    server: float
+    daemons: float
+    workers: float
+    machine: float
+
+
+def sample_cpu(server: int, daemons: list[int], workers: list[int]) -> CpuSample:
+    return CpuSample(time.time(), cpu_seconds(server), sum(map(cpu_seconds, daemons)),
+                     sum(map(cpu_seconds, workers)), machine_busy_seconds())
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -236,7 +313,11 @@ def load_line(when: str) -> str:
     return f"machine load {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
-def breakdown(job: JobLog, sites: dict[tuple[int, str], list[dict[str, float]]], rounds: list[int]) -> list[str]:
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f} ms"
+
+
+def breakdown(job: JobLog, sites: Timings, rounds: list[int]) -> dict[str, float]:
     """Median over `rounds` of each phase of a round, in the order they happen."""
     phases: dict[str, list[float]] = defaultdict(list)
     for n in rounds:
@@ -266,169 +347,159 @@ def breakdown(job: JobLog, sites: dict[tuple[int, str], list[dict[str, float]]],
         phases["server: metrics in -> round recorded (checkpoint, store)"].append(r.done - r.evaluated)
         if nxt is not None and not math.isnan(nxt.sent):
             phases["server: round recorded -> next round dispatched"].append(nxt.sent - r.done)
-    return [f"  {name:<58} {statistics.median(v) * 1000:8.1f} ms" for name, v in phases.items()]
+    return {name: statistics.median(v) for name, v in phases.items()}
 
 
-def cpu_lines(
-    sites: dict[tuple[int, str], list[dict[str, float]]], server_cpu: dict[int, float], first: int, last: int
-) -> list[str]:
-    """CPU seconds per round, by process, between the end of round `first` and the end of round `last`."""
-    n = last - first
-    if n <= 0:
-        return []
-    lines = []
-    if first in server_cpu and last in server_cpu:
-        lines.append(f"  server daemon{'':<40} {(server_cpu[last] - server_cpu[first]) / n * 1000:8.1f} ms")
-    at = {(s["site"], r): s for (r, kind), items in sites.items() if kind == "evaluate" for s in items}
-    workers, compute = [], []
-    for name in sorted({site for site, _ in at}):
-        if (name, first) in at and (name, last) in at:
-            workers.append((at[(name, last)]["process_cpu"] - at[(name, first)]["process_cpu"]) / n)
-            compute.append(sum(s["compute_cpu"] for (r, _), items in sites.items() if first < r <= last
-                               for s in items if s["site"] == name and "compute_cpu" in s) / n)
-    if workers:
-        total, model = sum(workers), sum(compute)
-        lines.append(f"  {len(workers)} job workers, all threads{'':<27} {total * 1000:8.1f} ms")
-        lines.append(f"    of which training + evaluation (torch){'':<14} {model * 1000:8.1f} ms")
-        lines.append(f"    of which framework (receive, decode, encode, send){'':<2} {(total - model) * 1000:8.1f} ms")
-        if first in server_cpu and last in server_cpu:
-            everything = total + (server_cpu[last] - server_cpu[first]) / n
-            lines.append(f"  sum / {os.cpu_count()} cores = lower bound on a round's wall time here"
-                         f"{'':<5} {everything / (os.cpu_count() or 1) * 1000:8.1f} ms")
-    return lines
+def cpu_lines(first: CpuSample, last: CpuSample, rounds: int, sites: Timings, window: tuple[float, float]) -> list[str]:
+    """CPU per round by process group between two samples, the torch share, and other processes' share."""
+    server = (last.server - first.server) / rounds
+    daemons = (last.daemons - first.daemons) / rounds
+    workers = (last.workers - first.workers) / rounds
+    torch_cpu = sum(s.get("compute_cpu", 0.0) for (r, kind), items in sites.items() if kind in ("train", "evaluate")
+                    for s in items if window[0] <= s["got"] <= window[1]) / rounds
+    ours = server + daemons + workers
+    cores = os.cpu_count() or 1
+    others = (last.machine - first.machine) / rounds - ours
+    elapsed = (last.wall - first.wall) / rounds
+    return [
+        f"  server daemon{'':<45} {ms(server)}",
+        f"  job workers, all sites{'':<36} {ms(workers)}",
+        f"    of which torch (load_state_dict, SGD step, evaluation){'':<2} {ms(torch_cpu)}",
+        f"    of which everything else (api, gRPC, TLS, GC, ...){'':<6} {ms(workers - torch_cpu)}",
+        f"  site daemons{'':<46} {ms(daemons)}",
+        f"  total / {cores} cores = lower bound on the round's wall time{'':<4} {ms(ours / cores)}",
+        f"  other processes on this machine meanwhile: {max(0.0, others) / (elapsed * cores):.0%} of its CPU",
+    ]
+
+
+def gc_line(events: list[list[float]], window: tuple[float, float]) -> str:
+    """Garbage collections (start, generation, seconds) inside `window`, by generation."""
+    parts = []
+    for gen in (0, 1, 2):
+        times = [e[2] for e in events if e[1] == gen and window[0] <= e[0] <= window[1]]
+        longest = max(times, default=0.0)
+        parts.append(f"gen {gen}: {len(times)} ({sum(times) * 1000:.0f} ms, longest {longest * 1000:.0f} ms)")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def start_server_profiled(fed: object, kit: Path, out: Path) -> None:
-    """Start the server daemon under cProfile (instead of start.sh), in the way stop.sh can still stop it."""
+def start_server_profiled(fed: Any, kit: Path, out: Path) -> None:
+    """Start the server daemon under cProfile (instead of start.sh), such that stop.sh still stops it."""
     from federation import ENV
 
     ready = kit / "daemon.ready"
     ready.unlink(missing_ok=True)
     with open(kit / "log.txt", "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "fedserver", "--kit", str(kit)],
+            [sys.executable, __file__, "--profiled-server", str(out), "-m", "fedserver", "--kit", str(kit)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
         )
     (kit / "daemon.pid").write_text(str(process.pid))
-    fed.running.append(kit)  # type: ignore[attr-defined]
+    fed.running.append(kit)
     deadline = time.monotonic() + 30
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"profiled server did not start; see {kit / 'log.txt'}")
+            raise RuntimeError(f"the profiled server did not start; see {kit / 'log.txt'}")
         time.sleep(0.05)
 
 
-def run(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
+@dataclass
+class Measured:
+    """Everything one run of the job yields, for `report`."""
+
+    job_id: str
+    rounds: list[Any]
+    final: Any
+    job: JobLog
+    sites: Timings
+    startup: tuple[float, float, float]
+    submitted: float
+    accepted: float
+    finished_seen: float
+    worker_ended: list[float]
+    cpu: dict[int, CpuSample]
+
+
+def run_job(args: argparse.Namespace, tmp: Path, server_profile: Path) -> Measured:
+    """Provision, start the federation, run the job, stop everything; return what was measured."""
     from conftest import provision_project
     from federation import Federation
 
     from fedgrid.jobcli import ensure_data
-    from fedgrid.models import build_model, count_parameters
+    from fedgrid.models import MLP
     from fedgrid.recipe import FedAvgRecipe
-    from fedgrid.serde import JobInfo, RoundInfo
+    from fedgrid.serde import RoundInfo
 
     data_root = ensure_data(argparse.Namespace(alpha=0.0, n_clients=args.sites, data_root=None, seed=42))
-    model = build_model("mlp")
-    print(load_line("before"), flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fedgrid-round-overhead-"))
-    server_profile = tmp / "server.prof"
+    project = provision_project(tmp / "project", n_sites=args.sites)
+    fed = Federation(project)
     try:
-        project = provision_project(tmp / "project", n_sites=args.sites)
-        fed = Federation(project)
-        server_cpu: dict[int, float] = {}
-        try:
-            t0 = time.perf_counter()
-            if args.profile:
-                start_server_profiled(fed, project.server, server_profile)
-            else:
-                fed.start(project.server)
-            t_server = time.perf_counter() - t0
-            for site in project.sites:
-                fed.start(site)
-            t_sites = time.perf_counter() - t0 - t_server
-            fed.wait_alive([s.name for s in project.sites])
-            t_startup = time.perf_counter() - t0
-            server_pid = fed.pid(project.server)
-
-            recipe = FedAvgRecipe(
-                name="round_overhead",
-                model=model,
-                train_script=Path(__file__),
-                train_args=["--site", "--data_root", str(data_root), "--batch_size", str(args.batch_size),
-                            "--val_samples", str(args.val_samples), *(["--profile"] if args.profile else [])],
-                num_rounds=args.rounds,
-                min_clients=args.sites,
-            )
-            folder = recipe.export(tmp / "job")
-            rounds: list[RoundInfo] = []
-            final: JobInfo | None = None
-            with fed.session() as session:
-                submitted = time.time()
-                job_id = session.submit_job(folder)
-                accepted = time.time()
-                for event in session.watch_job(job_id):
-                    if isinstance(event, RoundInfo):
-                        server_cpu[event.round] = cpu_seconds(server_pid)
-                        rounds.append(event)
-                    else:
-                        final = event
-                finished_seen = time.time()
-            job_log_path = project.server / "workspace" / "jobs" / job_id / "log.txt"
-            job = parse_job_log(job_log_path.read_text(errors="replace"))
-            sites = site_timings(list(project.sites), job_id)
-            worker_ended = [t for kit in project.sites for t in daemon_times(kit, job_id, "worker ended")]
-        finally:
-            fed.close()
-        print(load_line("after"), flush=True)
-        assert final is not None
-        if final.status != "FINISHED:COMPLETED" or len(rounds) < 2:
-            print(f"job {job_id} ended {final.status}: {final.error}\n{job_log_path.read_text()[-3000:]}")
-            return 1
-        report(args, count_parameters(model), rounds, job, sites,
-               startup=(t_startup, t_server, t_sites), submit=(submitted, accepted), finished_seen=finished_seen,
-               end_time=final.end_time, worker_ended=worker_ended, server_cpu=server_cpu)
+        t0 = time.perf_counter()
         if args.profile:
-            print_profiles(project.sites[0], job_id, server_profile)
-        if args.keep:
-            print(f"kept: {tmp} (server job log: {job_log_path})")
-        return 0
+            start_server_profiled(fed, project.server, server_profile)
+        else:
+            fed.start(project.server)
+        t_server = time.perf_counter() - t0
+        for site in project.sites:
+            fed.start(site)
+        t_sites = time.perf_counter() - t0 - t_server
+        fed.wait_alive([s.name for s in project.sites])
+        startup = (time.perf_counter() - t0, t_server, t_sites)
+
+        site_args = ["--site", "--data_root", str(data_root), "--batch_size", str(args.batch_size),
+                     "--val_samples", str(args.val_samples), "--hidden", str(args.hidden)]
+        site_args += ["--profile"] * args.profile + ["--freeze_gc"] * args.freeze_gc
+        recipe = FedAvgRecipe(name="round_overhead", model=MLP(hidden=args.hidden), train_script=Path(__file__),
+                              train_args=site_args, num_rounds=args.rounds, min_clients=args.sites)
+        folder = recipe.export(tmp / "job")
+        server = fed.pid(project.server)
+        daemons = [fed.pid(s) for s in project.sites]
+        workers: list[int] = []
+        rounds, final, cpu = [], None, {}
+        with fed.session() as session:
+            submitted = time.time()
+            job_id = session.submit_job(folder)
+            accepted = time.time()
+            for event in session.watch_job(job_id):
+                if isinstance(event, RoundInfo):
+                    workers = workers or [w for d in daemons for w in children(d)]
+                    cpu[event.round] = sample_cpu(server, daemons, workers)
+                    rounds.append(event)
+                else:
+                    final = event
+            finished_seen = time.time()
+        job = parse_job_log((project.server / "workspace" / "jobs" / job_id / "log.txt").read_text(errors="replace"))
+        sites = site_timings(list(project.sites), job_id)
+        worker_ended = [t for kit in project.sites for t in daemon_times(kit, job_id, "worker ended")]
+        if args.profile:
+            print(f"\nprofile of {project.sites[0].name}'s worker inside api.receive / api.send (all rounds):")
+            print(site_profile(project.sites[0], job_id))
     finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        fed.close()
+    return Measured(job_id, rounds, final, job, sites, startup, submitted, accepted, finished_seen, worker_ended, cpu)
 
 
-def print_profiles(site_kit: Path, job_id: str, server_profile: Path) -> None:
-    print(f"\nprofile of {site_kit.name}'s worker inside api.receive / api.send (all rounds; tottime):")
-    print(site_profile(site_kit, job_id))
+def print_server_profile(server_profile: Path) -> None:
     deadline = time.monotonic() + 15
     while not server_profile.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    gc_file = Path(str(server_profile) + ".gc.json")
+    if gc_file.exists():
+        events = json.loads(gc_file.read_text())
+        print(f"\nserver garbage collections, whole run: {gc_line(events, (0.0, math.inf))}")
     if server_profile.exists():
-        print("\nprofile of the server's main thread (event loop), whole run (tottime):")
+        print("\nprofile of the server's main thread (the event loop), whole run:")
         stats = pstats.Stats(str(server_profile))
-        stats.sort_stats("tottime").print_stats(30)
-        print("\n(cumulative):")
-        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(35)
 
 
-def report(
-    args: argparse.Namespace,
-    params: int,
-    rounds: list,
-    job: JobLog,
-    sites: dict[tuple[int, str], list[dict[str, float]]],
-    *,
-    startup: tuple[float, float, float],
-    submit: tuple[float, float],
-    finished_seen: float,
-    end_time: float,
-    worker_ended: list[float],
-    server_cpu: dict[int, float],
-) -> None:
+def report(args: argparse.Namespace, m: Measured) -> None:
+    from fedgrid.models import MLP, count_parameters
+
+    job, rounds = m.job, m.rounds
     later = [r for r in rounds if r.round >= 2]
     reported = [r.seconds for r in later]
     cadence = [job.rounds[r.round + 1].sent - job.rounds[r.round].sent for r in later if r.round + 1 in job.rounds]
@@ -436,51 +507,91 @@ def report(
     last = job.rounds[last_round]
     median = statistics.median(reported)
     print()
-    print(f"round overhead: {args.sites} sites, MLP {params:,} parameters, one step of batch {args.batch_size} "
-          f"per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds"
-          f"{' (PROFILED: figures inflated)' if args.profile else ''}")
-    print(f"federation start-up (start_all): {startup[0]:6.2f} s   (server {startup[1]:.2f} s, "
-          f"{args.sites} sites {startup[2]:.2f} s, until all alive {startup[0] - startup[1] - startup[2]:.2f} s)")
-    print(f"submit -> round 1 dispatched:    {job.rounds[1].sent - submit[0]:6.2f} s   (upload + checks "
-          f"{submit[1] - submit[0]:.2f} s, queued -> job started {job.starting - submit[1]:.2f} s, "
-          f"deploy + workers up {job.ready - job.starting:.2f} s)")
-    print(f"round 1:                         {rounds[0].seconds:6.3f} s   (warm-up; not in the figures below)")
-    print(f"per round, rounds 2..{len(rounds)} (server's round time: dispatch -> evaluation metrics in)")
+    print(f"round overhead: {args.sites} sites, MLP 784-{args.hidden}-{args.hidden}-10 "
+          f"({count_parameters(MLP(hidden=args.hidden)):,} parameters), one step of "
+          f"batch {args.batch_size} per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds"
+          f"{' (PROFILED: figures inflated)' if args.profile else ''}"
+          f"{' (workers freeze the GC)' if args.freeze_gc else ''}")
+    total, t_server, t_sites = m.startup
+    print(f"federation start-up (start_all):  {total:6.2f} s   (server {t_server:.2f} s, {args.sites} sites "
+          f"{t_sites:.2f} s one after the other, then all alive after {total - t_server - t_sites:.2f} s)")
+    print(f"submit -> round 1 dispatched:     {job.rounds[1].sent - m.submitted:6.2f} s   (upload + checks "
+          f"{m.accepted - m.submitted:.2f} s, queued -> started {job.starting - m.accepted:.2f} s, deploy + "
+          f"workers up ('workers ready') {job.ready - job.starting:.2f} s)")
+    print(f"round 1:                          {rounds[0].seconds:6.3f} s   (warm-up; not in the figures below)")
+    print(f"per round, rounds 2..{len(rounds)}, server's round time (dispatch -> evaluation metrics in):")
     print(f"  {summary(reported)}")
-    print(f"per round, rounds 2..{len(rounds) - 1} (wall cadence: dispatch -> next round's dispatch, everything)")
+    print(f"per round, rounds 2..{len(rounds) - 1}, wall cadence (dispatch -> next dispatch, everything):")
     print(f"  {summary(cadence)}")
-    end_task = [s["t"] for s in sites.get((0, "loop-end"), [])]
-    at_exit = [s["t"] for s in sites.get((0, "exit"), [])]
-    print(f"last round done -> FINISHED:     {end_time - last.done:6.2f} s   (as the admin saw it: "
-          f"{finished_seen - last.done:.2f} s)")
-    if end_task and at_exit and worker_ended:
-        print(f"  last round done -> every worker left its loop  {max(end_task) - last.done:6.2f} s")
-        print(f"  -> api shutdown done (atexit), slowest worker  {max(at_exit) - max(end_task):6.2f} s")
-        print(f"  -> last worker process gone (daemon log)       {max(worker_ended) - max(at_exit):6.2f} s")
-        print(f"  -> job recorded FINISHED (results, plots)      {end_time - max(worker_ended):6.2f} s")
+    print(f"last round done -> FINISHED:      {m.final.end_time - last.done:6.2f} s   (as the admin saw it: "
+          f"{m.finished_seen - last.done:.2f} s)")
+    loop_end = [s["t"] for s in m.sites.get((0, "loop-end"), [])]
+    at_exit = [s["t"] for s in m.sites.get((0, "exit"), [])]
+    if loop_end and at_exit and m.worker_ended:
+        print(f"  -> every worker told the job is over           {max(loop_end) - last.done:6.2f} s")
+        print(f"  -> fedclient.api shut down (atexit), slowest   {max(at_exit) - max(loop_end):6.2f} s")
+        print(f"  -> last worker process gone (daemon log)       {max(m.worker_ended) - max(at_exit):6.2f} s")
+        print(f"  -> job recorded FINISHED (results, plots)      {m.final.end_time - max(m.worker_ended):6.2f} s")
     print()
     print(f"target: under {TARGET_SECONDS:.1f} s per round -> {'met' if median < TARGET_SECONDS else 'NOT met'} "
           f"(median {median:.3f} s)")
     print("reference figures (from our issue, measured on this kind of machine; not re-measured here):")
     for name, seconds in REFERENCE:
-        print(f"  {name:<36} {seconds:5.1f} s per round   fedgrid is {seconds / median:6.1f}x faster")
+        print(f"  {name:<36} {seconds:5.1f} s per round   fedgrid's median is {seconds / median:5.1f}x shorter")
     print()
-    print(f"breakdown of a round (median over rounds 2..{len(rounds)}; server log has ms resolution):")
-    for line in breakdown(job, sites, [r.round for r in later]):
-        print(line)
-    print(f"CPU per round (rounds 2..{last_round}, from /proc and the workers' process_time):")
-    for line in cpu_lines(sites, server_cpu, 1, last_round):
-        print(line)
+    print(f"breakdown of a round (the server log has ms resolution){'':<10}  round 1   "
+          f"rounds 2..{len(rounds)} (median)")
+    first, steady = breakdown(job, m.sites, [1]), breakdown(job, m.sites, [r.round for r in later])
+    for name, value in steady.items():
+        print(f"  {name:<58} {ms(first.get(name, math.nan))} {ms(value)}")
+    window = (job.rounds[2].sent, last.done) if 2 in job.rounds else (last.sent, last.done)
+    events = [e for s in m.sites.get((0, "loop-end"), []) for e in s.get("gc", [])]
+    print(f"garbage collections in the workers during rounds 2..{last_round}: {gc_line(events, window)}")
+    if 1 in m.cpu and last_round in m.cpu and last_round > 1:
+        print(f"CPU per round (rounds 2..{last_round}, from /proc):")
+        for line in cpu_lines(m.cpu[1], m.cpu[last_round], last_round - 1, m.sites, window):
+            print(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    print(load_line("before"), flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fedgrid-round-overhead-"))
+    server_profile = tmp / "server.prof"
+    try:
+        m = run_job(args, tmp, server_profile)
+        print(load_line("after"), flush=True)
+        if m.final is None or m.final.status != "FINISHED:COMPLETED" or len(m.rounds) < 2:
+            error = m.final.error if m.final is not None else "no final status"
+            print(f"job {m.job_id} did not complete: {error}")
+            return 1
+        report(args, m)
+        if args.profile:
+            print_server_profile(server_profile)
+        if args.keep:
+            print(f"kept: {tmp}")
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--profiled-server"]:
+        serve_profiled(sys.argv[2], sys.argv[3:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="FedAvg rounds (default 20)")
     parser.add_argument("--sites", type=int, default=4, help="sites (default 4)")
     parser.add_argument("--batch_size", type=int, default=32, help="the one training batch per round (default 32)")
     parser.add_argument("--val_samples", type=int, default=500, help="validation images per site (default 500)")
+    parser.add_argument("--hidden", type=int, default=512,
+                        help="width of the MLP's hidden layers (default 512: 669,706 parameters); smaller separates "
+                        "the per-round cost from the per-byte cost")
     parser.add_argument("--profile", action="store_true",
-                        help="also run the server under cProfile and profile site-1's api calls; prints both")
+                        help="run the server under cProfile and profile site-1's api calls; print both")
+    parser.add_argument("--freeze_gc", action="store_true",
+                        help="experiment: the training script calls gc.freeze() after its setup")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)
@@ -489,6 +600,8 @@ def main() -> int:
     if args.site:
         site_main(args)
         return 0
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (round 1 is warm-up)")
     return run(args)
 
 

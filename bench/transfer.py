@@ -46,14 +46,19 @@ def serve(kit_dir: str, port: int, mb: int) -> None:
         return common_pb2.Ack(message=hashlib.sha256(sink.getbuffer()).hexdigest())
 
     def down(request: admin_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[admin_pb2.DownloadFrame]:
-        yield from transfer.frames(admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(payload)),
-                                   transfer.split(payload))
+        yield from transfer.frames(
+            admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(payload)), transfer.split(payload)
+        )
 
     handlers = {
-        "Up": grpc.stream_unary_rpc_method_handler(up, request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
-                                                   response_serializer=common_pb2.Ack.SerializeToString),
-        "Down": grpc.unary_stream_rpc_method_handler(down, request_deserializer=admin_pb2.JobRequest.FromString,
-                                                     response_serializer=wire.serialize),
+        "Up": grpc.stream_unary_rpc_method_handler(
+            up,
+            request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+            response_serializer=common_pb2.Ack.SerializeToString,
+        ),
+        "Down": grpc.unary_stream_rpc_method_handler(
+            down, request_deserializer=admin_pb2.JobRequest.FromString, response_serializer=wire.serialize
+        ),
     }
     server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Transfer", handlers),))
@@ -124,23 +129,33 @@ def main() -> int:
         project = provision_project(Path(tmp), n_sites=1)
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(project.server), str(project.admin_port), "--mb", str(args.mb)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             kit = load_kit(project.admin_roles["project_admin"])
             with secure_channel(kit, project.admin_port) as channel:
-                up = channel.stream_unary("/bench.Transfer/Up", request_serializer=wire.serialize,
-                                          response_deserializer=common_pb2.Ack.FromString)
-                down = channel.unary_stream("/bench.Transfer/Down",
-                                            request_serializer=admin_pb2.JobRequest.SerializeToString,
-                                            response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame))
+                up = channel.stream_unary(
+                    "/bench.Transfer/Up",
+                    request_serializer=wire.serialize,
+                    response_deserializer=common_pb2.Ack.FromString,
+                )
+                down = channel.unary_stream(
+                    "/bench.Transfer/Down",
+                    request_serializer=admin_pb2.JobRequest.SerializeToString,
+                    response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
+                )
                 expected = hashlib.sha256(payload).hexdigest()
                 up_times, down_times = [], []
                 for _ in range(args.repeat):
                     start = time.perf_counter()
-                    ack = up(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=size),
-                                             transfer.split(payload)), timeout=300)
+                    ack = up(
+                        transfer.frames(
+                            admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=size), transfer.split(payload)
+                        ),
+                        timeout=300,
+                    )
                     up_times.append(time.perf_counter() - start)
                     assert ack.message == expected, "upload arrived damaged"
                     start = time.perf_counter()
@@ -154,10 +169,14 @@ def main() -> int:
     rate = lambda seconds: size / seconds / 1e6  # noqa: E731
     print(f"payload {args.mb} MB, best of {args.repeat}, {os.cpu_count()} cores")
     print(f"  plain TCP socket copy (the limit): {rate(plain):8.0f} MB/s")
-    print(f"  fedgrid upload   (mTLS + chunks + SHA-256): {rate(min(up_times)):8.0f} MB/s   "
-          f"ratio {plain / min(up_times):.2f}")
-    print(f"  fedgrid download (mTLS + chunks + SHA-256): {rate(min(down_times)):8.0f} MB/s   "
-          f"ratio {plain / min(down_times):.2f}")
+    print(
+        f"  fedgrid upload   (mTLS + chunks + SHA-256): {rate(min(up_times)):8.0f} MB/s   "
+        f"ratio {plain / min(up_times):.2f}"
+    )
+    print(
+        f"  fedgrid download (mTLS + chunks + SHA-256): {rate(min(down_times)):8.0f} MB/s   "
+        f"ratio {plain / min(down_times):.2f}"
+    )
     return 0
 
 

@@ -94,12 +94,14 @@ class _Worker:
 
             if not kit.he.enabled or kit.he.context_path is None:
                 raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
-            self.he = he.HEContext.load(kit.he.context_path.read_bytes())
+            self.he = he.HEContext.load(kit.he.context_path.read_bytes(), expect_secret_key=True)
         self.running = True
         self.task: fpb.TaskHeader | None = None
         self.last_task_id = ""
         self.cached_sha256 = b""
         self.cached_arrays: dict[str, np.ndarray] = {}
+        self.decrypted: set[bytes] = set()
+        """Digests of the global models this worker decrypted as tasks: the only ones it may release."""
         self.seq = 0
         self.pending_events: list[fpb.Event] = []
 
@@ -128,11 +130,18 @@ class _Worker:
                 self.running = False
                 log.info("job over: %s", header.reason or "the server ended it")
                 return None
+            if header.kind == "release" and header.payload_sha256 not in self.decrypted:
+                self.last_task_id = header.task_id
+                log.warning("refusing to release %s: it is not a global model this site decrypted", header.task_id)
+                continue
             arrays = self._decode(header, payload)
             self.last_task_id = header.task_id
             if header.kind == "release":
+                log.info("releasing the decrypted %s model to the server (the job's release policy)", header.task_id)
                 self._send(header, arrays, num_samples=0.0, metrics={}, plaintext=True)
                 continue
+            if header.payload_format == "ckks":
+                self.decrypted.add(header.payload_sha256)
             self.task = header
             return FLModel(
                 params={name: torch.from_numpy(array.copy()) for name, array in arrays.items()},
@@ -165,7 +174,10 @@ class _Worker:
                 raise StateError("received an encrypted model but this job is not encrypted at this site")
             from fedgrid import he
 
-            arrays = he.decrypt_mean(self.he, iter([payload]))
+            started = time.perf_counter()
+            arrays = he.decrypt_mean(self.he, payload, what=f"global model of {header.task_id}")
+            log.info("decrypted the global model of %s (%.1f MB) in %.3f s", header.task_id, len(payload) / 1e6,
+                     time.perf_counter() - started)
         else:
             raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
         tensors.check_finite(arrays, f"global model of {header.task_id}")
@@ -198,22 +210,32 @@ class _Worker:
             from fedgrid import he
 
             payload_format = "ckks"
-            pieces: Iterator[bytes] = he.encrypt_update(self.he, arrays, weight=num_samples)
+
+            def pieces() -> Iterator[bytes]:
+                # A generator, so that each ciphertext goes on the wire while the next is encrypted.
+                started, size = time.perf_counter(), 0
+                for piece in he.encrypt_update(self.he, arrays, weight=num_samples):
+                    size += len(piece)
+                    yield piece
+                log.info("encrypted and sent the update of %s (%.1f MB) in %.3f s", task.task_id, size / 1e6,
+                         time.perf_counter() - started)
         elif arrays:
             payload_format = tensors.FORMAT
-            pieces = iter([tensors.encode(arrays)])
+            encoded = tensors.encode(arrays)
+
+            def pieces() -> Iterator[bytes]:
+                yield encoded
         else:
-            payload_format, pieces = "", iter(())
+            payload_format = ""
+
+            def pieces() -> Iterator[bytes]:
+                return iter(())
         header = fpb.ResultHeader(
-            job_id=self.job_id,
-            task_id=task.task_id,
-            payload_format=payload_format,
-            num_samples=num_samples,
+            job_id=self.job_id, task_id=task.task_id, payload_format=payload_format, num_samples=num_samples,
             metrics=clean,
         )
-        data = list(pieces) if payload_format else []
         try:
-            self._retry("send", lambda: self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, header, data)))
+            self._retry("send", lambda: self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, header, pieces())))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
 

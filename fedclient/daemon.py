@@ -199,8 +199,10 @@ class SiteDaemon:
             busy = sum(1 for j in self.jobs.values() if not j.done.is_set())
             job = self.jobs[job_id] = JobProcess(job_id, job_dir)
         if busy >= self.settings.max_concurrent_jobs:
-            reason = (f"this site already runs {busy} jobs, its limit (max_concurrent_jobs in local/site.json); "
-                      "try again when one has finished")
+            reason = (
+                f"this site already runs {busy} jobs, its limit (max_concurrent_jobs in local/site.json); "
+                "try again when one has finished"
+            )
             log.warning("job %s refused: %s", job_id, reason)
             self._report(job_id, "refused", reason)
             job.done.set()

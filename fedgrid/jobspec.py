@@ -86,6 +86,23 @@ class ServerConfig:
     tracking: tuple[Tracking, ...] = ()
     release_site: str = ""
     """HE: the site that uploads the decrypted final model (default: the first site of the job)."""
+    server_lr: float = 1.0
+    """Server optimizer (FedAvgM): global += server_lr * velocity; 1.0 with momentum 0 is plain FedAvg."""
+    server_momentum: float = 0.0
+    clip_norm: float = 0.0
+    """Clip each site's update (its difference to the global model) to this L2 norm on the server; 0 = off."""
+
+    @property
+    def needs_plaintext(self) -> list[str]:
+        """The settings that make the server compute on the updates' values (impossible under HE)."""
+        found = []
+        if self.server_lr != 1.0 or self.server_momentum != 0.0:
+            found.append(f"a server optimizer (server_lr {self.server_lr}, server_momentum {self.server_momentum})")
+        if self.clip_norm > 0:
+            found.append(f"clipping on the server (clip_norm {self.clip_norm})")
+        if self.aggregation != "weighted_mean":
+            found.append(f"aggregation {self.aggregation!r}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,9 @@ def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
             "initial_model",
             "tracking",
             "release_site",
+            "server_lr",
+            "server_momentum",
+            "clip_norm",
         },
     )
     min_clients = _int(data, "min_clients", where, 1, 100_000)
@@ -237,9 +257,20 @@ def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
         initial_model=_str(data, "initial_model", where, INITIAL_MODEL),
         tracking=tuple(trackers),
         release_site=_str(data, "release_site", where, ""),
+        server_lr=_float(data, "server_lr", where, 0.0, 100.0, 1.0),
+        server_momentum=_float(data, "server_momentum", where, 0.0, 0.999, 0.0),
+        clip_norm=_float(data, "clip_norm", where, 0.0, 1e9, 0.0),
     )
     if config.client_fraction <= 0:
         raise JobSpecError(f"{where}: client_fraction must be above 0")
+    if config.server_lr <= 0:
+        raise JobSpecError(f"{where}: server_lr must be above 0")
+    if config.encryption != "none" and config.needs_plaintext:
+        needs = " and ".join(config.needs_plaintext)
+        raise JobSpecError(
+            f"{where}: encryption {config.encryption!r} cannot be combined with {needs}: the server only adds "
+            "ciphertexts and never sees the values; remove those settings or the encryption"
+        )
     if config.min_responses > config.min_clients:
         raise JobSpecError(f"{where}: min_responses ({config.min_responses}) is above min_clients ({min_clients})")
     return config

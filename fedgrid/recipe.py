@@ -69,6 +69,9 @@ class FedAvgRecipe:
         release_site: str = "",
         seed: int = 0,
         custom_files: Sequence[str | Path] = (),
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        clip_norm: float = 0.0,
     ) -> None:
         self.name = name
         self.model = model
@@ -86,6 +89,9 @@ class FedAvgRecipe:
         self.release_site = release_site
         self.seed = seed
         self.custom_files = [Path(p) for p in custom_files]
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.clip_norm = clip_norm
         self.tracking: list[Tracking] = []
 
     def add_experiment_tracking(self, tracking_type: str, tracking_uri: str = "", experiment_name: str = "") -> None:
@@ -115,6 +121,10 @@ class FedAvgRecipe:
             config["target_metric"] = asdict(self.target_metric)
         if self.release_site:
             config["release_site"] = self.release_site
+        if self.server_lr != 1.0 or self.server_momentum:
+            config["server_lr"], config["server_momentum"] = self.server_lr, self.server_momentum
+        if self.clip_norm:
+            config["clip_norm"] = self.clip_norm
         return config
 
     def export(self, folder: str | Path) -> Path:

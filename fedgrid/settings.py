@@ -33,6 +33,8 @@ class ServerSettings:
     """Largest job upload accepted, in MB (the packed job folder)."""
     max_job_files: int = 1000
     max_concurrent_jobs: int = 4
+    keep_uploads: bool = False
+    """Audit: keep every update the server received (as it arrived) in the job folder's uploads/."""
     tracking_uri: str = ""
     """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
 

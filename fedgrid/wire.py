@@ -79,8 +79,9 @@ def _is_frame(cls: type[Message]) -> bool:
     return cls.DESCRIPTOR.name.endswith("Frame")
 
 
-def _codecs(method: MethodDescriptor) -> tuple[Callable[..., bytes], Callable[[bytes], Any], Callable[..., bytes],
-                                                Callable[[bytes], Any]]:
+def _codecs(
+    method: MethodDescriptor,
+) -> tuple[Callable[..., bytes], Callable[[bytes], Any], Callable[..., bytes], Callable[[bytes], Any]]:
     """(request serializer, request parser, response serializer, response parser) of one method."""
     request = GetMessageClass(method.input_type)
     response = GetMessageClass(method.output_type)
@@ -103,7 +104,9 @@ def stub(channel: grpc.Channel, service: ServiceDescriptor) -> Any:
         serialize, _, _, parse = _codecs(method)
         factory = getattr(channel, _kind(method))
         calls[method.name] = factory(
-            f"/{service.full_name}/{method.name}", request_serializer=serialize, response_deserializer=parse,
+            f"/{service.full_name}/{method.name}",
+            request_serializer=serialize,
+            response_deserializer=parse,
             _registered_method=True,
         )
     return SimpleNamespace(**calls)

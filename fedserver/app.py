@@ -10,13 +10,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedgrid import wire
 from fedgrid.errors import ConfigError
 from fedgrid.kit import Kit
 from fedgrid.policy import POLICY_FILE, Policy
 from fedgrid.settings import SERVER_SETTINGS_FILE, ServerSettings, load_settings
 from fedgrid.tls import server_credentials
 from fedgrid.transfer import GRPC_OPTIONS
-from fedgrid import wire
 from fedgrid.v1 import admin_pb2, federation_pb2
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService

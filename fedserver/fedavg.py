@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from fedgrid import tensors
-from fedgrid.errors import FedgridError, PayloadError, StateError
+from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
 from fedgrid.jobspec import ServerConfig
-from fedserver.aggregation import weighted_metrics
+from fedserver.aggregation import WeightedMean, weighted_metrics
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
 from fedserver.jobstore import RoundRecord
 
@@ -77,12 +80,13 @@ class FedAvg:
         *,
         config: ServerConfig,
         board: TaskBoard,
-        aggregator: Callable[[], Aggregator],
+        aggregator: Callable[[Model], Aggregator],
         result_dir: Path,
         checkpoint_dir: Path,
         log: logging.Logger,
         on_round: Callable[[RoundRecord], Awaitable[None]],
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
+        keep_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.board = board
@@ -92,7 +96,11 @@ class FedAvg:
         self.log = log
         self.on_round = on_round
         self.release_model = release_model
+        self.keep_dir = keep_dir
+        """When set, received updates are moved here after folding instead of deleted (audit)."""
         self.rng = random.Random(config.seed)
+        self.model: Model | None = None
+        self.velocity: tensors.Arrays | None = None
 
     def min_responses(self) -> int:
         return self.config.min_responses or self.config.min_clients
@@ -125,6 +133,7 @@ class FedAvg:
                 sha256=model.sha256,
                 total_weight=model.total_weight,
             )
+            self.model = model
             model, answered, moved = await self._train(train, sites)
             evaluate = Task(
                 task_id=f"round-{round_no}-evaluate",
@@ -168,7 +177,7 @@ class FedAvg:
         cfg = self.config
         await self.board.ask(task, sites)
         self.log.info("round %d: model sent to %s", task.round, ", ".join(sites))
-        aggregator = self.new_aggregator()
+        aggregator = self.new_aggregator(self.model)
         moved = len(task.payload) * len(sites)
         refused: list[str] = []
         async for item in self.board.results(task, sites, cfg.round_timeout):
@@ -186,12 +195,11 @@ class FedAvg:
                     item.num_samples,
                     item.size / 1e6,
                 )
-            except PayloadError as exc:
+            except (PayloadError, EncryptionError) as exc:
                 self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
                 refused.append(f"{item.site}: {exc}")
             finally:
-                if item.path is not None:
-                    item.path.unlink(missing_ok=True)
+                self._dispose(item, task)
         answered = aggregator.count
         missing = len(sites) - answered - len(refused)
         if missing > 0:
@@ -210,7 +218,34 @@ class FedAvg:
                 f"at least {need} needed{detail}"
             )
         data, total_weight = await asyncio.to_thread(aggregator.finish)
+        if self.config.server_lr != 1.0 or self.config.server_momentum != 0.0:
+            data = await asyncio.to_thread(self._server_step, data)
         return Model(aggregator.payload_format, data, total_weight), answered, moved
+
+    def _server_step(self, averaged: bytes) -> bytes:
+        """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
+        assert self.model is not None
+        current = tensors.decode(self.model.data, what="global model")
+        mean = tensors.decode(averaged, what="averaged model")
+        if self.velocity is None:
+            self.velocity = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
+        out = {}
+        for name, value in current.items():
+            if value.dtype.kind != "f":
+                out[name] = mean[name]
+                continue
+            self.velocity[name] = self.config.server_momentum * self.velocity[name] + (mean[name] - value)
+            out[name] = (value + self.config.server_lr * self.velocity[name]).astype(value.dtype)
+        return tensors.encode(out)
+
+    def _dispose(self, item: Result, task: Task) -> None:
+        if item.path is None:
+            return
+        if self.keep_dir is None:
+            item.path.unlink(missing_ok=True)
+            return
+        self.keep_dir.mkdir(parents=True, exist_ok=True)
+        item.path.replace(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}")
 
     async def _evaluate(self, task: Task) -> tuple[dict[str, float], int]:
         sites = self.board.active_sites()
@@ -278,26 +313,44 @@ def _write(path: Path, data: bytes) -> None:
 
 
 class PlainAggregator:
-    """Sample-weighted mean of safetensors updates (see `fedserver.aggregation.WeightedMean`)."""
+    """Sample-weighted mean of safetensors updates (see `fedserver.aggregation.WeightedMean`),
+    optionally clipping each update's difference to the global model to `clip_norm` first."""
 
     payload_format = tensors.FORMAT
 
-    def __init__(self, layout: tensors.Layout) -> None:
-        from fedserver.aggregation import WeightedMean
-
+    def __init__(self, layout: tensors.Layout, global_model: Model | None = None, clip_norm: float = 0.0) -> None:
         self._mean = WeightedMean(layout)
+        self.clip_norm = clip_norm
+        self._global = tensors.decode(global_model.data) if clip_norm > 0 and global_model is not None else None
 
     @property
     def count(self) -> int:
         return self._mean.count
 
     def add(self, result: Result) -> None:
+        what = f"update from {result.site}"
         if result.payload_format != tensors.FORMAT or result.path is None:
-            raise PayloadError(
-                f"update from {result.site}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}"
-            )
-        arrays = tensors.load_file(result.path, what=f"update from {result.site}")
-        self._mean.add(arrays, result.num_samples, f"update from {result.site}")
+            raise PayloadError(f"{what}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}")
+        arrays = tensors.load_file(result.path, what=what)
+        if self._global is not None:
+            tensors.check_layout(arrays, self._mean.layout, what)
+            arrays = clip(arrays, self._global, self.clip_norm)
+        self._mean.add(arrays, result.num_samples, what)
 
     def finish(self) -> tuple[bytes, float]:
         return tensors.encode(self._mean.result()), self._mean.total_weight
+
+
+def clip(update: tensors.Arrays, global_model: tensors.Arrays, max_norm: float) -> tensors.Arrays:
+    """The update with its difference to the global model scaled down to L2 norm `max_norm` at most."""
+    floats = [name for name, value in update.items() if value.dtype.kind == "f"]
+    norm = math.sqrt(sum(float(np.sum((update[n].astype(np.float64) - global_model[n]) ** 2)) for n in floats))
+    if not math.isfinite(norm) or norm <= max_norm:
+        return update
+    scale = max_norm / norm
+    return {
+        name: (global_model[name] + (value.astype(np.float64) - global_model[name]) * scale).astype(value.dtype)
+        if name in floats
+        else value
+        for name, value in update.items()
+    }

@@ -21,7 +21,7 @@ from fedgrid.errors import FedgridError, StateError
 from fedgrid.jobspec import JobSpec
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, results
-from fedserver.fedavg import FedAvg, Model, Outcome, PlainAggregator
+from fedserver.fedavg import Aggregator, FedAvg, Model, Outcome, PlainAggregator
 from fedserver.grid import Task, TaskBoard
 from fedserver.jobstore import JobStore, RoundRecord
 from fedserver.registry import SiteRegistry
@@ -44,6 +44,7 @@ class RunContext:
     watchers: Watchers
     he_context: bytes | None
     tracking_factory: Callable[..., object] | None = None
+    keep_uploads: bool = False
 
 
 def job_logger(job_id: str, path: Path) -> logging.Logger:
@@ -209,16 +210,17 @@ class JobRun:
             log=self.log,
             on_round=self._on_round,
             release_model=self._release_model,
+            keep_dir=self.job_dir / "uploads" if self.ctx.keep_uploads else None,
         )
         return await workflow.run(initial)
 
-    def _aggregator(self) -> PlainAggregator:
+    def _aggregator(self, model: Model | None) -> Aggregator:
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
             assert self.ctx.he_context is not None  # checked at submit
-            return EncryptedAggregator(self.ctx.he_context, self.layout)  # type: ignore[return-value]
-        return PlainAggregator(self.layout)
+            return EncryptedAggregator(self.ctx.he_context, self.layout)
+        return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
 
     async def _on_round(self, record: RoundRecord) -> None:
         self.ctx.store.add_round(self.job_id, record)

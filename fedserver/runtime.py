@@ -102,6 +102,7 @@ class JobRuntime:
             watchers=self.watchers,
             he_context=he_context,
             tracking_factory=tracking_factory,
+            keep_uploads=settings.keep_uploads,
         )  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ lifecycle
@@ -250,11 +251,6 @@ class JobRuntime:
             raise JobSpecError(
                 f"{spec.server_app}/config/server.json: encryption {spec.server.encryption!r} asked, but this "
                 "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
-            )
-        if spec.server.aggregation != "weighted_mean":
-            raise JobSpecError(
-                f"{spec.server_app}/config/server.json: aggregation {spec.server.aggregation!r} needs plaintext "
-                "updates on the server; with encryption only weighted_mean is possible"
             )
 
     def known_sites(self) -> set[str]:

@@ -239,13 +239,19 @@ def roster_payload(project: Project, version: int, issued: dt.datetime) -> dict[
     }
 
 
-def prepare_he(project: Project) -> HEMaterial | None:
-    """Create the CKKS contexts once per run when the project enables HE (TenSEAL is imported only then)."""
+def prepare_he(project: Project, saved: HEMaterial | None = None) -> HEMaterial | None:
+    """The CKKS contexts of this run when the project enables HE (TenSEAL is imported only then).
+
+    The contexts of an earlier run (`saved`, from the state folder) are reused while the parameters
+    are unchanged, so that a site added later can still decrypt what the running federation sums.
+    """
     if not project.he.enabled:
         return None
     try:
-        from fedgrid.he import create_contexts
+        from fedgrid.he import HEContext, create_contexts
     except ImportError as exc:
         raise ProjectFileError(f"he.enabled is true, but HE support is not installed ({exc})") from None
+    if saved is not None and HEContext.load(saved.public_context, expect_secret_key=False).params == project.he.params:
+        return saved
     secret, public = create_contexts(project.he.params)
     return HEMaterial(secret_context=secret, public_context=public)

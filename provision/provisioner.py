@@ -82,7 +82,7 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
             roster = sign_roster(roster_payload(project, version, dt.datetime.now(dt.UTC)), state.ca_key)
             ctx = BuildContext(
                 project=project, ca_key=state.ca_key, ca_cert=state.ca_cert, roster_json=roster,
-                he=prepare_he(project),
+                he=prepare_he(project, ws.load_he() if state is not None and not new_ca else None),
             )
             prod_dir = ws.next_prod_dir()
             staging = Path(tempfile.mkdtemp(prefix=f".{prod_dir.name}.", suffix=".partial", dir=ws.root))
@@ -93,6 +93,8 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
             ws.save_state(
                 State(ca_key=state.ca_key, ca_cert=state.ca_cert, roster_version=version), new_ca=new_ca
             )
+            if ctx.he is not None:
+                ws.save_he(ctx.he)
             staging.rename(prod_dir)
             staging = None
     except BaseException:

@@ -31,6 +31,7 @@ from cryptography import x509
 from fedgrid.certs import key_matches_cert, load_cert, load_private_key, verify_root_ca
 from fedgrid.errors import ConfigError, FedgridError, IdentityError
 from fedgrid.signing import PrivateKey
+from provision.builders import HEMaterial
 from provision.ca import cert_pem, write_private_key
 
 STATE_DIR = "state"
@@ -143,6 +144,27 @@ class ProjectWorkspace:
             owner = saved.get("project")
             raise ConfigError(f"{self.state_file}: belongs to project {owner!r}, not {self.project!r}")
         return State(ca_key=ca_key, ca_cert=ca_cert, roster_version=version)
+
+    @property
+    def he_paths(self) -> tuple[Path, Path]:
+        return self.state_dir / "he_secret_context.bin", self.state_dir / "he_public_context.bin"
+
+    def load_he(self) -> HEMaterial | None:
+        """The HE contexts of an earlier run, if any (kept so later kits share them)."""
+        secret, public = self.he_paths
+        if not secret.is_file() or not public.is_file():
+            return None
+        return HEMaterial(secret_context=secret.read_bytes(), public_context=public.read_bytes())
+
+    def save_he(self, material: HEMaterial) -> None:
+        """Keep the HE contexts beside the root CA; the secret one 0600 like every key."""
+        secret, public = self.he_paths
+        for path, data in ((secret, material.secret_context), (public, material.public_context)):
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
 
     def save_state(self, state: State, *, new_ca: bool) -> None:
         """Write the CA (first run only) and the roster version (atomically, every run)."""

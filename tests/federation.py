@@ -58,7 +58,9 @@ class Federation:
     def start(self, kit: Path) -> None:
         result = subprocess.run([str(kit / "startup" / "start.sh")], env=ENV, capture_output=True, text=True)
         if result.returncode != 0:
-            raise AssertionError(f"{kit.name} did not start:\n{result.stdout}\n{result.stderr}\n{log_text(kit)[-3000:]}")
+            raise AssertionError(
+                f"{kit.name} did not start:\n{result.stdout}\n{result.stderr}\n{log_text(kit)[-3000:]}"
+            )
         self.running.append(kit)
 
     def stop(self, kit: Path) -> None:

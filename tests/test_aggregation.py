@@ -90,8 +90,12 @@ def _run(tmp: Path, config: ServerConfig, sites: dict[str, tuple[float, int, set
             rounds.append(record)
 
         workflow = FedAvg(
-            config=config, board=board, aggregator=lambda: PlainAggregator(tensors.layout_of(LAYOUT_ARRAYS)),
-            result_dir=tmp / "result", checkpoint_dir=tmp / "checkpoint", log=logging.getLogger("test"),
+            config=config,
+            board=board,
+            aggregator=lambda model: PlainAggregator(tensors.layout_of(LAYOUT_ARRAYS), model, config.clip_norm),
+            result_dir=tmp / "result",
+            checkpoint_dir=tmp / "checkpoint",
+            log=logging.getLogger("test"),
             on_round=on_round,
         )
         workers = [asyncio.create_task(_site(board, n, tmp, *args)) for n, args in sites.items()]
@@ -143,3 +147,31 @@ def test_client_fraction_chooses_at_least_min_clients(tmp_path: Path) -> None:
     sites = {n: (1.0, 10, set()) for n in "abcdef"}
     _outcome, rounds = _run(tmp_path, config, sites)
     assert [r.sites_asked for r in rounds] == [2, 2]
+
+
+def test_clipping_bounds_each_update_before_averaging(tmp_path: Path) -> None:
+    config = ServerConfig(num_rounds=1, min_clients=2, clip_norm=1.0)
+    outcome, _rounds = _run(tmp_path, config, {"a": (0.0, 100, set()), "b": (100.0, 100, set())})
+    final = tensors.load_file(outcome.final_model)
+    norm_b = float(np.sqrt(8 * 100.0**2))
+    np.testing.assert_allclose(final["w"], 0.5 * 100.0 / norm_b, rtol=1e-5)
+
+
+def test_server_momentum_moves_further_than_plain_fedavg(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "fast").mkdir()
+    plain, _ = _run(tmp_path / "plain", ServerConfig(num_rounds=1, min_clients=1), {"a": (1.0, 10, set())})
+    fast, _ = _run(tmp_path / "fast", ServerConfig(num_rounds=1, min_clients=1, server_lr=2.0), {"a": (1.0, 10, set())})
+    np.testing.assert_allclose(tensors.load_file(plain.final_model)["w"], 1.0)
+    np.testing.assert_allclose(tensors.load_file(fast.final_model)["w"], 2.0)
+
+
+def test_settings_that_need_plaintext_are_refused_with_encryption() -> None:
+    from fedgrid.errors import JobSpecError
+    from fedgrid.jobspec import parse_server_config
+
+    base = {"num_rounds": 1, "min_clients": 1, "encryption": "ckks"}
+    for extra, message in (({"server_lr": 0.5}, "server optimizer"), ({"clip_norm": 1.0}, "clipping on the server")):
+        with pytest.raises(JobSpecError, match=f"cannot be combined with .*{message}"):
+            parse_server_config({**base, **extra}, "app/config/server.json")
+    assert parse_server_config(base, "x").encryption == "ckks"

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
-    return provision_project(tmp_path_factory.mktemp("ws") / "workspaces", n_sites=2, admins=("project_admin", "member"))
+    return provision_project(
+        tmp_path_factory.mktemp("ws") / "workspaces", n_sites=2, admins=("project_admin", "member")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,18 @@ def test_interactive_session_with_help_and_bye(project: ProvisionedProject, fede
     result = console(project.admin_roles["project_admin"], stdin="help\nhelp list_jobs\ncheck_status client\nbye\n")
     assert result.returncode == 0, result.stderr
     assert "Logged in as project-admin@org-a.example (project_admin" in result.stdout
-    for command in ("check_status", "submit_job", "list_jobs", "abort_job", "download_job", "clone_job",
-                    "delete_job", "show_job", "job_log", "bye"):
+    for command in (
+        "check_status",
+        "submit_job",
+        "list_jobs",
+        "abort_job",
+        "download_job",
+        "clone_job",
+        "delete_job",
+        "show_job",
+        "job_log",
+        "bye",
+    ):
         assert command in result.stdout
     assert "-a" in result.stdout and "site-2" in result.stdout
 
@@ -73,16 +85,26 @@ def test_console_without_a_server_says_how_to_start_it(tmp_path: Path) -> None:
 def test_start_fl_and_stop_fl(tmp_path: Path) -> None:
     workspaces = tmp_path / "workspaces"
     provision_project(workspaces, n_sites=3)
-    started = subprocess.run([str(ROOT / "start_fl.sh"), "2", "--workspaces", str(workspaces)],
-                             env=ENV, capture_output=True, text=True, timeout=180)
+    started = subprocess.run(
+        [str(ROOT / "start_fl.sh"), "2", "--workspaces", str(workspaces)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert "is up: server + 2 sites" in started.stdout
         assert "site-2" in started.stdout and "log.txt" in started.stdout
         assert "site-3" not in started.stdout.split("is up")[1]
     finally:
-        stopped = subprocess.run([str(ROOT / "stop_fl.sh"), "--workspaces", str(workspaces)],
-                                 env=ENV, capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run(
+            [str(ROOT / "stop_fl.sh"), "--workspaces", str(workspaces)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert stopped.returncode == 0
     assert stopped.stdout.count("stopped") == 3
     assert not list(workspaces.glob("*/prod_*/*/daemon.pid"))

@@ -40,8 +40,12 @@ def test_two_rounds_on_real_fashion_mnist(federation: tuple[Federation, Provisio
     summary = prepare("fashion-mnist", 2, "iid", seed=42, out=data)
     assert summary["train_samples"] == 60000 and len(summary["sites"]) == 2
     recipe = FedAvgRecipe(
-        name="fmnist", model=build_model("mlp"), train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
-        train_args=["--data_root", str(data), "--epochs", "1"], num_rounds=2, min_clients=2,
+        name="fmnist",
+        model=build_model("mlp"),
+        train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
+        train_args=["--data_root", str(data), "--epochs", "1"],
+        num_rounds=2,
+        min_clients=2,
     )
     with fed.session() as session:
         job_id = session.submit_job(recipe.export(tmp_path / "job"))

@@ -66,7 +66,9 @@ def channel(project: ProvisionedProject, port: int, key_pem: bytes, cert_pem: by
 
 
 def kit_channel(project: ProvisionedProject, kit: Path, port: int) -> grpc.Channel:
-    return channel(project, port, (kit / "startup" / "key.pem").read_bytes(), (kit / "startup" / "cert.pem").read_bytes())
+    return channel(
+        project, port, (kit / "startup" / "key.pem").read_bytes(), (kit / "startup" / "cert.pem").read_bytes()
+    )
 
 
 def register(ch: grpc.Channel) -> federation_pb2.RegisterReply:
@@ -121,8 +123,11 @@ def test_site_certificate_on_admin_port_is_refused(project: ProvisionedProject, 
             admin_pb2_grpc.AdminStub(ch).Hello(admin_pb2.HelloRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "site certificate on the admin port" in err.value.details()
-    wait_until(lambda: "refused site-1" in log_text(project.server) and "admin port" in log_text(project.server),
-               10, "the refusal in the server log")
+    wait_until(
+        lambda: "refused site-1" in log_text(project.server) and "admin port" in log_text(project.server),
+        10,
+        "the refusal in the server log",
+    )
     assert_still_serving(federation)
 
 
@@ -149,8 +154,9 @@ def test_certificate_of_another_project_ca_is_refused(project: ProvisionedProjec
 
 def test_expired_certificate_is_refused(project: ProvisionedProject, federation: Federation) -> None:
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-    key, cert = forged(project, Identity("site-1", "org-a", "client", None, project.name),
-                       not_before=past, validity_days=10)
+    key, cert = forged(
+        project, Identity("site-1", "org-a", "client", None, project.name), not_before=past, validity_days=10
+    )
     with channel(project, project.fed_port, key, cert) as ch, pytest.raises(grpc.RpcError) as err:
         register(ch)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -172,7 +178,10 @@ def test_second_daemon_of_the_same_site_is_refused(project: ProvisionedProject, 
     site = project.sites[0]
     result = subprocess.run(
         [sys.executable, "-m", "fedclient", "--kit", str(site), "--no-ready-file"],
-        env=ENV, capture_output=True, text=True, timeout=60,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 4
     assert "site-1 is already connected" in result.stderr
@@ -205,8 +214,9 @@ def test_sites_reconnect_after_the_server_restarts(project: ProvisionedProject, 
 def test_site_added_by_a_later_provisioning_joins_the_running_server(
     project: ProvisionedProject, federation: Federation
 ) -> None:
-    later = provision_project(project.project_file.parent, n_sites=4, admins=ROLES,
-                              fed_port=project.fed_port, admin_port=project.admin_port)
+    later = provision_project(
+        project.project_file.parent, n_sites=4, admins=ROLES, fed_port=project.fed_port, admin_port=project.admin_port
+    )
     assert later.prod_dir.name == "prod_01"
     assert (later.state_dir / "rootCA.pem").read_bytes() == (project.state_dir / "rootCA.pem").read_bytes()
     new_site = later.prod_dir / "site-4"

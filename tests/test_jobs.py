@@ -55,10 +55,17 @@ def admin(project: ProvisionedProject, name: str) -> Session:
     return Session(kit, timeout=20)
 
 
-def recipe(name: str = "tiny", rounds: int = 2, min_clients: int = 3, args: str = "", **options: object) -> FedAvgRecipe:
+def recipe(
+    name: str = "tiny", rounds: int = 2, min_clients: int = 3, args: str = "", **options: object
+) -> FedAvgRecipe:
     return FedAvgRecipe(
-        name=name, model=torch.nn.Linear(8, 1), train_script=SCRIPT, train_args=args, num_rounds=rounds,
-        min_clients=min_clients, **options,  # type: ignore[arg-type]
+        name=name,
+        model=torch.nn.Linear(8, 1),
+        train_script=SCRIPT,
+        train_args=args,
+        num_rounds=rounds,
+        min_clients=min_clients,
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -91,8 +98,17 @@ def test_job_runs_end_to_end_with_results_and_progress(federation: Federation, t
         assert set(detail.site_states.values()) == {"finished"}
 
         result = session.download_job(job_id, tmp_path / "download")
-        for name in ("final_model.safetensors", "best_model.safetensors", "metrics.json", "metrics.csv",
-                     "metrics.png", "log.txt", "result.json", "sites/site-1/log.txt", "sites/site-3/log.txt"):
+        for name in (
+            "final_model.safetensors",
+            "best_model.safetensors",
+            "metrics.json",
+            "metrics.csv",
+            "metrics.png",
+            "log.txt",
+            "result.json",
+            "sites/site-1/log.txt",
+            "sites/site-3/log.txt",
+        ):
             assert (result / name).is_file(), name
         summary = json.loads((result / "result.json").read_text())
         assert summary["rounds_completed"] == 3 and summary["status"] == "FINISHED:COMPLETED"
@@ -126,14 +142,15 @@ def test_abort_mid_round_stops_the_job_on_server_and_sites(
         info = session.show_job(job_id).info
         assert info.status == "FINISHED:ABORTED" and "aborted by boss@org-a.example" in info.error
     for site in project.sites:
-        wait_until(lambda site=site: f"job {job_id}: worker ended (aborted" in log_text(site), 15, f"{site.name} aborted")
+        wait_until(
+            lambda site=site: f"job {job_id}: worker ended (aborted" in log_text(site), 15, f"{site.name} aborted"
+        )
     with pytest.raises(StateError, match="already FINISHED:ABORTED"), federation.session() as session:
         session.abort_job(job_id)
 
 
 def test_straggler_update_is_dropped_after_the_round_timeout(federation: Federation, tmp_path: Path) -> None:
-    r = recipe("straggler", rounds=2, round_timeout=4.0, min_responses=2,
-               args="--slow_site site-3 --slow_seconds 6")
+    r = recipe("straggler", rounds=2, round_timeout=4.0, min_responses=2, args="--slow_site site-3 --slow_seconds 6")
     with federation.session() as session:
         job_id = submit(session, r, tmp_path)
         info = wait_job(session, job_id)
@@ -145,9 +162,7 @@ def test_straggler_update_is_dropped_after_the_round_timeout(federation: Federat
     assert "site-3: result for round-1-train arrived after its round closed; dropped" in log
 
 
-def test_crash_in_the_training_script_fails_the_job_with_its_traceback(
-    federation: Federation, tmp_path: Path
-) -> None:
+def test_crash_in_the_training_script_fails_the_job_with_its_traceback(federation: Federation, tmp_path: Path) -> None:
     with federation.session() as session:
         job_id = submit(session, recipe("crash", args="--crash_site site-2 --crash_round 1"), tmp_path)
         info = wait_job(session, job_id)
@@ -180,7 +195,9 @@ def test_clone_download_delete(federation: Federation, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- authorization
 
 
-def test_roles_are_enforced_from_the_certificate(project: ProvisionedProject, federation: Federation, tmp_path: Path) -> None:
+def test_roles_are_enforced_from_the_certificate(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path
+) -> None:
     job_dir = recipe("authz", rounds=1, args="--step_seconds 600").export(tmp_path / "authz")
     with admin(project, "member@org-a.example") as member:
         with pytest.raises(AuthorizationError, match="submit_job needs role project_admin or org_admin or lead"):
@@ -190,7 +207,10 @@ def test_roles_are_enforced_from_the_certificate(project: ProvisionedProject, fe
         job_id = lead_a.submit_job(job_dir)
         with pytest.raises(AuthorizationError, match="lead who submitted the job; you are lead@org-b.example"):
             lead_b.abort_job(job_id)
-        with admin(project, "chief@org-b.example") as chief_b, pytest.raises(AuthorizationError, match="org_admin of the job's org"):
+        with (
+            admin(project, "chief@org-b.example") as chief_b,
+            pytest.raises(AuthorizationError, match="org_admin of the job's org"),
+        ):
             chief_b.abort_job(job_id)
         assert "aborted" in lead_a.abort_job(job_id)
         other = lead_b.submit_job(job_dir)
@@ -215,8 +235,10 @@ BAD_FOLDERS = {
     "unknown-key": (lambda d: _edit_json(d / "meta.json", colour="red"), "meta.json: unknown key 'colour'"),
     "bad-rounds": (lambda d: _edit_json(d / "app/config/server.json", num_rounds=0), "num_rounds must be an integer"),
     "missing-script": (lambda d: (d / "app/custom/train_tiny.py").unlink(), "is not a file in app/custom/"),
-    "unknown-site": (lambda d: _edit_json(d / "meta.json", deploy_map={"app": ["server", "site-9"]}),
-                     "unknown site 'site-9'"),
+    "unknown-site": (
+        lambda d: _edit_json(d / "meta.json", deploy_map={"app": ["server", "site-9"]}),
+        "unknown site 'site-9'",
+    ),
     "no-meta": (lambda d: (d / "meta.json").unlink(), "meta.json: missing"),
 }
 
@@ -349,11 +371,16 @@ def test_server_restart_keeps_finished_jobs_and_ends_running_ones_clearly(
     assert "the server stopped during round 1" in jobs[crashed].error
     for site in project.sites:
         for job_id in (stopped, crashed):
-            wait_until(lambda site=site, job_id=job_id: f"job {job_id}: worker ended" in log_text(site), 30,
-                       f"{site.name} worker of {job_id} ended")
+            wait_until(
+                lambda site=site, job_id=job_id: f"job {job_id}: worker ended" in log_text(site),
+                30,
+                f"{site.name} worker of {job_id} ended",
+            )
 
 
-def test_job_waits_until_enough_sites_are_alive(project: ProvisionedProject, federation: Federation, tmp_path: Path) -> None:
+def test_job_waits_until_enough_sites_are_alive(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path
+) -> None:
     with federation.session() as session:
         job_id = submit(session, recipe("too-big", rounds=1, min_clients=5), tmp_path)
         time.sleep(1.5)
@@ -367,3 +394,12 @@ def test_job_waits_until_enough_sites_are_alive(project: ProvisionedProject, fed
 def test_unknown_job_ids_get_a_clear_error(federation: Federation) -> None:
     with federation.session() as session, pytest.raises(NotFoundError, match="list_jobs -a shows every job"):
         session.show_job("no-such-job")
+
+
+def test_encrypted_job_is_refused_by_a_federation_without_he(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path
+) -> None:
+    before = stored_jobs(project)
+    with federation.session() as session, pytest.raises(JobSpecError, match="provisioned without HE"):
+        submit(session, recipe("he-here", encryption=True), tmp_path)
+    assert stored_jobs(project) == before

@@ -18,7 +18,9 @@ def test_generated_stubs_match_the_proto_sources(tmp_path: Path) -> None:
     assert generated == committed
     for name in generated:
         fresh = (tmp_path / "fedgrid" / "v1" / name).read_text()
-        assert fresh == (ROOT / "fedgrid" / "v1" / name).read_text(), f"fedgrid/v1/{name} is stale: run scripts/gen_proto.sh"
+        assert fresh == (ROOT / "fedgrid" / "v1" / name).read_text(), (
+            f"fedgrid/v1/{name} is stale: run scripts/gen_proto.sh"
+        )
 
 
 def test_every_proto_file_has_stubs() -> None:

@@ -32,11 +32,13 @@ class Harness:
         self.received: dict[str, object] = {}
         handlers = {
             "Up": grpc.stream_unary_rpc_method_handler(
-                self.up, request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
-                response_serializer=common_pb2.Ack.SerializeToString),
+                self.up,
+                request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+                response_serializer=common_pb2.Ack.SerializeToString,
+            ),
             "Down": grpc.unary_stream_rpc_method_handler(
-                self.down, request_deserializer=admin_pb2.JobRequest.FromString,
-                response_serializer=wire.serialize),
+                self.down, request_deserializer=admin_pb2.JobRequest.FromString, response_serializer=wire.serialize
+            ),
         }
         self.server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Transfer", handlers),))
@@ -55,12 +57,14 @@ class Harness:
         return common_pb2.Ack(message=str(len(sink.getvalue())))
 
     def down(self, request: admin_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[admin_pb2.DownloadFrame]:
-        yield from transfer.frames(admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(self.payload)),
-                                   transfer.split(self.payload))
+        yield from transfer.frames(
+            admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(self.payload)), transfer.split(self.payload)
+        )
 
     def upload(self, frames: Iterator[admin_pb2.UploadFrame]) -> common_pb2.Ack:
-        call = self.channel.stream_unary("/test.Transfer/Up", request_serializer=wire.serialize,
-                                         response_deserializer=common_pb2.Ack.FromString)
+        call = self.channel.stream_unary(
+            "/test.Transfer/Up", request_serializer=wire.serialize, response_deserializer=common_pb2.Ack.FromString
+        )
         return call(frames, timeout=120)
 
     def close(self) -> None:
@@ -76,15 +80,20 @@ def harness(provisioned_project: ProvisionedProject) -> Iterator[Harness]:
 
 
 def test_100_mb_upload_arrives_whole(harness: Harness) -> None:
-    frames = transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=100 * MB), transfer.split(harness.payload))
+    frames = transfer.frames(
+        admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=100 * MB), transfer.split(harness.payload)
+    )
     ack = harness.upload(frames)
     assert int(ack.message) == 100 * MB
     assert harness.received["sha256"] == hashlib.sha256(harness.payload).hexdigest()
 
 
 def test_100_mb_download_arrives_whole(harness: Harness) -> None:
-    call = harness.channel.unary_stream("/test.Transfer/Down", request_serializer=admin_pb2.JobRequest.SerializeToString,
-                                        response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame))
+    call = harness.channel.unary_stream(
+        "/test.Transfer/Down",
+        request_serializer=admin_pb2.JobRequest.SerializeToString,
+        response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
+    )
     sink = io.BytesIO()
     header = transfer.receive(call(admin_pb2.JobRequest(), timeout=120), sink, max_size=100 * MB, what="download")
     assert header.size == 100 * MB
@@ -102,8 +111,10 @@ def _stream(data: bytes, trailer: common_pb2.Trailer | None) -> Iterator[admin_p
 @pytest.mark.parametrize(
     ("frames", "message"),
     [
-        (lambda d: _stream(d, common_pb2.Trailer(size=len(d), sha256=hashlib.sha256(b"other").digest())),
-         "digest does not match"),
+        (
+            lambda d: _stream(d, common_pb2.Trailer(size=len(d), sha256=hashlib.sha256(b"other").digest())),
+            "digest does not match",
+        ),
         (lambda d: _stream(d, None), "ended before its trailer"),
         (lambda d: _stream(d, common_pb2.Trailer(size=len(d) + 1, sha256=hashlib.sha256(d).digest())), "announces"),
         (lambda d: iter([admin_pb2.UploadFrame(data=d)]), "does not start with a header"),
@@ -116,4 +127,7 @@ def test_bad_streams_are_refused_with_a_clear_message(harness: Harness, frames: 
         harness.upload(frames(os.urandom(3 * MB)))  # type: ignore[operator]
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
     assert message in err.value.details()
-    assert harness.upload(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [b"still serving"])).message == "13"
+    assert (
+        harness.upload(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [b"still serving"])).message
+        == "13"
+    )

@@ -63,6 +63,8 @@ RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
 RETRY_MAX_CLOSING = 1.0
 IDLE_WAIT = 5.0
+STAMP_WINDOW = 32
+"""Recent timestamps remembered per metric key to keep points unique (see `_Run.unique_stamp`)."""
 
 
 @dataclass(frozen=True)
@@ -152,28 +154,32 @@ class _Run:
     text_dir: Path
     seqs: SeqWindow = field(default_factory=SeqWindow)
     params: dict[str, str] = field(default_factory=dict)
-    stamps: dict[str, tuple[int, set[tuple[int, float]]]] = field(default_factory=dict)
+    stamps: dict[str, dict[int, set[tuple[int, float]]]] = field(default_factory=dict)
     handled: int = 0
     text_chars: int = 0
     staged: int = 0
     """Records numbered but not yet appended (within one call)."""
 
     def unique_stamp(self, key: str, timestamp_ms: int, step: int, value: float) -> int:
-        """A timestamp that makes (key, timestamp, step, value) unique in this run.
+        """A timestamp that makes (key, timestamp, step, value) unique in this run: the original one,
+        unless an identical point already holds it, then the next free millisecond.
 
-        MLflow identifies a point by exactly these, so two equal points logged within the same
-        millisecond would merge, and a replay could not be told from a new point. A key's timestamps are
-        kept non-decreasing (a clock stepping back is clamped), and an exact repeat moves 1 ms on.
+        MLflow identifies a point by exactly these four, so two equal points logged within the same
+        millisecond would merge, and a replay could not be told from a new point. Only the last
+        `STAMP_WINDOW` timestamps of each key are remembered (memory stays O(keys)); an exact repeat of
+        an older point, out of order by more than that, would merge with it in MLflow.
         """
-        last = self.stamps.get(key)
-        if last is not None and timestamp_ms <= last[0]:
-            last_ms, seen = last
-            if (step, value) not in seen:
-                seen.add((step, value))
-                return last_ms
-            timestamp_ms = last_ms + 1
-        self.stamps[key] = (timestamp_ms, {(step, value)})
+        window = self.stamps.setdefault(key, {})
+        while (step, value) in window.get(timestamp_ms, ()):
+            timestamp_ms += 1
+        self._note_stamp(window, timestamp_ms, step, value)
         return timestamp_ms
+
+    @staticmethod
+    def _note_stamp(window: dict[int, set[tuple[int, float]]], timestamp_ms: int, step: int, value: float) -> None:
+        window.setdefault(timestamp_ms, set()).add((step, value))
+        if len(window) > STAMP_WINDOW:
+            del window[next(iter(window))]  # the oldest remembered
 
     def remember(self, record: Record) -> None:
         """Rebuild the run's judging state from a journaled record (after a restart)."""
@@ -181,11 +187,7 @@ class _Run:
             self.seqs.add(record.seq)
             self.handled += 1
         if record.kind == METRIC:
-            last = self.stamps.get(record.key)
-            if last is not None and last[0] == record.timestamp_ms:
-                last[1].add((record.step, record.value))
-            elif last is None or record.timestamp_ms > last[0]:
-                self.stamps[record.key] = (record.timestamp_ms, {(record.step, record.value)})
+            self._note_stamp(self.stamps.setdefault(record.key, {}), record.timestamp_ms, record.step, record.value)
         elif record.kind == PARAMS:
             self.params.update(record.params)
         elif record.kind == TEXT:
@@ -375,7 +377,9 @@ class JobTracking:
 
     def close(self, timeout: float, *, status: str = "FINISHED") -> DeliveryReport:
         """Stop accepting, deliver what can be delivered within `timeout` seconds, end the runs that are
-        complete (MLflow status `status`), and leave the rest pending on disk for a later session."""
+        complete (MLflow status `status`), and leave the rest pending on disk for a later session.
+
+        Blocks up to `timeout`: call it from a worker thread, not the event loop."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
             self._closing = True
@@ -712,11 +716,15 @@ class _Courier:
                 self.finished.add(run.ref.key)
 
     def _wait(self, seconds: float, *, on_data: bool) -> None:
+        """Sleep up to `seconds`; new records end it only when `on_data` (never during a backoff), a
+        poke from close() always does."""
+        end = time.monotonic() + seconds
         with self.hub._wake:
-            if self.poked or self.stopped or (on_data and self._seen != self.hub._generation):
-                self.poked = False
-                return
-            self.hub._wake.wait(seconds)
+            while not (self.poked or self.stopped or (on_data and self._seen != self.hub._generation)):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.hub._wake.wait(left)
             self.poked = False
 
     def _failed(self, exc: Exception) -> None:

@@ -28,23 +28,27 @@ MLflow's HTTP client retries a failed request 7 times with exponential backoff a
 for each, which would hold the delivery thread for minutes. MLflow reads these settings from the
 environment on every request and has no per-client knob, so this module sets short values with
 `os.environ.setdefault` (an operator's explicit setting wins) and does its own retrying with backoff
-in the hub. MLflow's usage telemetry is turned off the same way: a federation server should not
-send anything anywhere its operator did not configure. Nothing else in fedserver uses MLflow.
+in the hub. MLflow's usage telemetry is turned off the same way (a federation server should not
+send anything anywhere its operator did not configure), and so is its printing of run URLs to stdout.
+Nothing else in fedserver uses MLflow.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-HTTP_DEFAULTS = {
+ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow prints "View run ... at <url>" to stdout when a run ends; the server logs it once instead.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
-for _name, _value in HTTP_DEFAULTS.items():
+for _name, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 from mlflow import MlflowClient  # noqa: E402 - after the environment defaults above
@@ -58,6 +62,8 @@ from mlflow.utils.validation import (  # noqa: E402
 
 from fedserver.tracking.journal import ARTIFACT, METRIC, PARAMS, TEXT, Record, write_json_atomic  # noqa: E402
 from fedserver.tracking.sink import JOB_RUN, Delivery, RunRef  # noqa: E402
+
+log = logging.getLogger("fedserver.tracking")
 
 REQUEST_BYTES_BUDGET = 800_000
 """MLflow refuses a log-batch request over 1 MB (MAX_BATCH_LOG_REQUEST_SIZE); stay well under it."""
@@ -198,6 +204,14 @@ class MlflowSink:
             )
             run_id = created.info.run_id
             self._clean.add(run.key)
+            if run.is_job:
+                log.info(
+                    "job %s: MLflow run %s in experiment %r at %s",
+                    self.job_id,
+                    run_id,
+                    self.experiment_name,
+                    self.tracking_uri,
+                )
         self._run_ids[run.key] = run_id
         self._save()
         return run_id
@@ -255,7 +269,17 @@ class MlflowSink:
         for key in {m.key for m in metrics}:
             for m in client.get_metric_history(run_id, key):
                 present.add((m.key, m.timestamp, m.step, m.value))
-        return [m for m in metrics if (m.key, m.timestamp, m.step, m.value) not in present]
+        missing = [m for m in metrics if (m.key, m.timestamp, m.step, m.value) not in present]
+        if len(missing) < len(metrics):
+            log.info(
+                "job %s: %d of %d points of a retried batch were already in MLflow (run %s); sending %d",
+                self.job_id,
+                len(metrics) - len(missing),
+                len(metrics),
+                run_id,
+                len(missing),
+            )
+        return missing
 
     def _upload(self, run_id: str, records: Sequence[Record]) -> tuple[int, str]:
         """Text files and artifacts of the batch, each uploaded once under its own name (idempotent)."""

@@ -25,19 +25,23 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_samples", type=int, default=0, help="train on at most this many samples (0: all)")
     args = parser.parse_args()
 
     api.init()
     site = api.get_site_name()
     root = Path(args.data_root or api.get_site_config()["data_root"])
     data = load_site(root / site)
+    x_train, y_train = data.x_train, data.y_train
+    if args.max_samples:
+        x_train, y_train = x_train[: args.max_samples], y_train[: args.max_samples]
     torch.manual_seed(args.seed)
     model = build_model(args.model)
-    train_loader = make_loader(data.x_train, data.y_train, args.batch_size, shuffle=True, seed=args.seed)
+    train_loader = make_loader(x_train, y_train, args.batch_size, shuffle=True, seed=args.seed)
     val_loader = make_loader(data.x_val, data.y_val, 1000, shuffle=False)
     writer = api.SummaryWriter()
-    writer.log_params({"site": site, "train_samples": len(data.y_train), **vars(args)})
-    print(f"{site}: {len(data.y_train)} training and {len(data.y_val)} validation samples")
+    writer.log_params({"site": site, "train_samples": len(y_train), **vars(args)})
+    print(f"{site}: {len(y_train)} training and {len(data.y_val)} validation samples")
 
     while api.is_running():
         task = api.receive()
@@ -56,7 +60,7 @@ def main() -> None:
             step = (task.current_round - 1) * args.epochs + epoch
             writer.add_scalar("train_loss", train_loss, step)
         print(f"{site}: round {task.current_round} trained, loss {train_loss:.4f}")
-        api.send(model.state_dict(), num_samples=len(data.y_train), metrics={"train_loss": train_loss})
+        api.send(model.state_dict(), num_samples=len(y_train), metrics={"train_loss": train_loss})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""Aggregation of encrypted updates: the server adds CKKS ciphertexts with a context that holds no key.
+
+Each site sends n·x encrypted (its update scaled by its sample count); the running encrypted sum
+Σ n·x and the plaintext Σ n go back to the sites, which decrypt and divide. Nothing here can decrypt:
+the server's context is loaded with `expect_secret_key=False`, which refuses a file holding a secret key.
+"""
+
+from __future__ import annotations
+
+from fedgrid import he, tensors
+from fedgrid.errors import PayloadError
+from fedserver.grid import Result
+
+FORMAT = "ckks"
+
+
+class EncryptedAggregator:
+    """Folds encrypted updates one at a time (memory O(model)); refuses one that does not fit whole."""
+
+    payload_format = FORMAT
+
+    def __init__(self, context: bytes, layout: tensors.Layout) -> None:
+        self.ctx = he.HEContext.load(context, expect_secret_key=False, where="server he_context.bin")
+        self._sum = he.EncryptedSum(self.ctx, layout)
+
+    @property
+    def count(self) -> int:
+        return self._sum.count
+
+    def add(self, result: Result) -> None:
+        what = f"update from {result.site}"
+        if result.payload_format != FORMAT or result.path is None:
+            raise PayloadError(f"{what}: expected an encrypted ({FORMAT}) update in an encrypted job, "
+                               f"got {result.payload_format or 'none'}")
+        with open(result.path, "rb") as stream:
+            self._sum.add(stream, what=what)
+
+    def finish(self) -> tuple[bytes, float]:
+        return b"".join(self._sum.serialize()), self._sum.total_weight

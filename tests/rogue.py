@@ -1,0 +1,96 @@
+"""A misbehaving site for tests: it speaks the real protocol over mutual TLS with a real site kit,
+but answers training tasks with whatever payload the test chooses (another context's ciphertexts,
+corrupted bytes, ...), so that the server's refusals can be watched end to end. It plays both the
+site daemon (register, heartbeat, commands, job reports) and the job worker (tasks, results)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from fedgrid import transfer, wire
+from fedgrid.kit import load_kit
+from fedgrid.tls import secure_channel
+from fedgrid.v1 import federation_pb2 as fpb
+
+Answer = Callable[[fpb.TaskHeader, bytes], tuple[str, bytes]]
+"""(task header, task payload) -> (payload format, payload bytes) for a training task."""
+
+
+class RogueSite:
+    def __init__(self, kit_path: Path, answer: Answer, samples: float = 50.0) -> None:
+        self.kit = load_kit(kit_path, expect_type="client")
+        self.answer = answer
+        self.samples = samples
+        self.channel = secure_channel(self.kit, self.kit.fed_port)
+        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
+        self.stop = threading.Event()
+        self.answered: list[str] = []
+        self._commands: grpc.Future | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        reply = self.stub.Register(fpb.RegisterRequest(roster=self.kit.roster_bytes, hostname="rogue", cpu_count=1))
+        self.session = reply.session_id
+        for target in (self._heartbeat, self._listen):
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._commands is not None:
+            self._commands.cancel()
+        self.channel.close()
+
+    def _heartbeat(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                self.stub.Heartbeat(fpb.HeartbeatRequest(session_id=self.session), timeout=5)
+            except grpc.RpcError:
+                pass
+
+    def _listen(self) -> None:
+        self._commands = self.stub.Commands(fpb.CommandsRequest(session_id=self.session))
+        try:
+            for command in self._commands:
+                if command.WhichOneof("kind") == "start_job":
+                    job_id = command.start_job.job_id
+                    self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="started"))
+                    threading.Thread(target=self._work, args=(job_id,), daemon=True).start()
+        except grpc.RpcError:
+            pass
+
+    def _work(self, job_id: str) -> None:
+        last = ""
+        while not self.stop.is_set():
+            buffer = io.BytesIO()
+            try:
+                request = fpb.TaskRequest(job_id=job_id, last_task_id=last)
+                header = transfer.receive(self.stub.GetTask(request), buffer, max_size=1 << 30, what="task")
+            except grpc.RpcError:
+                return
+            if header.kind == "idle":
+                continue
+            if header.kind == "end":
+                self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"))
+                return
+            last = header.task_id
+            if header.kind == "train":
+                fmt, payload = self.answer(header, buffer.getvalue())
+                result = fpb.ResultHeader(job_id=job_id, task_id=header.task_id, payload_format=fmt,
+                                          num_samples=self.samples)
+                pieces = [payload]
+            else:
+                result = fpb.ResultHeader(job_id=job_id, task_id=header.task_id, num_samples=self.samples,
+                                          metrics={"accuracy": 0.5})
+                pieces = []
+            try:
+                self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, pieces))
+                self.answered.append(header.task_id)
+            except grpc.RpcError:
+                pass
