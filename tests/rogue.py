@@ -82,12 +82,14 @@ class RogueSite:
             last = header.task_id
             if header.kind == "train":
                 fmt, payload = self.answer(header, buffer.getvalue())
-                result = fpb.ResultHeader(job_id=job_id, task_id=header.task_id, payload_format=fmt,
-                                          num_samples=self.samples)
+                result = fpb.ResultHeader(
+                    job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=self.samples
+                )
                 pieces = [payload]
             else:
-                result = fpb.ResultHeader(job_id=job_id, task_id=header.task_id, num_samples=self.samples,
-                                          metrics={"accuracy": 0.5})
+                result = fpb.ResultHeader(
+                    job_id=job_id, task_id=header.task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
+                )
                 pieces = []
             try:
                 self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, pieces))

@@ -52,8 +52,15 @@ def context(kit: Path, secret: bool) -> he.HEContext:
 
 def tiny(name: str, min_clients: int = 2, **options: object) -> FedAvgRecipe:
     torch.manual_seed(0)
-    return FedAvgRecipe(name=name, model=torch.nn.Linear(8, 1), train_script=TINY, num_rounds=2,
-                        min_clients=min_clients, encryption=True, **options)  # type: ignore[arg-type]
+    return FedAvgRecipe(
+        name=name,
+        model=torch.nn.Linear(8, 1),
+        train_script=TINY,
+        num_rounds=2,
+        min_clients=min_clients,
+        encryption=True,
+        **options,
+    )  # type: ignore[arg-type]
 
 
 def test_only_sites_hold_the_secret_key(project: ProvisionedProject) -> None:
@@ -137,8 +144,11 @@ def test_foreign_context_and_corrupted_updates_are_refused_and_the_round_goes_on
     finally:
         rogue.close()
     with Session(project.admin_roles["project_admin"]) as session:
-        wait_until(lambda: "site-3" not in [s.name for s in session.check_status("client") if s.state == "alive"],
-                   30, "rogue site-3 gone")
+        wait_until(
+            lambda: "site-3" not in [s.name for s in session.check_status("client") if s.state == "alive"],
+            30,
+            "rogue site-3 gone",
+        )
 
 
 def test_settings_that_need_plaintext_are_refused_at_submit(
@@ -153,7 +163,9 @@ def test_settings_that_need_plaintext_are_refused_at_submit(
         session.submit_job(folder)
 
 
-@pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+)
 def test_encrypted_accuracy_matches_plain_on_fashion_mnist(federation: Federation, tmp_path: Path) -> None:
     from fedgrid.data import prepare
     from fedgrid.models import build_model
@@ -165,10 +177,13 @@ def test_encrypted_accuracy_matches_plain_on_fashion_mnist(federation: Federatio
     accuracy = {}
     for encrypted in (False, True):
         recipe = FedAvgRecipe(
-            name=f"fmnist-{'he' if encrypted else 'plain'}", model=initial,
+            name=f"fmnist-{'he' if encrypted else 'plain'}",
+            model=initial,
             train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
             train_args=["--data_root", str(data), "--max_samples", "3000", "--seed", "7"],
-            num_rounds=2, min_clients=2, encryption=encrypted,
+            num_rounds=2,
+            min_clients=2,
+            encryption=encrypted,
         )
         with federation.session() as session:
             job_id = session.submit_job(recipe.export(tmp_path / recipe.name))
