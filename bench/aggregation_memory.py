@@ -27,6 +27,12 @@ start together (a barrier), so the server receives them at the same time, which 
 case for its memory; the time window and overlap of the uploads are printed. The server cannot tell
 a driver from a daemon: what it receives, and how, is the same. `--real N ...` runs those N with real
 site daemons and job workers instead (this file is then their training script), as a cross-check.
+
+Diagnostics (the code under test is unchanged; they only start the server differently):
+--malloc_stats separates memory the server holds from memory glibc keeps after it was freed;
+--grpc_option KEY=VALUE adds gRPC options to the server (e.g. grpc.http2.bdp_probe=0);
+--one_at_a_time makes the driver sites upload one after the other. Environment variables such as
+MALLOC_ARENA_MAX pass through start.sh to the daemons.
 """
 
 from __future__ import annotations

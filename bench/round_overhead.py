@@ -21,8 +21,9 @@ Printed:
 - the machine's load: the load average before and after, and the CPU share other processes (not
   this federation) took during the rounds. Other work on the two cores shows up in every figure.
 
---profile also runs the server under cProfile (and prints its top functions) and profiles site-1's
-calls into fedclient.api; the round figures are then inflated by the profilers.
+--hidden W shrinks or grows the MLP (784-W-W-10), to separate the fixed cost of a round from its
+cost per byte of model. --profile also runs the server under cProfile (and prints its top
+functions) and profiles site-1's calls into fedclient.api; the round figures are then inflated.
 
 This same file is the job's training script: the worker runs it with --site.
 """
@@ -109,8 +110,6 @@ def site_main(args: argparse.Namespace) -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
     loss_fn(model(batch[0]), batch[1]).backward()  # warm autograd up before round 1, like any real script would
     atexit.register(lambda: emit({"site": site, "kind": "exit", "t": time.time()}))
-    if args.freeze_gc:
-        gc.freeze()  # experiment: keep the start-up heap (torch's objects) out of every later collection
     collections = watch_gc()
     profile = cProfile.Profile() if args.profile else None
     while api.is_running():
@@ -310,7 +309,8 @@ def summary(values: list[float]) -> str:
 
 def load_line(when: str) -> str:
     one, five, _ = os.getloadavg()
-    return f"machine load {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
+    return (f"machine load {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores "
+            "(load averages lag and include this benchmark's own processes)")
 
 
 def ms(seconds: float) -> str:
@@ -450,7 +450,7 @@ def run_job(args: argparse.Namespace, tmp: Path, server_profile: Path) -> Measur
 
         site_args = ["--site", "--data_root", str(data_root), "--batch_size", str(args.batch_size),
                      "--val_samples", str(args.val_samples), "--hidden", str(args.hidden)]
-        site_args += ["--profile"] * args.profile + ["--freeze_gc"] * args.freeze_gc
+        site_args += ["--profile"] * args.profile
         recipe = FedAvgRecipe(name="round_overhead", model=MLP(hidden=args.hidden), train_script=Path(__file__),
                               train_args=site_args, num_rounds=args.rounds, min_clients=args.sites)
         folder = recipe.export(tmp / "job")
@@ -510,8 +510,7 @@ def report(args: argparse.Namespace, m: Measured) -> None:
     print(f"round overhead: {args.sites} sites, MLP 784-{args.hidden}-{args.hidden}-10 "
           f"({count_parameters(MLP(hidden=args.hidden)):,} parameters), one step of "
           f"batch {args.batch_size} per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds"
-          f"{' (PROFILED: figures inflated)' if args.profile else ''}"
-          f"{' (workers freeze the GC)' if args.freeze_gc else ''}")
+          f"{' (PROFILED: figures inflated)' if args.profile else ''}")
     total, t_server, t_sites = m.startup
     print(f"federation start-up (start_all):  {total:6.2f} s   (server {t_server:.2f} s, {args.sites} sites "
           f"{t_sites:.2f} s one after the other, then all alive after {total - t_server - t_sites:.2f} s)")
@@ -546,7 +545,8 @@ def report(args: argparse.Namespace, m: Measured) -> None:
         print(f"  {name:<58} {ms(first.get(name, math.nan))} {ms(value)}")
     window = (job.rounds[2].sent, last.done) if 2 in job.rounds else (last.sent, last.done)
     events = [e for s in m.sites.get((0, "loop-end"), []) for e in s.get("gc", [])]
-    print(f"garbage collections in the workers during rounds 2..{last_round}: {gc_line(events, window)}")
+    print(f"garbage collections in the workers, round 1: {gc_line(events, (job.rounds[1].sent, window[0]))}")
+    print(f"garbage collections in the workers, rounds 2..{last_round}: {gc_line(events, window)}")
     if 1 in m.cpu and last_round in m.cpu and last_round > 1:
         print(f"CPU per round (rounds 2..{last_round}, from /proc):")
         for line in cpu_lines(m.cpu[1], m.cpu[last_round], last_round - 1, m.sites, window):
@@ -590,8 +590,6 @@ def main() -> int:
                         "the per-round cost from the per-byte cost")
     parser.add_argument("--profile", action="store_true",
                         help="run the server under cProfile and profile site-1's api calls; print both")
-    parser.add_argument("--freeze_gc", action="store_true",
-                        help="experiment: the training script calls gc.freeze() after its setup")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)

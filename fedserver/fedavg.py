@@ -187,13 +187,15 @@ class FedAvg:
                 continue
             moved += item.size
             try:
+                started = time.perf_counter()
                 await asyncio.to_thread(aggregator.add, item)
                 self.log.info(
-                    "round %d: update from %s folded in (%d samples, %.1f MB)",
+                    "round %d: update from %s folded in (%d samples, %d bytes, %.3f s)",
                     task.round,
                     item.site,
                     item.num_samples,
-                    item.size / 1e6,
+                    item.size,
+                    time.perf_counter() - started,
                 )
             except (PayloadError, EncryptionError) as exc:
                 self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
@@ -217,7 +219,15 @@ class FedAvg:
                 f"round {task.round}: {answered} of {len(sites)} sites sent a usable update, "
                 f"at least {need} needed{detail}"
             )
+        started = time.perf_counter()
         data, total_weight = await asyncio.to_thread(aggregator.finish)
+        self.log.info(
+            "round %d: aggregate of %d updates serialized in %.3f s (%d bytes)",
+            task.round,
+            aggregator.count,
+            time.perf_counter() - started,
+            len(data),
+        )
         if self.config.server_lr != 1.0 or self.config.server_momentum != 0.0:
             data = await asyncio.to_thread(self._server_step, data)
         return Model(aggregator.payload_format, data, total_weight), answered, moved
