@@ -24,7 +24,6 @@ Tensors leave the process as safetensors (or ciphertexts), never as pickle.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -155,7 +154,12 @@ class _Worker:
     def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
         request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
         buffer = io.BytesIO()
-        header = transfer.receive(self.stub.GetTask(request), buffer, max_size=1 << 34, what="task")
+        assembler = transfer.Assembler(buffer, max_size=1 << 34, what="task")
+        for frame in self.stub.GetTask(request):
+            assembler.feed(frame)
+        header = assembler.finish()
+        if header.payload_format and not header.payload_cached and assembler.sha256 != header.payload_sha256:
+            raise TransferError(f"task {header.task_id}: payload digest differs from the header")
         return header, buffer.getvalue()
 
     def _decode(self, header: fpb.TaskHeader, payload: bytes) -> dict[str, np.ndarray]:
@@ -165,8 +169,6 @@ class _Worker:
             if header.payload_sha256 != self.cached_sha256:
                 raise TransferError("the server referred to a cached model this worker does not hold")
             return self.cached_arrays
-        if hashlib.sha256(payload).digest() != header.payload_sha256:
-            raise TransferError(f"task {header.task_id}: payload digest differs from the header")
         if header.payload_format == tensors.FORMAT:
             arrays = tensors.decode(payload, what=f"global model of {header.task_id}")
         elif header.payload_format == "ckks":
@@ -176,8 +178,12 @@ class _Worker:
 
             started = time.perf_counter()
             arrays = he.decrypt_mean(self.he, payload, what=f"global model of {header.task_id}")
-            log.info("decrypted the global model of %s (%.1f MB) in %.3f s", header.task_id, len(payload) / 1e6,
-                     time.perf_counter() - started)
+            log.info(
+                "decrypted the global model of %s (%.1f MB) in %.3f s",
+                header.task_id,
+                len(payload) / 1e6,
+                time.perf_counter() - started,
+            )
         else:
             raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
         tensors.check_finite(arrays, f"global model of {header.task_id}")
@@ -217,8 +223,12 @@ class _Worker:
                 for piece in he.encrypt_update(self.he, arrays, weight=num_samples):
                     size += len(piece)
                     yield piece
-                log.info("encrypted and sent the update of %s (%.1f MB) in %.3f s", task.task_id, size / 1e6,
-                         time.perf_counter() - started)
+                log.info(
+                    "encrypted and sent the update of %s (%.1f MB) in %.3f s",
+                    task.task_id,
+                    size / 1e6,
+                    time.perf_counter() - started,
+                )
         elif arrays:
             payload_format = tensors.FORMAT
             encoded = tensors.encode(arrays)
@@ -230,8 +240,12 @@ class _Worker:
 
             def pieces() -> Iterator[bytes]:
                 return iter(())
+
         header = fpb.ResultHeader(
-            job_id=self.job_id, task_id=task.task_id, payload_format=payload_format, num_samples=num_samples,
+            job_id=self.job_id,
+            task_id=task.task_id,
+            payload_format=payload_format,
+            num_samples=num_samples,
             metrics=clean,
         )
         try:

@@ -17,8 +17,8 @@ from fedgrid.errors import TransferError
 from fedgrid.v1 import common_pb2
 from fedgrid.wire import encode_data
 
-CHUNK_SIZE = 1 << 20
-"""Bytes per data frame; measured with bench/transfer.py (1 MB is at the top of the curve)."""
+CHUNK_SIZE = 4 << 20
+"""Bytes per data frame: fewer, larger messages cost the server less CPU per byte (bench/round_overhead.py)."""
 
 MAX_MESSAGE_BYTES = 8 << 20
 """gRPC message limit set on every channel and server: comfortably above one chunk plus headers."""
@@ -43,24 +43,29 @@ def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[me
         yield view[start : start + chunk_size]
 
 
-def frames(frame_cls: type[F], header: Any, pieces: Iterable[bytes | memoryview]) -> Iterator[F | bytes]:
+def frames(
+    frame_cls: type[F], header: Any, pieces: Iterable[bytes | memoryview], sha256: bytes | None = None
+) -> Iterator[F | bytes]:
     """Header frame, one data frame per CHUNK_SIZE of the pieces, then the trailer.
 
     Data frames come out already serialized (see `fedgrid.wire`); send them with the stubs and
     handlers of `fedgrid.wire`. `pieces` may be a generator that produces bytes while earlier frames
-    are already on the wire (encryption overlapping upload).
+    are already on the wire (encryption overlapping upload). Pass `sha256` when the digest of the
+    payload is already known, to skip hashing it again.
     """
     yield frame_cls(header=header)  # type: ignore[call-arg]
-    digest = hashlib.sha256()
+    digest = None if sha256 else hashlib.sha256()
     size = 0
     for piece in pieces:
         for chunk in split(piece):
             if not chunk:
                 continue
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             size += len(chunk)
             yield encode_data(chunk)
-    yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=digest.digest()))  # type: ignore[call-arg]
+    final = sha256 if digest is None else digest.digest()
+    yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
 
 
 class Assembler:

@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from fedserver.memory import limit_arenas
     from fedserver.tlslog import route_stderr
+
+    limit_arenas()
 
     setup_logging(args.log_level, stream=route_stderr())
     from fedgrid.kit import load_kit

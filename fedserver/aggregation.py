@@ -22,6 +22,9 @@ class WeightedMean:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._sums = {name: np.zeros(spec.shape, dtype=np.float64) for name, spec in layout.items()}
+        largest = max((int(np.prod(spec.shape)) for spec in layout.values()), default=0)
+        self._scratch = np.empty(largest, dtype=np.float64)
+        """Reused for weight·update, so that folding allocates nothing (no page faults per update)."""
         self.total_weight = 0.0
         self.count = 0
 
@@ -32,7 +35,10 @@ class WeightedMean:
         check_layout(arrays, self.layout, what)
         check_finite(arrays, what)
         for name, array in arrays.items():
-            self._sums[name] += np.asarray(array, dtype=np.float64) * weight
+            total = self._sums[name]
+            scaled = self._scratch[: total.size].reshape(total.shape)
+            np.multiply(array, weight, out=scaled, casting="unsafe")
+            total += scaled
         self.total_weight += weight
         self.count += 1
 

@@ -68,10 +68,12 @@ class Model:
     payload_format: str
     data: bytes
     total_weight: float = 0.0
+    sha256: bytes = b""
 
-    @property
-    def sha256(self) -> bytes:
-        return hashlib.sha256(self.data).digest()
+    @classmethod
+    def of(cls, payload_format: str, data: bytes, total_weight: float = 0.0) -> Model:
+        """A model with its digest, computed once here (call it off the event loop for large models)."""
+        return cls(payload_format, data, total_weight, hashlib.sha256(data).digest())
 
 
 class FedAvg:
@@ -230,7 +232,8 @@ class FedAvg:
         )
         if self.config.server_lr != 1.0 or self.config.server_momentum != 0.0:
             data = await asyncio.to_thread(self._server_step, data)
-        return Model(aggregator.payload_format, data, total_weight), answered, moved
+        model = await asyncio.to_thread(Model.of, aggregator.payload_format, data, total_weight)
+        return model, answered, moved
 
     def _server_step(self, averaged: bytes) -> bytes:
         """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
@@ -249,13 +252,10 @@ class FedAvg:
         return tensors.encode(out)
 
     def _dispose(self, item: Result, task: Task) -> None:
-        if item.path is None:
-            return
-        if self.keep_dir is None:
-            item.path.unlink(missing_ok=True)
-            return
-        self.keep_dir.mkdir(parents=True, exist_ok=True)
-        item.path.replace(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}")
+        if self.keep_dir is not None and item.has_payload:
+            self.keep_dir.mkdir(parents=True, exist_ok=True)
+            _write(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}", item.read())
+        item.discard()
 
     async def _evaluate(self, task: Task) -> tuple[dict[str, float], int]:
         sites = self.board.active_sites()
@@ -264,8 +264,7 @@ class FedAvg:
         async for item in self.board.results(task, sites, self.config.round_timeout):
             if isinstance(item, Result):
                 results.append((item.metrics, item.num_samples))
-                if item.path is not None:
-                    item.path.unlink(missing_ok=True)
+                item.discard()
         if not results:
             self.log.warning("round %d: no site reported evaluation metrics", task.round)
         metrics = weighted_metrics(results)
@@ -339,9 +338,9 @@ class PlainAggregator:
 
     def add(self, result: Result) -> None:
         what = f"update from {result.site}"
-        if result.payload_format != tensors.FORMAT or result.path is None:
+        if result.payload_format != tensors.FORMAT or not result.has_payload:
             raise PayloadError(f"{what}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}")
-        arrays = tensors.load_file(result.path, what=what)
+        arrays = tensors.decode(result.read(), what=what)
         if self._global is not None:
             tensors.check_layout(arrays, self._mean.layout, what)
             arrays = clip(arrays, self._global, self.clip_norm)

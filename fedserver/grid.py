@@ -10,11 +10,13 @@ sees gRPC. `TaskBoard` is the gRPC-facing implementation: each site's job worker
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,39 @@ class Result:
     metrics: dict[str, float]
     payload_format: str
     path: Path | None
-    """The received payload, spooled to a file in the job folder (None for metrics-only results)."""
+    """The received payload when it was spooled to a file in the job folder."""
     size: int = 0
     received: float = field(default_factory=time.time)
+    data: bytes | None = None
+    """The received payload when it was small enough to stay in memory."""
+
+    @property
+    def has_payload(self) -> bool:
+        return self.path is not None or self.data is not None
+
+    def open(self) -> BinaryIO:
+        """The payload as a readable binary stream, wherever it is."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.path is None:
+            raise ValueError(f"result of {self.task_id} from {self.site} has no payload")
+        return open(self.path, "rb")
+
+    def read(self) -> bytes:
+        with self.open() as stream:
+            return stream.read()
+
+    def discard(self) -> None:
+        """Drop the payload (delete its file)."""
+        self.data = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 def discard(result: Result) -> None:
-    """Drop a result nobody will use, with its spooled payload."""
-    if result.path is not None:
-        result.path.unlink(missing_ok=True)
+    """Drop a result nobody will use, with its payload."""
+    result.discard()
 
 
 @dataclass(frozen=True)

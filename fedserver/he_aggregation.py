@@ -29,10 +29,12 @@ class EncryptedAggregator:
 
     def add(self, result: Result) -> None:
         what = f"update from {result.site}"
-        if result.payload_format != FORMAT or result.path is None:
-            raise PayloadError(f"{what}: expected an encrypted ({FORMAT}) update in an encrypted job, "
-                               f"got {result.payload_format or 'none'}")
-        with open(result.path, "rb") as stream:
+        if result.payload_format != FORMAT or not result.has_payload:
+            raise PayloadError(
+                f"{what}: expected an encrypted ({FORMAT}) update in an encrypted job, "
+                f"got {result.payload_format or 'none'}"
+            )
+        with result.open() as stream:
             self._sum.add(stream, what=what)
 
     def finish(self) -> tuple[bytes, float]:

@@ -20,9 +20,9 @@ from fedgrid import tensors
 from fedgrid.errors import FedgridError, StateError
 from fedgrid.jobspec import JobSpec
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore, results
+from fedserver import jobstore, memory, results
 from fedserver.fedavg import Aggregator, FedAvg, Model, Outcome, PlainAggregator
-from fedserver.grid import Task, TaskBoard
+from fedserver.grid import Result, Task, TaskBoard
 from fedserver.jobstore import JobStore, RoundRecord
 from fedserver.registry import SiteRegistry
 from fedserver.watchers import Watchers
@@ -79,6 +79,9 @@ class JobRun:
         self.tracking = None
         self.layout: tensors.Layout = {}
         self.model_bytes = 0
+        self.package_frames: list[fpb.JobFrame | bytes] | None = None
+        self.task_frames: dict[str, list[fpb.TaskFrame | bytes]] = {}
+        """The frames of the current task, built once and sent to every site."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -147,7 +150,7 @@ class JobRun:
         data = tensors.encode(arrays)
         self.model_bytes = len(data)
         self.log.info("initial model: %d tensors, %.2f MB", len(arrays), len(data) / 1e6)
-        return Model(tensors.FORMAT, data)
+        return Model.of(tensors.FORMAT, data)
 
     async def _deploy(self) -> None:
         """Ask every site to start the job; fail unless at least min_clients did."""
@@ -223,6 +226,7 @@ class JobRun:
         return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
 
     async def _on_round(self, record: RoundRecord) -> None:
+        memory.trim()
         self.ctx.store.add_round(self.job_id, record)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
         self.log.info(
@@ -265,11 +269,13 @@ class JobRun:
         )
         await self.board.ask(task, [site])
         async for item in self.board.results(task, [site], 120.0):
-            if hasattr(item, "path") and item.path is not None:
-                arrays = tensors.load_file(item.path, what=f"{which} model released by {site}")
+            if isinstance(item, Result) and item.has_payload:
+                data = item.read()
+                item.discard()
+                arrays = tensors.decode(data, what=f"{which} model released by {site}")
                 tensors.check_layout(arrays, self.layout, f"{which} model released by {site}")
                 target = self.result_dir / f"{which}_model.safetensors"
-                item.path.replace(target)
+                target.write_bytes(data)
                 self.log.info("%s model decrypted and uploaded by %s", which, site)
                 return target
         raise StateError(f"{site} did not upload the decrypted {which} model")

@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -33,7 +34,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.policy import Caller, JobOwner, Policy
 from fedgrid.serde import JobDetail, JobInfo, RoundInfo
 from fedgrid.settings import ServerSettings
-from fedgrid.transfer import frames, receive_async, split
+from fedgrid.transfer import Assembler, frames, receive_async, split
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore
@@ -424,18 +425,20 @@ class JobRuntime:
             raise StateError(f"{site} is not a site of job {job_id}")
         return run
 
-    def job_package_frames(self, job_id: str, site: str) -> list[fpb.JobFrame]:
+    def job_package_frames(self, job_id: str, site: str) -> list[fpb.JobFrame | bytes]:
+        """The signed job package, chunked once per job and shared by every site that fetches it."""
         run = self._run_for(job_id, site)
-        job_dir = self.store.job_dir(job_id)
-        package = (job_dir / PACKAGE).read_bytes()
-        header = fpb.JobHeader(
-            job_id=job_id,
-            app=run.spec.app_for_site(site) or "",
-            signed_manifest=(job_dir / MANIFEST).read_bytes(),
-            submitter_cert=(job_dir / SUBMITTER_CERT).read_bytes(),
-            size=len(package),
-        )
-        return list(frames(fpb.JobFrame, header, split(package)))
+        if run.package_frames is None:
+            job_dir = self.store.job_dir(job_id)
+            package = (job_dir / PACKAGE).read_bytes()
+            header = fpb.JobHeader(
+                job_id=job_id,
+                signed_manifest=(job_dir / MANIFEST).read_bytes(),
+                submitter_cert=(job_dir / SUBMITTER_CERT).read_bytes(),
+                size=len(package),
+            )
+            run.package_frames = list(frames(fpb.JobFrame, header, (package,)))
+        return run.package_frames
 
     async def site_report(self, site: str, report: fpb.JobReport) -> None:
         run = self.runs.get(report.job_id)
@@ -468,37 +471,35 @@ class JobRuntime:
             run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
             raise StateError(f"task {header.task_id} is no longer open (late result dropped)")
         limit = max(64 << 20, 32 * run.model_bytes)
-        spool = tempfile.NamedTemporaryFile(dir=run.tmp_dir, prefix=f"{site}-", suffix=".part", delete=False)
-        path = Path(spool.name)
+        spool = Spool(run.tmp_dir, prefix=f"{site}-", expected=run.model_bytes if header.payload_format else 0)
+        assembler = Assembler(spool, max_size=limit, what=f"result of {header.task_id} from {site}")
         try:
-            with spool:
-
-                async def rest() -> AsyncIterator[fpb.ResultFrame]:
-                    yield first
-                    async for frame in frames_in:
-                        yield frame
-
-                await receive_async(rest(), spool, max_size=limit, what=f"result of {header.task_id} from {site}")
+            assembler.feed(first)
+            async for frame in frames_in:
+                if frame.WhichOneof("kind") == "data":
+                    # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
+                    await asyncio.to_thread(assembler.feed, frame)
+                else:
+                    assembler.feed(frame)
+            assembler.finish()
         except BaseException as exc:
-            path.unlink(missing_ok=True)
+            spool.discard()
             if isinstance(exc, FedgridError):
                 run.log.warning("%s: result refused: %s", site, exc)
             raise
-        size = path.stat().st_size
+        path, data = spool.payload()
         result = Result(
             site=site,
             task_id=header.task_id,
             num_samples=header.num_samples,
             metrics=dict(header.metrics),
             payload_format=header.payload_format,
-            path=path if size else None,
-            size=size,
+            path=path,
+            size=assembler.size,
+            data=data,
         )
-        if not size:
-            path.unlink(missing_ok=True)
         if not run.board.deliver(result):
-            if result.path is not None:
-                result.path.unlink(missing_ok=True)
+            result.discard()
             run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
             return "late: dropped"
         return "accepted"
@@ -526,6 +527,69 @@ class JobRuntime:
         return run.tracking.site_events(site, events)
 
 
+class Spool:
+    """Where a received payload goes: memory while the server's in-memory budget lasts, else a file
+    created when the first byte arrives. Metrics-only results (evaluations) never touch either.
+
+    The budget is shared by every upload in flight, so the server's memory stays bounded however many
+    sites upload at once; small models (the common case) skip the disk altogether.
+    """
+
+    budget = 64 << 20
+    """Bytes of payloads kept in memory across all uploads in flight."""
+    _in_memory = 0
+
+    def __init__(self, folder: Path, prefix: str, expected: int) -> None:
+        self.folder, self.prefix = folder, prefix
+        self.path: Path | None = None
+        self._file: Any = None
+        self._memory: io.BytesIO | None = None
+        self._reserved = 0
+        if 0 < expected and Spool._in_memory + expected <= Spool.budget:
+            Spool._in_memory += expected
+            self._reserved = expected
+            self._memory = io.BytesIO()
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._memory is not None:
+            if self._memory.tell() + len(data) <= self._reserved:
+                return self._memory.write(data)
+            self._to_file()
+        if self._file is None:
+            self._file = tempfile.NamedTemporaryFile(dir=self.folder, prefix=self.prefix, suffix=".part", delete=False)
+            self.path = Path(self._file.name)
+        return self._file.write(data)
+
+    def _to_file(self) -> None:
+        held = self._memory.getvalue() if self._memory is not None else b""
+        self._release()
+        self._file = tempfile.NamedTemporaryFile(dir=self.folder, prefix=self.prefix, suffix=".part", delete=False)
+        self.path = Path(self._file.name)
+        self._file.write(held)
+
+    def _release(self) -> None:
+        Spool._in_memory -= self._reserved
+        self._reserved = 0
+        self._memory = None
+
+    def payload(self) -> tuple[Path | None, bytes | None]:
+        """(file, None) or (None, bytes) once complete; the memory reservation ends here."""
+        if self._file is not None:
+            self._file.close()
+            return self.path, None
+        data = self._memory.getvalue() if self._memory is not None else None
+        self._release()
+        return None, data or None
+
+    def discard(self) -> None:
+        self._release()
+        if self._file is not None:
+            self._file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 def task_frames(run: JobRun, task: Task, cached_sha256: bytes) -> list[fpb.TaskFrame]:
     """Frames of a task: just the header when the worker already holds the payload."""
     header = fpb.TaskHeader(
@@ -544,10 +608,10 @@ def task_frames(run: JobRun, task: Task, cached_sha256: bytes) -> list[fpb.TaskF
     if cached_sha256 and cached_sha256 == task.sha256:
         header.payload_cached = True
         return list(frames(fpb.TaskFrame, header, ()))
-    cache = run.__dict__.setdefault("_frames", {})
+    cache = run.task_frames
     if task.task_id not in cache:
         cache.clear()
-        cache[task.task_id] = list(frames(fpb.TaskFrame, header, split(task.payload)))
+        cache[task.task_id] = list(frames(fpb.TaskFrame, header, (task.payload,), sha256=task.sha256))
     return cache[task.task_id]
 
 

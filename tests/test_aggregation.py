@@ -77,8 +77,8 @@ async def _site(board: TaskBoard, name: str, tmp: Path, value: float, samples: i
             arrays = {k: np.full(v.shape, value, np.float32) for k, v in LAYOUT_ARRAYS.items()}
             tensors.save_file(arrays, path)
             result = Result(name, task.task_id, samples, {}, tensors.FORMAT, path, path.stat().st_size)
-        if not board.deliver(result) and result.path is not None:
-            result.path.unlink()
+        if not board.deliver(result):
+            result.discard()
 
 
 def _run(tmp: Path, config: ServerConfig, sites: dict[str, tuple[float, int, set[int]]]) -> tuple:
@@ -100,7 +100,7 @@ def _run(tmp: Path, config: ServerConfig, sites: dict[str, tuple[float, int, set
         )
         workers = [asyncio.create_task(_site(board, n, tmp, *args)) for n, args in sites.items()]
         try:
-            outcome = await workflow.run(Model(tensors.FORMAT, tensors.encode(LAYOUT_ARRAYS)))
+            outcome = await workflow.run(Model.of(tensors.FORMAT, tensors.encode(LAYOUT_ARRAYS)))
         finally:
             await board.close()
             await asyncio.gather(*workers, return_exceptions=True)
