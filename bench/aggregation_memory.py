@@ -217,6 +217,10 @@ class DriverSite(threading.Thread):
                     self.meet.upload.wait()
                 with self.meet.one_at_a_time or contextlib.nullcontext():
                     started = time.time()
+                    if header.upload_slot:  # what fedclient.api does: wait for a turn before sending
+                        slot = fpb.UploadSlotRequest(job_id=job_id, task_id=header.task_id)
+                        while not self.stub.UploadSlot(slot, timeout=600).granted:
+                            pass
                     self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, [self.update]), timeout=600)
                     self.meet.uploads.append((started, time.time()))
             else:

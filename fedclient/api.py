@@ -249,6 +249,10 @@ class _Worker:
             metrics=clean,
         )
         try:
+            if task.upload_slot and payload_format:
+                slot = fpb.UploadSlotRequest(job_id=self.job_id, task_id=task.task_id)
+                while not self._retry("upload slot", lambda: self.stub.UploadSlot(slot)).granted:
+                    log.info("waiting for an upload slot for %s", task.task_id)
             self._retry("send", lambda: self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, header, pieces())))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)

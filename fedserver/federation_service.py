@@ -94,6 +94,12 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             yield frame
 
     @rpc
+    async def UploadSlot(
+        self, request: fpb.UploadSlotRequest, context: grpc.aio.ServicerContext, caller: Identity
+    ) -> fpb.UploadSlotReply:
+        return fpb.UploadSlotReply(granted=await self.runtime.upload_slot(caller.name, request))
+
+    @rpc
     async def SubmitResult(
         self, request_iterator: AsyncIterator[fpb.ResultFrame], context: grpc.aio.ServicerContext, caller: Identity
     ) -> common_pb2.Ack:

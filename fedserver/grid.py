@@ -13,7 +13,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +50,8 @@ class Result:
     received: float = field(default_factory=time.time)
     data: bytes | None = None
     """The received payload when it was small enough to stay in memory."""
+    on_discard: Callable[[], None] | None = None
+    """Gives the payload's memory back to the server's budget when the result is dropped."""
 
     @property
     def has_payload(self) -> bool:
@@ -68,8 +70,11 @@ class Result:
             return stream.read()
 
     def discard(self) -> None:
-        """Drop the payload (delete its file)."""
+        """Drop the payload (delete its file, or return its memory to the budget)."""
         self.data = None
+        if self.on_discard is not None:
+            self.on_discard()
+            self.on_discard = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
@@ -203,4 +208,51 @@ class TaskBoard:
         """Wake every waiting worker: the job is over."""
         async with self._changed:
             self.closed = True
+            self._changed.notify_all()
+
+
+class UploadSlots:
+    """A few uploads of large results at a time per job; the other sites wait at their end.
+
+    A slot is granted (`acquire`) before the site sends, held while its upload streams in, and given
+    back at the end. A site that was granted a slot and never starts sending loses it after `lease` s.
+    """
+
+    def __init__(self, count: int, lease: float = 30.0) -> None:
+        self.count = count
+        self.lease = lease
+        self._holders: dict[str, float] = {}
+        self._changed = asyncio.Condition()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for site, until in list(self._holders.items()):
+            if until < now:
+                del self._holders[site]
+
+    def holds(self, site: str) -> bool:
+        self._expire()
+        return site in self._holders
+
+    async def acquire(self, site: str, timeout: float | None) -> bool:
+        """True once `site` holds a slot; False after `timeout` seconds without one."""
+        async with self._changed:
+            def free() -> bool:
+                self._expire()
+                return site in self._holders or len(self._holders) < self.count
+
+            try:
+                await asyncio.wait_for(self._changed.wait_for(free), timeout)
+            except TimeoutError:
+                return False
+            self._holders[site] = time.monotonic() + self.lease
+            return True
+
+    def start(self, site: str) -> None:
+        """The site's upload began: it keeps the slot until `release`."""
+        self._holders[site] = float("inf")
+
+    async def release(self, site: str) -> None:
+        async with self._changed:
+            self._holders.pop(site, None)
             self._changed.notify_all()

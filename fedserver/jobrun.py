@@ -22,7 +22,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory, results
 from fedserver.fedavg import Aggregator, FedAvg, Model, Outcome, PlainAggregator
-from fedserver.grid import Result, Task, TaskBoard
+from fedserver.grid import Result, Task, TaskBoard, UploadSlots
 from fedserver.jobstore import JobStore, RoundRecord
 from fedserver.registry import SiteRegistry
 from fedserver.watchers import Watchers
@@ -31,6 +31,10 @@ START_TIMEOUT = 120.0
 """Seconds a site may take to fetch the job, verify it and start its worker."""
 END_TIMEOUT = 20.0
 """Seconds to wait for the sites' final reports (and logs) after the job ended."""
+UPLOAD_SLOTS = 4
+"""Large uploads a job takes at the same time; more sites wait their turn (bench/aggregation_memory.py)."""
+SLOT_MIN_BYTES = 8 << 20
+"""Updates from this size on need an upload slot; smaller ones are cheaper to take than to schedule."""
 ABORT_TIMEOUT = 6.0
 """Seconds to wait for the sites to confirm an abort (the whole abort stays under 10 s)."""
 
@@ -81,6 +85,9 @@ class JobRun:
         self.model_bytes = 0
         self.package_frames: list[fpb.JobFrame | bytes] | None = None
         self.task_frames: dict[str, list[fpb.TaskFrame | bytes]] = {}
+        self.upload_slots = UploadSlots(UPLOAD_SLOTS)
+        self.slot_bytes = 0
+        """Expected size of an update from which sites must ask for an upload slot first."""
         """The frames of the current task, built once and sent to every site."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +156,8 @@ class JobRun:
         self.layout = tensors.layout_of(arrays)
         data = tensors.encode(arrays)
         self.model_bytes = len(data)
+        expected = self.model_bytes * (8 if self.spec.server.encryption != "none" else 1)
+        self.slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
         self.log.info("initial model: %d tensors, %.2f MB", len(arrays), len(data) / 1e6)
         return Model.of(tensors.FORMAT, data)
 

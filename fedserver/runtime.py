@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -473,8 +473,14 @@ class JobRuntime:
         limit = max(64 << 20, 32 * run.model_bytes)
         spool = Spool(run.tmp_dir, prefix=f"{site}-", expected=run.model_bytes if header.payload_format else 0)
         assembler = Assembler(spool, max_size=limit, what=f"result of {header.task_id} from {site}")
+        slotted = bool(run.slot_bytes) and bool(header.payload_format)
         try:
             assembler.feed(first)
+            if slotted:
+                # Large uploads take turns: the others wait at their sites instead of in the server's memory.
+                if not run.upload_slots.holds(site):
+                    await run.upload_slots.acquire(site, None)
+                run.upload_slots.start(site)
             async for frame in frames_in:
                 if frame.WhichOneof("kind") == "data":
                     # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
@@ -487,7 +493,10 @@ class JobRuntime:
             if isinstance(exc, FedgridError):
                 run.log.warning("%s: result refused: %s", site, exc)
             raise
-        path, data = spool.payload()
+        finally:
+            if slotted:
+                await run.upload_slots.release(site)
+        path, data, release = spool.payload()
         result = Result(
             site=site,
             task_id=header.task_id,
@@ -497,12 +506,20 @@ class JobRuntime:
             path=path,
             size=assembler.size,
             data=data,
+            on_discard=release,
         )
         if not run.board.deliver(result):
             result.discard()
             run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
             return "late: dropped"
         return "accepted"
+
+    async def upload_slot(self, site: str, request: fpb.UploadSlotRequest) -> bool:
+        """Grant `site` a turn to upload its result of `task_id`; False if none freed up in time."""
+        run = self._run_for(request.job_id, site)
+        if not run.board.accepts(site, request.task_id):
+            raise StateError(f"task {request.task_id} is no longer open (late result dropped)")
+        return await run.upload_slots.acquire(site, LONG_POLL)
 
     def receive_events(self, site: str, batch: fpb.EventBatch) -> str:
         run = self._run_for(batch.job_id, site)
@@ -572,14 +589,17 @@ class Spool:
         self._reserved = 0
         self._memory = None
 
-    def payload(self) -> tuple[Path | None, bytes | None]:
-        """(file, None) or (None, bytes) once complete; the memory reservation ends here."""
+    def payload(self) -> tuple[Path | None, bytes | None, Callable[[], None] | None]:
+        """(file, None, None) or (None, bytes, release) once complete. An in-memory payload keeps its
+        share of the budget until `release` is called (by `Result.discard`, once it has been folded)."""
         if self._file is not None:
             self._file.close()
-            return self.path, None
-        data = self._memory.getvalue() if self._memory is not None else None
-        self._release()
-        return None, data or None
+            return self.path, None, None
+        if self._memory is None:
+            return None, None, None
+        data = self._memory.getvalue()
+        self._memory = None
+        return None, data or None, self._release
 
     def discard(self) -> None:
         self._release()
@@ -602,6 +622,7 @@ def task_frames(run: JobRun, task: Task, cached_sha256: bytes) -> list[fpb.TaskF
         payload_sha256=task.sha256,
         payload_size=len(task.payload),
         total_weight=task.total_weight,
+        upload_slot=bool(run.slot_bytes) and task.kind in ("train", "release"),
     )
     if not task.payload:
         return list(frames(fpb.TaskFrame, header, ()))

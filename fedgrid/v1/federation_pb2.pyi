@@ -142,7 +142,7 @@ class TaskFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason")
+    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason", "upload_slot")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class TaskHeader(_message.Message):
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     task_id: str
     kind: str
@@ -165,7 +166,22 @@ class TaskHeader(_message.Message):
     payload_size: int
     total_weight: float
     reason: str
-    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    upload_slot: bool
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ..., upload_slot: _Optional[bool] = ...) -> None: ...
+
+class UploadSlotRequest(_message.Message):
+    __slots__ = ("job_id", "task_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    task_id: str
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class UploadSlotReply(_message.Message):
+    __slots__ = ("granted",)
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    def __init__(self, granted: _Optional[bool] = ...) -> None: ...
 
 class ResultFrame(_message.Message):
     __slots__ = ("header", "data", "trailer")

@@ -65,6 +65,11 @@ class FederationStub:
                 request_serializer=fedgrid_dot_v1_dot_federation__pb2.TaskRequest.SerializeToString,
                 response_deserializer=fedgrid_dot_v1_dot_federation__pb2.TaskFrame.FromString,
                 _registered_method=True)
+        self.UploadSlot = channel.unary_unary(
+                '/fedgrid.v1.Federation/UploadSlot',
+                request_serializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.SerializeToString,
+                response_deserializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.FromString,
+                _registered_method=True)
         self.SubmitResult = channel.stream_unary(
                 '/fedgrid.v1.Federation/SubmitResult',
                 request_serializer=fedgrid_dot_v1_dot_federation__pb2.ResultFrame.SerializeToString,
@@ -121,6 +126,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSlot(self, request, context):
+        """Job worker: wait for a turn to upload a large result (TaskHeader.upload_slot), answered as soon as
+        one of the job's upload slots is free, so that many sites answering at once queue at their end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitResult(self, request_iterator, context):
         """Job worker: the result of a task (weights or ciphertexts, sample count, metrics).
         """
@@ -167,6 +180,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=fedgrid_dot_v1_dot_federation__pb2.TaskRequest.FromString,
                     response_serializer=fedgrid_dot_v1_dot_federation__pb2.TaskFrame.SerializeToString,
+            ),
+            'UploadSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadSlot,
+                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.FromString,
+                    response_serializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.SerializeToString,
             ),
             'SubmitResult': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitResult,
@@ -341,6 +359,33 @@ class Federation:
             '/fedgrid.v1.Federation/GetTask',
             fedgrid_dot_v1_dot_federation__pb2.TaskRequest.SerializeToString,
             fedgrid_dot_v1_dot_federation__pb2.TaskFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrid.v1.Federation/UploadSlot',
+            fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.SerializeToString,
+            fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.FromString,
             options,
             channel_credentials,
             insecure,
