@@ -310,8 +310,6 @@ class JobRun:
         for site in active:
             if not self._ended[site].done():
                 self._set_state(site, "no final report")
-        if self.tracking is not None:
-            await asyncio.to_thread(self._close_tracking)
 
     # ------------------------------------------------------------------ site events
 
@@ -373,17 +371,22 @@ class JobRun:
         )
         self.tracking.start()
 
-    def _close_tracking(self) -> None:
+    def _close_tracking(self, status: str = jobstore.COMPLETED) -> None:
         for name in ("final_model.safetensors", "metrics.json", "metrics.csv"):
             path = self.result_dir / name
             if path.exists():
                 self.tracking.add_artifact(path)
-        self.tracking.close(timeout=10.0)
+        mlflow_status = {jobstore.COMPLETED: "FINISHED", jobstore.ABORTED: "KILLED"}.get(status, "FAILED")
+        report = self.tracking.close(timeout=10.0, status=mlflow_status)
+        self.log.info("tracking: %s", report.as_dict())
 
     def _write_result(self, status: str, error: str, outcome: Outcome) -> None:
+        """Metrics files and plot, then tracking (they are its artifacts), then the summary and the log."""
         rounds = self.ctx.store.rounds(self.job_id)
         results.write_metrics(self.result_dir, rounds)
         results.plot_metrics(self.result_dir, rounds, title=f"{self.spec.name} ({self.job_id[:8]})")
+        if self.tracking is not None:
+            self._close_tracking(status)
         summary = self._summary(status, error, outcome)
         (self.result_dir / "result.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         for handler in self.log.handlers:

@@ -97,6 +97,8 @@ class JobRuntime:
         self.runs: dict[str, JobRun] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._late: dict[str, asyncio.Task[None]] = {}
+        """Tracking deliveries still pending after their job ended (the tracking server was down)."""
         self._ctx = RunContext(
             store=store,
             registry=registry,
@@ -113,11 +115,15 @@ class JobRuntime:
         for job_id in self.store.fail_interrupted():
             log.warning("job %s was running when the server stopped; marked %s", job_id, jobstore.FAILED)
         self._loop_task = asyncio.create_task(self._scheduler(), name="scheduler")
+        for record in self.store.list(include_finished=True):
+            if record.finished and record.result.get("tracking", {}).get("complete") is False:
+                self._deliver_later(record.job_id)
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in [self._loop_task, *self._late.values()]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(
             *(run.abort("the server is shutting down") for run in list(self.runs.values())), return_exceptions=True
         )
@@ -166,8 +172,43 @@ class JobRuntime:
             task.add_done_callback(lambda _t, job_id=record.job_id: self._run_ended(job_id))
 
     def _run_ended(self, job_id: str) -> None:
-        self.runs.pop(job_id, None)
+        run = self.runs.pop(job_id, None)
         self._wake.set()
+        if run is not None and run.tracking is not None and not run.tracking.report.complete:
+            self._deliver_later(job_id)
+
+    def _deliver_later(self, job_id: str) -> None:
+        if job_id not in self._late and self._ctx.tracking_factory is not None:
+            self._late[job_id] = asyncio.create_task(self._late_delivery(job_id), name=f"tracking-{job_id}")
+
+    async def _late_delivery(self, job_id: str, first_delay: float = 15.0) -> None:
+        """Retry the delivery of a finished job's pending tracking events until they are all delivered."""
+        delay = first_delay
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    record = self.store.get(job_id)
+                except NotFoundError:
+                    return
+                tracking = self._ctx.tracking_factory(  # type: ignore[misc]
+                    job_id=job_id, spec=self._spec(job_id), job_dir=self.store.job_dir(job_id), sites=record.sites
+                )
+                status = {jobstore.COMPLETED: "FINISHED", jobstore.ABORTED: "KILLED"}.get(record.status, "FAILED")
+                report = (await asyncio.to_thread(tracking.close, 30.0, status=status)).as_dict()
+                self.store.update(job_id, result={**record.result, "tracking": report})
+                result_file = self.store.job_dir(job_id) / "result" / "result.json"
+                if result_file.exists():
+                    summary = json.loads(result_file.read_text())
+                    result_file.write_text(json.dumps({**summary, "tracking": report}, indent=2))
+                if report.get("complete"):
+                    log.info("job %s: the pending tracking events are delivered now", job_id)
+                    return
+                delay = min(delay * 2, 600.0)
+        except FedgridError as exc:
+            log.warning("job %s: tracking delivery given up: %s", job_id, exc)
+        finally:
+            self._late.pop(job_id, None)
 
     def _startable_sites(self, spec: JobSpec) -> list[str] | None:
         alive = {s.name for s in self.registry.alive() if s.stream_open}
