@@ -118,8 +118,9 @@ class JobRun:
             initial = self._initial_model()
             self._start_tracking()
             workflow = asyncio.create_task(self._workflow(initial))
-            done, _ = await asyncio.wait({workflow, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
-            if self._fatal in done and not workflow.done():
+            await asyncio.wait({workflow, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
+            if self._fatal.done():
+                # A site's crash is the cause, whatever the workflow made of that site leaving.
                 workflow.cancel()
                 await asyncio.gather(workflow, return_exceptions=True)
                 raise StateError(self._fatal.result())
@@ -329,13 +330,13 @@ class JobRun:
             self._set_state(site, f"{state}: {reason}")
             _resolve(self._started.get(site), f"{state}: {reason}")
             _resolve(self._ended.get(site), state)
-            self.board.site_gone(site, f"{state}: {reason}")
             if state == "failed":
                 # A crash in the training script fails the job: the traceback goes to the job's log.
                 self.log.error("%s: the job's worker failed:\n%s", site, error.strip() or "(no detail)")
                 _resolve(self._fatal, f"{site}: {reason}")
             else:
                 self.log.warning("%s refused the job: %s", site, reason)
+            self.board.site_gone(site, f"{state}: {reason}")
             return
         self._set_state(site, state)
         _resolve(self._started.get(site), state)
