@@ -62,7 +62,10 @@ def plot(curves: dict[str, dict[str, list[tuple[int, float]]]], job_id: str, met
             global_ax.plot(*zip(*points, strict=True), marker="o", linewidth=2, label=f"global: {key}")
     sites_ax.set(title="per site", xlabel="site step", ylabel=metric)
     global_ax.set(title="global model", xlabel="round")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (sites_ax, global_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")

@@ -39,6 +39,7 @@ def plot_metrics(result_dir: Path, rounds: list[RoundRecord], title: str) -> Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted({k for r in rounds for k in r.metrics})
     accuracy = [n for n in names if "acc" in n.lower()]
@@ -50,6 +51,7 @@ def plot_metrics(result_dir: Path, rounds: list[RoundRecord], title: str) -> Pat
             points = [(r.round, r.metrics[name]) for r in rounds if name in r.metrics]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         if group:
