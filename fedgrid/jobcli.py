@@ -93,6 +93,41 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return root.resolve()
 
 
+TRAIN_SCRIPT = REPO / "jobs" / "fedavg_fashion_mnist" / "train.py"
+
+
+def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object) -> FedAvgRecipe:
+    """The FedAvg recipe of the example jobs: the shared train.py on this split, with `args`' settings."""
+    from fedgrid.models import build_model
+
+    data_root = ensure_data(args)
+    train_args = [
+        "--data_root",
+        str(data_root),
+        "--model",
+        args.model,
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--batch_size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+    ]
+    return FedAvgRecipe(
+        name=name,
+        model=build_model(args.model),
+        train_script=TRAIN_SCRIPT,
+        train_args=train_args,
+        num_rounds=args.num_rounds,
+        min_clients=args.n_clients,
+        round_timeout=args.round_timeout,
+        seed=args.seed,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def format_round(r: RoundInfo, total: int) -> str:
     acc = r.metrics.get("accuracy")
     loss = r.metrics.get("loss")

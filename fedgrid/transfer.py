@@ -18,7 +18,7 @@ from fedgrid.v1 import common_pb2
 from fedgrid.wire import encode_data
 
 CHUNK_SIZE = 1 << 20
-"""Bytes per data frame: what one stream holds in flight at each end (bench/aggregation_memory.py, bench/transfer.py)."""
+"""Bytes per data frame: what one stream holds in flight at each end (bench/aggregation_memory.py)."""
 
 MAX_MESSAGE_BYTES = 8 << 20
 """gRPC message limit set on every channel and server: comfortably above one chunk plus headers."""

@@ -7,12 +7,13 @@ stops each daemon it started with the kit's `stop.sh` (by the PID in the kit) wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,14 @@ class Federation:
     def close(self) -> None:
         for kit in reversed(list(self.running)):
             self.stop(kit)
+
+
+@contextlib.contextmanager
+def running(project: ProvisionedProject, sites: Iterable[Path] | None = None) -> Iterator[Federation]:
+    """The project's server and sites (all, or `sites`) running for the duration of a with-block."""
+    federation = Federation(project)
+    try:
+        federation.start_all(sites)
+        yield federation
+    finally:
+        federation.close()

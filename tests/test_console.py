@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ProvisionedProject, provision_project
-from federation import ENV, Federation
+from federation import ENV, Federation, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,12 +22,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    fed = Federation(project)
-    try:
-        fed.start_all()
+    with running(project) as fed:
         yield fed
-    finally:
-        fed.close()
 
 
 def console(kit: Path, *commands: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ProvisionedProject, provision_project
-from federation import Federation
+from federation import Federation, running
 
 from fedgrid.data import prepare
 from fedgrid.models import build_model
@@ -26,12 +26,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Federation, ProvisionedProject]]:
     project = provision_project(tmp_path_factory.mktemp("fmnist"), n_sites=2)
-    fed = Federation(project)
-    try:
-        fed.start_all()
+    with running(project) as fed:
         yield fed, project
-    finally:
-        fed.close()
 
 
 def test_two_rounds_on_real_fashion_mnist(federation: tuple[Federation, ProvisionedProject], tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from conftest import ProvisionedProject, provision_project
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from federation import ENV, Federation, log_text, set_local, wait_until
+from federation import ENV, Federation, log_text, running, set_local, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedgrid.certs import Identity
@@ -45,12 +45,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    fed = Federation(project)
-    try:
-        fed.start_all(project.sites[:2])
+    with running(project, project.sites[:2]) as fed:
         yield fed
-    finally:
-        fed.close()
 
 
 def pem(key: object) -> bytes:

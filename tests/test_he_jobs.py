@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
-from federation import Federation, set_local, wait_until
+from federation import Federation, running, set_local, wait_until
 from rogue import RogueSite
 
 from fedgrid import he, jobspec, tensors
@@ -38,12 +38,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    fed = Federation(project)
-    try:
-        fed.start_all(project.sites[:2])
+    with running(project, project.sites[:2]) as fed:
         yield fed
-    finally:
-        fed.close()
 
 
 def context(kit: Path, secret: bool) -> he.HEContext:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
-from federation import Federation, log_text, set_local, wait_until
+from federation import Federation, log_text, running, set_local, wait_until
 
 from fedgrid import jobspec
-from fedgrid.errors import AuthorizationError, JobSpecError, NotFoundError, StateError, TamperedError
+from fedgrid.errors import AuthorizationError, JobSpecError, NotFoundError, StateError, TamperedError, TransferError
 from fedgrid.recipe import FedAvgRecipe
 from fedgrid.serde import JobInfo, RoundInfo
 from fedgrid.session import Session
@@ -42,12 +42,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    fed = Federation(project)
-    try:
-        fed.start_all()
+    with running(project) as fed:
         yield fed
-    finally:
-        fed.close()
 
 
 def admin(project: ProvisionedProject, name: str) -> Session:
@@ -307,16 +303,12 @@ def test_malicious_uploads_are_refused_and_nothing_is_stored(
 def test_oversized_upload_is_refused(project: ProvisionedProject, tmp_path: Path) -> None:
     small = provision_project(tmp_path / "small", n_sites=1)
     set_local(small.server, "server.json", max_upload_mb=1.0)
-    fed = Federation(small)
-    try:
-        fed.start_all()
+    with running(small) as fed:
         folder = _job_folder(tmp_path)
-        (folder / "app" / "custom" / "big.bin").write_bytes(__import__("os").urandom(2 << 20))
-        with fed.session() as session, pytest.raises(Exception, match="more than the allowed 1.0 MB"):
+        (folder / "app" / "custom" / "big.bin").write_bytes(os.urandom(2 << 20))
+        with fed.session() as session, pytest.raises(TransferError, match="more than the allowed 1.0 MB"):
             session.submit_job(folder)
         assert not list((small.server / "workspace" / "jobs").iterdir())
-    finally:
-        fed.close()
 
 
 # ----------------------------------------------------------------------------- site policy and restarts

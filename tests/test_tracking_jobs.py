@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
-from federation import Federation, wait_until
+from federation import Federation, running, wait_until
 from test_tracking import MlflowServer, client_for
 
 from fedgrid.recipe import FedAvgRecipe
@@ -36,12 +36,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    fed = Federation(project)
-    try:
-        fed.start_all()
+    with running(project) as fed:
         yield fed
-    finally:
-        fed.close()
 
 
 def tracked(name: str, tracking_uri: str = "", step_seconds: float = 0.0, tensorboard: bool = False) -> FedAvgRecipe:

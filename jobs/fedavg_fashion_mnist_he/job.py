@@ -11,13 +11,8 @@ so that the result folder holds them; the server never decrypts anything.
 """
 
 import argparse
-from pathlib import Path
 
-from fedgrid.jobcli import add_common_args, ensure_data, main_guard, run_recipe
-from fedgrid.models import build_model
-from fedgrid.recipe import FedAvgRecipe
-
-TRAIN = Path(__file__).resolve().parent.parent / "fedavg_fashion_mnist" / "train.py"
+from fedgrid.jobcli import add_common_args, fashion_mnist_recipe, main_guard, run_recipe
 
 
 def main() -> int:
@@ -25,32 +20,7 @@ def main() -> int:
     add_common_args(parser)
     parser.add_argument("--release_site", default="", help="site that uploads the decrypted final model")
     args = parser.parse_args()
-    data_root = ensure_data(args)
-    recipe = FedAvgRecipe(
-        name="fedavg_fashion_mnist_he",
-        model=build_model(args.model),
-        train_script=TRAIN,
-        train_args=[
-            "--data_root",
-            str(data_root),
-            "--model",
-            args.model,
-            "--epochs",
-            str(args.epochs),
-            "--lr",
-            str(args.lr),
-            "--batch_size",
-            str(args.batch_size),
-            "--seed",
-            str(args.seed),
-        ],
-        num_rounds=args.num_rounds,
-        min_clients=args.n_clients,
-        round_timeout=args.round_timeout,
-        seed=args.seed,
-        encryption=True,
-        release_site=args.release_site,
-    )
+    recipe = fashion_mnist_recipe("fedavg_fashion_mnist_he", args, encryption=True, release_site=args.release_site)
     return run_recipe(recipe, args)
 
 

@@ -11,13 +11,8 @@ Without --tracking_uri the server writes to its own MLflow store (SQLite in its 
 """
 
 import argparse
-from pathlib import Path
 
-from fedgrid.jobcli import add_common_args, ensure_data, main_guard, run_recipe
-from fedgrid.models import build_model
-from fedgrid.recipe import FedAvgRecipe
-
-TRAIN = Path(__file__).resolve().parent.parent / "fedavg_fashion_mnist" / "train.py"
+from fedgrid.jobcli import add_common_args, fashion_mnist_recipe, main_guard, run_recipe
 
 
 def main() -> int:
@@ -27,20 +22,7 @@ def main() -> int:
     parser.add_argument("--experiment_name", default="", help="MLflow experiment (default: the job name)")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard files into the result")
     args = parser.parse_args()
-    data_root = ensure_data(args)
-    recipe = FedAvgRecipe(
-        name="fedavg_fashion_mnist_mlflow",
-        model=build_model(args.model),
-        train_script=TRAIN,
-        train_args=[
-            "--data_root", str(data_root), "--model", args.model, "--epochs", str(args.epochs),
-            "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--seed", str(args.seed),
-        ],
-        num_rounds=args.num_rounds,
-        min_clients=args.n_clients,
-        round_timeout=args.round_timeout,
-        seed=args.seed,
-    )
+    recipe = fashion_mnist_recipe("fedavg_fashion_mnist_mlflow", args)
     recipe.add_experiment_tracking("mlflow", tracking_uri=args.tracking_uri, experiment_name=args.experiment_name)
     if args.tensorboard:
         recipe.add_experiment_tracking("tensorboard")
