@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import socket
 import subprocess
@@ -41,16 +40,29 @@ def serve(kit_dir: str, port: int, mb: int) -> None:
     payload = os.urandom(mb << 20)
 
     def up(frames: Iterator[admin_pb2.UploadFrame], context: grpc.ServicerContext) -> common_pb2.Ack:
-        sink = io.BytesIO()
-        transfer.receive(frames, sink, max_size=(mb + 1) << 20, what="upload")
-        return common_pb2.Ack(message=hashlib.sha256(sink.getbuffer()).hexdigest())
+        assembler = transfer.Assembler(transfer.Chunks(), max_size=(mb + 1) << 20, what="upload")
+        for frame in frames:
+            assembler.feed(frame)
+        assembler.finish()  # size and SHA-256 checked against the trailer
+        return common_pb2.Ack(message=assembler.sha256.hex())
 
     def down(request: admin_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[admin_pb2.DownloadFrame]:
         yield from transfer.frames(
             admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(payload)), transfer.split(payload)
         )
 
+    def raw_up(chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return str(sum(len(c) for c in chunks)).encode()
+
+    def raw_down(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        view = memoryview(payload)
+        for start in range(0, len(payload), transfer.CHUNK_SIZE):
+            yield bytes(view[start : start + transfer.CHUNK_SIZE])
+
+    same = lambda data: data  # noqa: E731 - raw bytes in and out: gRPC and TLS alone
     handlers = {
+        "RawUp": grpc.stream_unary_rpc_method_handler(raw_up, request_deserializer=same, response_serializer=same),
+        "RawDown": grpc.unary_stream_rpc_method_handler(raw_down, request_deserializer=same, response_serializer=same),
         "Up": grpc.stream_unary_rpc_method_handler(
             up,
             request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
@@ -147,7 +159,14 @@ def main() -> int:
                     response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
                 )
                 expected = hashlib.sha256(payload).hexdigest()
-                up_times, down_times = [], []
+                same = lambda data: data  # noqa: E731
+                raw_up = channel.stream_unary(
+                    "/bench.Transfer/RawUp", request_serializer=same, response_deserializer=same
+                )
+                raw_down = channel.unary_stream(
+                    "/bench.Transfer/RawDown", request_serializer=same, response_deserializer=same
+                )
+                up_times, down_times, raw_up_times, raw_down_times = [], [], [], []
                 for _ in range(args.repeat):
                     start = time.perf_counter()
                     ack = up(
@@ -159,9 +178,15 @@ def main() -> int:
                     up_times.append(time.perf_counter() - start)
                     assert ack.message == expected, "upload arrived damaged"
                     start = time.perf_counter()
-                    sink = io.BytesIO()
+                    sink = transfer.Chunks()
                     transfer.receive(down(admin_pb2.JobRequest(), timeout=300), sink, max_size=size, what="download")
                     down_times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    raw_up((bytes(c) for c in transfer.split(payload)), timeout=300)
+                    raw_up_times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    sum(len(c) for c in raw_down(b"", timeout=300))
+                    raw_down_times.append(time.perf_counter() - start)
         finally:
             server.terminate()
             server.wait(10)
@@ -176,6 +201,11 @@ def main() -> int:
     print(
         f"  fedgrid download (mTLS + chunks + SHA-256): {rate(min(down_times)):8.0f} MB/s   "
         f"ratio {plain / min(down_times):.2f}"
+    )
+    print(
+        f"  for scale, gRPC + TLS alone (1 MB messages, no framing, no digest): up {rate(min(raw_up_times)):.0f} MB/s"
+        f" (ratio {plain / min(raw_up_times):.2f}), down {rate(min(raw_down_times)):.0f} MB/s"
+        f" (ratio {plain / min(raw_down_times):.2f})"
     )
     return 0
 

@@ -24,7 +24,6 @@ Tensors leave the process as safetensors (or ciphertexts), never as pickle.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -153,7 +152,7 @@ class _Worker:
 
     def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
         request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
-        buffer = io.BytesIO()
+        buffer = transfer.Chunks()
         assembler = transfer.Assembler(buffer, max_size=1 << 34, what="task")
         for frame in self.stub.GetTask(request):
             assembler.feed(frame)

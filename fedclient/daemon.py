@@ -9,7 +9,6 @@ process; it reports how the worker ended, with its log if the site shares logs.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from fedgrid.grpc_errors import error_from_rpc
 from fedgrid.kit import Kit
 from fedgrid.settings import SiteSettings
 from fedgrid.tls import secure_channel
-from fedgrid.transfer import receive
+from fedgrid.transfer import Chunks, receive
 from fedgrid.v1 import federation_pb2 as fpb
 
 log = logging.getLogger("fedclient")
@@ -265,7 +264,7 @@ class SiteDaemon:
 
     def _prepare(self, job: JobProcess, command: fpb.StartJob) -> int:
         """Fetch, verify and unpack the job; returns the worker's torch thread count."""
-        buffer = io.BytesIO()
+        buffer = Chunks()
         header = receive(
             self.stub.FetchJob(fpb.FetchJobRequest(job_id=job.job_id)),
             buffer,

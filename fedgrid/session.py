@@ -43,7 +43,7 @@ from fedgrid.serde import (
 )
 from fedgrid.settings import ADMIN_SETTINGS_FILE, AdminSettings, load_settings
 from fedgrid.tls import secure_channel
-from fedgrid.transfer import frames, receive, split
+from fedgrid.transfer import Chunks, frames, receive, split
 from fedgrid.v1 import admin_pb2 as apb
 
 T = TypeVar("T")
@@ -144,7 +144,7 @@ class Session:
 
         Default destination: the admin kit's download folder (`local/admin.json`), one folder per job id.
         """
-        buffer = io.BytesIO()
+        buffer = Chunks()
         header = self._call(
             lambda: receive(
                 self.stub.DownloadJob(apb.JobRequest(job_id=job_id), timeout=max(self.timeout, 600)),

@@ -68,6 +68,28 @@ def frames(
     yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
 
 
+class Chunks:
+    """An in-memory sink that keeps the received chunks as they are and joins them once at the end:
+    one copy of the payload instead of a growing buffer's several."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | memoryview] = []
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._parts.append(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def getvalue(self) -> bytes:
+        value = b"".join(self._parts)
+        self._parts = [value]
+        return value
+
+
 class Assembler:
     """Checks a stream of frames and writes the data to a sink.
 

@@ -34,7 +34,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.policy import Caller, JobOwner, Policy
 from fedgrid.serde import JobDetail, JobInfo, RoundInfo
 from fedgrid.settings import ServerSettings
-from fedgrid.transfer import Assembler, frames, receive_async, split
+from fedgrid.transfer import Assembler, Chunks, frames, receive_async, split
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore
@@ -242,7 +242,7 @@ class JobRuntime:
         """Receive, verify and store a signed job upload; nothing is kept if any check fails."""
         self.policy.check(self._caller(identity), "submit_job")
         limit = int(self.settings.max_upload_mb * 1e6)
-        buffer = io.BytesIO()
+        buffer = Chunks()
         header = await receive_async(frames_in, buffer, max_size=limit, what="job upload")
         job_id = self.store.new_id()
         staged = self.store.incoming_dir(job_id)
@@ -601,12 +601,12 @@ class Spool:
         self.folder, self.prefix = folder, prefix
         self.path: Path | None = None
         self._file: Any = None
-        self._memory: io.BytesIO | None = None
+        self._memory: Chunks | None = None
         self._reserved = 0
         if 0 < expected and Spool._in_memory + expected <= Spool.budget:
             Spool._in_memory += expected
             self._reserved = expected
-            self._memory = io.BytesIO()
+            self._memory = Chunks()
 
     def write(self, data: bytes | memoryview) -> int:
         if self._memory is not None:

@@ -15,7 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("name", ["round_overhead.py", "aggregation_memory.py", "centralized_vs_federated.py"])
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCH.glob("*.py")))
 def test_benchmark_prints_its_help(name: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / name), "--help"], capture_output=True, text=True, timeout=60)
 
