@@ -74,6 +74,15 @@ class FLModel:
         return self.kind == "evaluate"
 
 
+@dataclass(frozen=True)
+class Pending:
+    """The task the script holds: what its send() answers."""
+
+    task_id: str
+    kind: str
+    upload_slot: bool = False
+
+
 class _Worker:
     """The connection of one job worker to the server, made once by `init()`."""
 
@@ -94,7 +103,8 @@ class _Worker:
                 raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
             self.he = he.HEContext.load(kit.he.context_path.read_bytes(), expect_secret_key=True)
         self.running = True
-        self.task: fpb.TaskHeader | None = None
+        self.task: Pending | None = None
+        self.next_train: fpb.TaskHeader | None = None
         self.last_task_id = ""
         self.cached_sha256 = b""
         self.cached_arrays: dict[str, np.ndarray] = {}
@@ -120,6 +130,14 @@ class _Worker:
                 delay = min(delay * 2, 10.0)
 
     def receive(self) -> FLModel | None:
+        if self.task is not None:
+            # The script moved on without answering: answer for it, so the server does not wait.
+            log.warning("the training script did not answer %s; answering it with no result", self.task.task_id)
+            self._answer(self.task, {}, 0.0, {})
+        if self.next_train is not None:
+            # Second half of a training task that brought an evaluation first: same model, no network.
+            header, self.next_train = self.next_train, None
+            return self._hand_out(header, header.task_id, header.kind, header.round)
         while self.running:
             header, payload = self._retry("receive", self._get_task)
             if header.kind == "idle":
@@ -140,15 +158,22 @@ class _Worker:
                 continue
             if header.payload_format == "ckks":
                 self.decrypted.add(header.payload_sha256)
-            self.task = header
-            return FLModel(
-                params={name: torch.from_numpy(array.copy()) for name, array in arrays.items()},
-                current_round=header.round,
-                total_rounds=header.total_rounds,
-                kind=header.kind,
-                job_id=self.job_id,
-            )
+            if header.kind == "train" and header.evaluate_task_id:
+                self.next_train = header
+                return self._hand_out(header, header.evaluate_task_id, "evaluate", header.evaluate_round)
+            return self._hand_out(header, header.task_id, header.kind, header.round)
         return None
+
+    def _hand_out(self, header: fpb.TaskHeader, task_id: str, kind: str, round_no: int) -> FLModel:
+        """The current model as the script's task (a fresh copy: the cache stays as received)."""
+        self.task = Pending(task_id=task_id, kind=kind, upload_slot=header.upload_slot and kind != "evaluate")
+        return FLModel(
+            params={name: torch.from_numpy(array.copy()) for name, array in self.cached_arrays.items()},
+            current_round=round_no,
+            total_rounds=header.total_rounds,
+            kind=kind,
+            job_id=self.job_id,
+        )
 
     def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
         request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
@@ -193,12 +218,17 @@ class _Worker:
         if self.task is None:
             raise StateError("send() without a task: call receive() first")
         arrays = _to_numpy(params) if params is not None else {}
-        header, self.task = self.task, None
-        self._send(header, arrays, num_samples, metrics, plaintext=False)
+        self._answer(self.task, arrays, num_samples, metrics)
+
+    def _answer(
+        self, task: Pending, arrays: dict[str, np.ndarray], num_samples: float, metrics: Mapping[str, float]
+    ) -> None:
+        self.task = None
+        self._send(task, arrays, num_samples, metrics, plaintext=False)
 
     def _send(
         self,
-        task: fpb.TaskHeader,
+        task: Pending | fpb.TaskHeader,
         arrays: dict[str, np.ndarray],
         num_samples: float,
         metrics: Mapping[str, float],

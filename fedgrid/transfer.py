@@ -33,6 +33,14 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+SERVER_OPTIONS = [
+    *GRPC_OPTIONS,
+    # Let clients keep idle long polls and watch streams alive with the pings above (gRPC's default
+    # policy answers a ping more often than every 5 minutes with GOAWAY "too_many_pings").
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
 F = TypeVar("F")
 
 

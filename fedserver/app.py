@@ -16,7 +16,7 @@ from fedgrid.kit import Kit
 from fedgrid.policy import POLICY_FILE, Policy
 from fedgrid.settings import SERVER_SETTINGS_FILE, ServerSettings, load_settings
 from fedgrid.tls import server_credentials
-from fedgrid.transfer import GRPC_OPTIONS
+from fedgrid.transfer import SERVER_OPTIONS
 from fedgrid.v1 import admin_pb2, federation_pb2
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService
@@ -90,7 +90,7 @@ class ServerApp:
         health_servicer = health.aio.HealthServicer()
         for service in ("", *SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        federation = grpc.aio.server(options=GRPC_OPTIONS)
+        federation = grpc.aio.server(options=SERVER_OPTIONS)
         wire.add_servicer(
             federation,
             FederationService(
@@ -99,7 +99,7 @@ class ServerApp:
             federation_pb2.DESCRIPTOR.services_by_name["Federation"],
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, federation)
-        admin = grpc.aio.server(options=GRPC_OPTIONS)
+        admin = grpc.aio.server(options=SERVER_OPTIONS)
         wire.add_servicer(
             admin,
             AdminService(

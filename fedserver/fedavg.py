@@ -53,6 +53,9 @@ class Aggregator(Protocol):
 @dataclass
 class Outcome:
     rounds: list[RoundRecord] = field(default_factory=list)
+    evaluated: list[Model] = field(default_factory=list)
+    """The models whose evaluation was recorded, in order: the last is the final model."""
+    best: Model | None = None
     stopped_early: str = ""
     best_round: int = 0
     best_value: float | None = None
@@ -74,6 +77,19 @@ class Model:
     def of(cls, payload_format: str, data: bytes, total_weight: float = 0.0) -> Model:
         """A model with its digest, computed once here (call it off the event loop for large models)."""
         return cls(payload_format, data, total_weight, hashlib.sha256(data).digest())
+
+
+@dataclass
+class Finished:
+    """A round whose model is aggregated and waits for its evaluation (which rides on the next round)."""
+
+    round: int
+    model: Model
+    started: float
+    asked: int
+    answered: int
+    moved: int
+    recorded: bool = False
 
 
 class FedAvg:
@@ -118,13 +134,20 @@ class FedAvg:
         return sorted(self.rng.sample(active, min(count, len(active))))
 
     async def run(self, initial: Model) -> Outcome:
+        """Rounds until `num_rounds` or the target metric; returns what the job produced.
+
+        The evaluation of round r's model rides on round r+1's training task (each site scores the model
+        it receives, answers, then trains on it), so a round costs one exchange, not two; sites not
+        chosen to train that round get the evaluation alone. The last model is evaluated on its own.
+        """
         outcome = Outcome()
-        model = initial
-        best_model: Model | None = None
         cfg = self.config
+        model = initial
+        previous: Finished | None = None
         for round_no in range(1, cfg.num_rounds + 1):
             started = time.monotonic()
             sites = self.choose_sites(round_no)
+            evaluation = self._evaluation_task(previous) if previous is not None else None
             train = Task(
                 task_id=f"round-{round_no}-train",
                 kind="train",
@@ -134,82 +157,83 @@ class FedAvg:
                 payload=model.data,
                 sha256=model.sha256,
                 total_weight=model.total_weight,
+                evaluate_task_id=evaluation.task_id if evaluation else "",
+                evaluate_round=evaluation.round if evaluation else 0,
             )
             self.model = model
-            model, answered, moved = await self._train(train, sites)
-            evaluate = Task(
-                task_id=f"round-{round_no}-evaluate",
-                kind="evaluate",
-                round=round_no,
-                total_rounds=cfg.num_rounds,
-                payload_format=model.payload_format,
-                payload=model.data,
-                sha256=model.sha256,
-                total_weight=model.total_weight,
-            )
-            metrics, eval_moved = await self._evaluate(evaluate)
-            record = RoundRecord(
-                round=round_no,
-                sites_asked=len(sites),
-                sites_answered=answered,
-                seconds=time.monotonic() - started,
-                metrics=metrics,
-                bytes_moved=moved + eval_moved,
-            )
-            outcome.rounds.append(record)
-            outcome.final_metrics = metrics
-            if self._improved(metrics, outcome.best_value):
-                outcome.best_round, outcome.best_value = round_no, metrics[cfg.key_metric]
-                best_model = model
-                if model.payload_format == tensors.FORMAT:
-                    await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", model.data)
-            await asyncio.to_thread(self._checkpoint, model, outcome)
-            await self.on_round(record)
-            if cfg.target_metric is not None and cfg.target_metric.reached(metrics):
-                t = cfg.target_metric
-                outcome.stopped_early = (
-                    f"{t.name} reached {metrics[t.name]:.4f} (target {t.mode} {t.value}) in round {round_no}"
-                )
-                self.log.info("stopping early: %s", outcome.stopped_early)
+            trained = await self._round(train, sites, evaluation, previous, outcome)
+            if trained is None:
                 break
-        outcome.final_model, outcome.best_model = await self._finish(model, best_model)
+            previous = Finished(round_no, trained[0], started, len(sites), trained[1], trained[2])
+            model = previous.model
+            await asyncio.to_thread(self._checkpoint, model, round_no, outcome)
+        else:
+            if previous is not None:
+                await self._evaluate_alone(previous, outcome)
+        final = outcome.evaluated[-1] if outcome.evaluated else model
+        outcome.final_model, outcome.best_model = await self._finish(final, outcome.best)
         return outcome
 
-    async def _train(self, task: Task, sites: list[str]) -> tuple[Model, int, int]:
+    def _evaluation_task(self, finished: Finished) -> Task:
+        model = finished.model
+        return Task(
+            task_id=f"round-{finished.round}-evaluate",
+            kind="evaluate",
+            round=finished.round,
+            total_rounds=self.config.num_rounds,
+            payload_format=model.payload_format,
+            payload=model.data,
+            sha256=model.sha256,
+            total_weight=model.total_weight,
+        )
+
+    async def _round(
+        self, train: Task, sites: list[str], evaluation: Task | None, previous: Finished | None, outcome: Outcome
+    ) -> tuple[Model, int, int] | None:
+        """One exchange: train `sites` on the current model and, riding on it, evaluate that model on
+        every site. Returns (new model, updates folded, bytes moved), or None once the evaluation shows
+        the target metric reached (the round's training is then dropped)."""
         cfg = self.config
-        await self.board.ask(task, sites)
-        self.log.info("round %d: model sent to %s", task.round, ", ".join(sites))
+        active = self.board.active_sites()
+        expect = {train.task_id: sites}
+        if evaluation is not None:
+            expect[evaluation.task_id] = active
+            self.board.expect(evaluation.task_id, sites)
+            others = [s for s in active if s not in sites]
+            if others:
+                await self.board.ask(evaluation, others)
+        await self.board.ask(train, sites)
+        self.log.info("round %d: model sent to %s", train.round, ", ".join(sites))
         aggregator = self.new_aggregator(self.model)
-        moved = len(task.payload) * len(sites)
+        moved = len(train.payload) * len(active)
         refused: list[str] = []
-        async for item in self.board.results(task, sites, cfg.round_timeout):
+        scores: list[tuple[dict[str, float], float]] = []
+        scoring = set(active) if evaluation is not None else set()
+        async for item in self.board.collect(expect, cfg.round_timeout):
             if isinstance(item, SiteGone):
-                self.log.warning("round %d: %s left the job: %s", task.round, item.site, item.reason)
-                refused.append(f"{item.site}: {item.reason}")
-                continue
-            moved += item.size
-            try:
-                started = time.perf_counter()
-                await asyncio.to_thread(aggregator.add, item)
-                self.log.info(
-                    "round %d: update from %s folded in (%d samples, %d bytes, %.3f s)",
-                    task.round,
-                    item.site,
-                    item.num_samples,
-                    item.size,
-                    time.perf_counter() - started,
-                )
-            except (PayloadError, EncryptionError) as exc:
-                self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
-                refused.append(f"{item.site}: {exc}")
-            finally:
-                self._dispose(item, task)
+                self.log.warning("round %d: %s left the job: %s", train.round, item.site, item.reason)
+                if item.site in sites:
+                    refused.append(f"{item.site}: {item.reason}")
+                scoring.discard(item.site)
+            elif evaluation is not None and item.task_id == evaluation.task_id:
+                scores.append((item.metrics, item.num_samples))
+                item.discard()
+                scoring.discard(item.site)
+            else:
+                moved += item.size
+                await self._fold(aggregator, item, train, refused)
+            if evaluation is not None and previous is not None and not scoring and not previous.recorded:
+                if await self._record(previous, scores, outcome):
+                    return None
+        if evaluation is not None and previous is not None and not previous.recorded:
+            if await self._record(previous, scores, outcome):
+                return None
         answered = aggregator.count
         missing = len(sites) - answered - len(refused)
         if missing > 0:
             self.log.warning(
                 "round %d: %d of %d sites did not answer within %.0f s; their late updates will be dropped",
-                task.round,
+                train.round,
                 missing,
                 len(sites),
                 cfg.round_timeout,
@@ -218,14 +242,14 @@ class FedAvg:
         if answered < need:
             detail = f" ({'; '.join(refused)})" if refused else ""
             raise RoundFailed(
-                f"round {task.round}: {answered} of {len(sites)} sites sent a usable update, "
+                f"round {train.round}: {answered} of {len(sites)} sites sent a usable update, "
                 f"at least {need} needed{detail}"
             )
         started = time.perf_counter()
         data, total_weight = await asyncio.to_thread(aggregator.finish)
         self.log.info(
             "round %d: aggregate of %d updates serialized in %.3f s (%d bytes)",
-            task.round,
+            train.round,
             aggregator.count,
             time.perf_counter() - started,
             len(data),
@@ -234,6 +258,76 @@ class FedAvg:
             data = await asyncio.to_thread(self._server_step, data)
         model = await asyncio.to_thread(Model.of, aggregator.payload_format, data, total_weight)
         return model, answered, moved
+
+    async def _fold(self, aggregator: Aggregator, item: Result, task: Task, refused: list[str]) -> None:
+        try:
+            started = time.perf_counter()
+            await asyncio.to_thread(aggregator.add, item)
+            self.log.info(
+                "round %d: update from %s folded in (%d samples, %d bytes, %.3f s)",
+                task.round,
+                item.site,
+                item.num_samples,
+                item.size,
+                time.perf_counter() - started,
+            )
+        except (PayloadError, EncryptionError) as exc:
+            self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
+            refused.append(f"{item.site}: {exc}")
+        finally:
+            self._dispose(item, task)
+
+    async def _evaluate_alone(self, finished: Finished, outcome: Outcome) -> None:
+        """The last model has no next round to ride on: an evaluation task of its own for every site."""
+        task = self._evaluation_task(finished)
+        sites = self.board.active_sites()
+        await self.board.ask(task, sites)
+        finished.moved += len(task.payload) * len(sites)
+        scores: list[tuple[dict[str, float], float]] = []
+        async for item in self.board.results(task, sites, self.config.round_timeout):
+            if isinstance(item, Result):
+                scores.append((item.metrics, item.num_samples))
+                item.discard()
+        await self._record(finished, scores, outcome)
+
+    async def _record(self, finished: Finished, scores: list[tuple[dict[str, float], float]], outcome: Outcome) -> bool:
+        """Keep a round's weighted metrics, best model and progress; True when the target is reached."""
+        finished.recorded = True
+        if not scores:
+            self.log.warning("round %d: no site reported evaluation metrics", finished.round)
+        metrics = weighted_metrics(scores)
+        self.log.info(
+            "round %d: global model evaluated by %d sites: %s",
+            finished.round,
+            len(scores),
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics",
+        )
+        record = RoundRecord(
+            round=finished.round,
+            sites_asked=finished.asked,
+            sites_answered=finished.answered,
+            seconds=time.monotonic() - finished.started,
+            metrics=metrics,
+            bytes_moved=finished.moved,
+        )
+        outcome.rounds.append(record)
+        outcome.evaluated.append(finished.model)
+        outcome.final_metrics = metrics
+        if self._improved(metrics, outcome.best_value):
+            outcome.best_round, outcome.best_value = finished.round, metrics.get(self.config.key_metric)
+            outcome.best = finished.model
+            if finished.model.payload_format == tensors.FORMAT:
+                await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", finished.model.data)
+        await self.on_round(record)
+        target = self.config.target_metric
+        if target is not None and target.reached(metrics):
+            outcome.stopped_early = (
+                f"{target.name} reached {metrics[target.name]:.4f} (target {target.mode} {target.value}) "
+                f"in round {finished.round}"
+            )
+            self.log.info("stopping early: %s", outcome.stopped_early)
+            return True
+        return False
 
     def _server_step(self, averaged: bytes) -> bytes:
         """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
@@ -257,25 +351,6 @@ class FedAvg:
             _write(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}", item.read())
         item.discard()
 
-    async def _evaluate(self, task: Task) -> tuple[dict[str, float], int]:
-        sites = self.board.active_sites()
-        await self.board.ask(task, sites)
-        results: list[tuple[dict[str, float], float]] = []
-        async for item in self.board.results(task, sites, self.config.round_timeout):
-            if isinstance(item, Result):
-                results.append((item.metrics, item.num_samples))
-                item.discard()
-        if not results:
-            self.log.warning("round %d: no site reported evaluation metrics", task.round)
-        metrics = weighted_metrics(results)
-        self.log.info(
-            "round %d: global model evaluated by %d sites: %s",
-            task.round,
-            len(results),
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics",
-        )
-        return metrics, len(task.payload) * len(sites)
-
     def _improved(self, metrics: dict[str, float], best: float | None) -> bool:
         value = metrics.get(self.config.key_metric)
         if value is None:
@@ -284,12 +359,12 @@ class FedAvg:
             return True
         return value > best if self.config.key_metric_mode == "max" else value < best
 
-    def _checkpoint(self, model: Model, outcome: Outcome) -> None:
+    def _checkpoint(self, model: Model, round_no: int, outcome: Outcome) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
         _write(self.checkpoint_dir / f"global_model.{suffix}", model.data)
         state = {
-            "round": outcome.rounds[-1].round,
+            "round": round_no,
             "payload_format": model.payload_format,
             "total_weight": model.total_weight,
             "best_round": outcome.best_round,

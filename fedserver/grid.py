@@ -32,6 +32,9 @@ class Task:
     payload: bytes = b""
     sha256: bytes = b""
     total_weight: float = 0.0
+    evaluate_task_id: str = ""
+    """Set on a training task whose sites first evaluate the model it brings, answering this task id."""
+    evaluate_round: int = 0
 
 
 END = Task(task_id="end", kind="end", round=0, total_rounds=0)
@@ -132,12 +135,16 @@ class TaskBoard:
     def active_sites(self) -> list[str]:
         return sorted(self.members - set(self.gone))
 
+    def expect(self, task_id: str, sites: list[str]) -> None:
+        """Accept results for `task_id` from `sites` too (those that got it riding on another task)."""
+        self._pending.setdefault(task_id, set()).update(set(sites) - set(self.gone))
+
     async def ask(self, task: Task, sites: list[str]) -> None:
         """Make `task` the current task of each site in `sites` and wake their workers."""
         async with self._changed:
             for site in sites:
                 self._tasks[site] = task
-            self._pending[task.task_id] = set(sites) - set(self.gone)
+            self._pending.setdefault(task.task_id, set()).update(set(sites) - set(self.gone))
             self._changed.notify_all()
 
     async def next_task(self, site: str, last_task_id: str, timeout: float) -> Task | None:
@@ -178,12 +185,21 @@ class TaskBoard:
             self._inbox.put_nowait(SiteGone(site, reason))
 
     async def results(self, task: Task, sites: list[str], timeout: float) -> AsyncIterator[Result | SiteGone]:
-        """Results of `task` as they arrive, until every site asked answered or left, or `timeout`
-        (seconds, 0 = none) passed. Whatever is still pending afterwards is dropped when it arrives."""
-        waiting = set(sites) - set(self.gone)
+        """Results of `task` as they arrive (see `collect`)."""
+        async for item in self.collect({task.task_id: sites}, timeout):
+            yield item
+
+    async def collect(self, expect: dict[str, list[str]], timeout: float) -> AsyncIterator[Result | SiteGone]:
+        """Results of the tasks in `expect` (task id -> sites asked) as they arrive, until every site
+        asked answered or left, or `timeout` (seconds, 0 = none) passed. A departure is yielded once
+        for every task that still waited on that site; whatever is still pending afterwards is dropped
+        when it arrives."""
+        waiting = {task_id: set(sites) - set(self.gone) for task_id, sites in expect.items()}
+        for task_id in waiting:
+            self._pending.setdefault(task_id, set())
         deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
-            while waiting:
+            while any(waiting.values()):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return
@@ -192,17 +208,19 @@ class TaskBoard:
                 except TimeoutError:
                     return
                 if isinstance(item, SiteGone):
-                    if item.site in waiting:
-                        waiting.discard(item.site)
+                    if any(item.site in sites for sites in waiting.values()):
+                        for sites in waiting.values():
+                            sites.discard(item.site)
                         yield item
                     continue
-                if item.task_id != task.task_id:
+                if item.task_id not in waiting:
                     discard(item)
                     continue
-                waiting.discard(item.site)
+                waiting[item.task_id].discard(item.site)
                 yield item
         finally:
-            self._pending.pop(task.task_id, None)
+            for task_id in expect:
+                self._pending.pop(task_id, None)
 
     async def close(self) -> None:
         """Wake every waiting worker: the job is over."""

@@ -236,7 +236,8 @@ class JobRun:
         return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
 
     async def _on_round(self, record: RoundRecord) -> None:
-        memory.trim()
+        if self.slot_bytes:
+            memory.trim()  # large models: hand the round's freed payload buffers back to the system
         self.ctx.store.add_round(self.job_id, record)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
         self.log.info(

@@ -664,6 +664,8 @@ def task_frames(run: JobRun, task: Task, cached_sha256: bytes) -> list[fpb.TaskF
         payload_size=len(task.payload),
         total_weight=task.total_weight,
         upload_slot=bool(run.slot_bytes) and task.kind in ("train", "release"),
+        evaluate_task_id=task.evaluate_task_id,
+        evaluate_round=task.evaluate_round,
     )
     if not task.payload:
         return list(frames(fpb.TaskFrame, header, ()))

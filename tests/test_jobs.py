@@ -395,3 +395,14 @@ def test_encrypted_job_is_refused_by_a_federation_without_he(
     with federation.session() as session, pytest.raises(JobSpecError, match="provisioned without HE"):
         submit(session, recipe("he-here", encryption=True), tmp_path)
     assert stored_jobs(project) == before
+
+
+def test_a_watch_stream_outlives_minutes_of_silence(federation: Federation, tmp_path: Path) -> None:
+    """Keepalive pings every 20 s on an idle stream must not get the connection closed by the server."""
+    import threading
+
+    with federation.session() as session:
+        job_id = submit(session, recipe("quiet", rounds=1, min_clients=5), tmp_path)
+        threading.Timer(50.0, session.abort_job, args=(job_id,)).start()
+        events = list(session.watch_job(job_id))
+    assert isinstance(events[-1], JobInfo) and events[-1].status == "FINISHED:ABORTED"
