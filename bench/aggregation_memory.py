@@ -171,10 +171,15 @@ class DriverSite(threading.Thread):
 
     def _run(self) -> None:
         fpb = self.fpb
-        reply = self.stub.Register(fpb.RegisterRequest(
-            version="bench", roster=self.kit.roster_bytes, cpu_count=os.cpu_count() or 1,
-            hostname=f"{socket.gethostname()}-{self.kit.name}",
-        ), timeout=30)
+        reply = self.stub.Register(
+            fpb.RegisterRequest(
+                version="bench",
+                roster=self.kit.roster_bytes,
+                cpu_count=os.cpu_count() or 1,
+                hostname=f"{socket.gethostname()}-{self.kit.name}",
+            ),
+            timeout=30,
+        )
         self.session_id = reply.session_id
         threading.Thread(target=self._heartbeat, args=(reply.heartbeat_interval or 2.0,), daemon=True).start()
         commands = self.stub.Commands(fpb.CommandsRequest(session_id=self.session_id))
@@ -196,8 +201,9 @@ class DriverSite(threading.Thread):
         from fedgrid import tensors, transfer
 
         fpb = self.fpb
-        transfer.receive(self.stub.FetchJob(fpb.FetchJobRequest(job_id=job_id)), Discard(), max_size=1 << 34,
-                         what="job package")
+        transfer.receive(
+            self.stub.FetchJob(fpb.FetchJobRequest(job_id=job_id)), Discard(), max_size=1 << 34, what="job package"
+        )
         self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="started"), timeout=30)
         self.meet.started.wait()
         self.meet.go.wait()
@@ -280,8 +286,21 @@ def sample_malloc(path: Path, every: float = 0.01) -> None:
     import ctypes
 
     class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
@@ -307,7 +326,7 @@ def serve_patched(spec: str, argv: list[str]) -> None:
     transfer.GRPC_OPTIONS.extend(parse_option(item) for item in items if item != "malloc")
     if "malloc" in items:
         threading.Thread(target=sample_malloc, args=(kit / MALLOC_FILE,), daemon=True).start()
-    sys.argv = ["fedserver", *argv[argv.index("--kit"):]]
+    sys.argv = ["fedserver", *argv[argv.index("--kit") :]]
     runpy.run_module("fedserver", run_name="__main__", alter_sys=True)
 
 
@@ -323,7 +342,10 @@ def start_patched_server(fed: Any, kit: Path, variant: Variant) -> None:
     with open(kit / "log.txt", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, __file__, "--patched-server", spec, "-m", "fedserver", "--kit", str(kit)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=ENV,
         )
     (kit / "daemon.pid").write_text(str(process.pid))
     fed.running.append(kit)
@@ -415,8 +437,11 @@ def measure(n: int, arrays: dict[str, np.ndarray], update: bytes, real: bool, va
             fed.start(project.server)
         pid = fed.pid(project.server)
         idle = status(pid)["VmRSS"]
-        meet = Rendezvous(started=threading.Barrier(n + 1), upload=None if real else threading.Barrier(n),
-                          one_at_a_time=threading.Lock() if variant.one_at_a_time else None)
+        meet = Rendezvous(
+            started=threading.Barrier(n + 1),
+            upload=None if real else threading.Barrier(n),
+            one_at_a_time=threading.Lock() if variant.one_at_a_time else None,
+        )
         if real:
             for site in project.sites:
                 fed.start(site)
@@ -427,8 +452,14 @@ def measure(n: int, arrays: dict[str, np.ndarray], update: bytes, real: bool, va
             for driver in drivers:
                 driver.registered.wait(60)
         fed.wait_alive([s.name for s in project.sites], timeout=120)
-        recipe = FedAvgRecipe(name=f"aggregation_memory_{n}", model=arrays, train_script=Path(__file__),
-                              train_args=["--site"], num_rounds=1, min_clients=n)
+        recipe = FedAvgRecipe(
+            name=f"aggregation_memory_{n}",
+            model=arrays,
+            train_script=Path(__file__),
+            train_args=["--site"],
+            num_rounds=1,
+            min_clients=n,
+        )
         folder = recipe.export(tmp / "job")
         baseline = status(pid)["VmRSS"]
         sampler = RssSampler(pid)
@@ -473,8 +504,21 @@ def measure(n: int, arrays: dict[str, np.ndarray], update: bytes, real: bool, va
             ("end of job", sampler.peak(marks["evaluated"], marks["ended"] + 0.05)),
         ]
         heap = malloc_peaks(project.server / MALLOC_FILE, round_start, time.time())
-        return Row(n, "real daemons" if real else "driver", idle, baseline, deploy_peak, before_round,
-                   memory["VmHWM"], memory["VmRSS"], phases, window, max_overlap(meet.uploads), seconds, heap)
+        return Row(
+            n,
+            "real daemons" if real else "driver",
+            idle,
+            baseline,
+            deploy_peak,
+            before_round,
+            memory["VmHWM"],
+            memory["VmRSS"],
+            phases,
+            window,
+            max_overlap(meet.uploads),
+            seconds,
+            heap,
+        )
     finally:
         if sampler is not None:
             sampler.stopping.set()
@@ -495,14 +539,18 @@ def mb(kb: int) -> str:
 def report(rows: list[Row], model_bytes: int, params: int) -> None:
     model_kb = model_bytes / 1024
     print()
-    print(f"server memory while aggregating one round of a {params:,}-parameter model "
-          f"({model_bytes / 1e6:.0f} MB float32 per update); delta = round peak - baseline")
+    print(
+        f"server memory while aggregating one round of a {params:,}-parameter model "
+        f"({model_bytes / 1e6:.0f} MB float32 per update); delta = round peak - baseline"
+    )
     print("   N  sites           baseline  before round  round peak       delta  delta/model    deploy peak")
     for r in rows:
         delta = r.round_peak_kb - r.baseline_kb
-        print(f"  {r.sites:>2}  {r.mode:<13} {mb(r.baseline_kb)}    {mb(r.before_round_kb)}  {mb(r.round_peak_kb)} "
-              f" {mb(delta)}  {delta / model_kb:10.2f}x    {mb(r.deploy_peak_kb)} "
-              f"({(r.deploy_peak_kb - r.baseline_kb) / model_kb:.1f}x)")
+        print(
+            f"  {r.sites:>2}  {r.mode:<13} {mb(r.baseline_kb)}    {mb(r.before_round_kb)}  {mb(r.round_peak_kb)} "
+            f" {mb(delta)}  {delta / model_kb:10.2f}x    {mb(r.deploy_peak_kb)} "
+            f"({(r.deploy_peak_kb - r.baseline_kb) / model_kb:.1f}x)"
+        )
     if any(r.heap is not None for r in rows):
         print()
         print("glibc heap during the round (--malloc_stats): memory the server holds vs memory freed but kept")
@@ -510,16 +558,20 @@ def report(rows: list[Row], model_bytes: int, params: int) -> None:
         for r in rows:
             if r.heap is not None:
                 start, peak, kept = r.heap
-                print(f"  {r.sites:>2}  {mb(start // 1024)}      {mb(peak // 1024)}  "
-                      f"{(peak - start) / model_bytes:17.2f}x  {mb(kept // 1024)}")
+                print(
+                    f"  {r.sites:>2}  {mb(start // 1024)}      {mb(peak // 1024)}  "
+                    f"{(peak - start) / model_bytes:17.2f}x  {mb(kept // 1024)}"
+                )
     print()
     print("where the round's peak falls (VmRSS sampled every 10 ms) and how the uploads overlapped:")
     for r in rows:
         phases = ", ".join(f"{name} {mb(kb).strip()}" for name, kb in r.phases)
         uploads = ""
         if r.upload_window is not None:
-            uploads = (f"; {r.sites} uploads within {r.upload_window[1] - r.upload_window[0]:.1f} s, "
-                       f"up to {r.max_in_flight} in flight at once")
+            uploads = (
+                f"; {r.sites} uploads within {r.upload_window[1] - r.upload_window[0]:.1f} s, "
+                f"up to {r.max_in_flight} in flight at once"
+            )
         print(f"  N={r.sites:<2} ({r.mode}): {phases}{uploads}; job took {r.seconds:.1f} s")
     drivers = [r for r in rows if r.mode == "driver"]
     if len(drivers) >= 2:
@@ -527,8 +579,10 @@ def report(rows: list[Row], model_bytes: int, params: int) -> None:
         grow = (last.round_peak_kb - last.baseline_kb) - (first.round_peak_kb - first.baseline_kb)
         per_site = grow / max(1, last.sites - first.sites) / model_kb
         print()
-        print(f"from N={first.sites} to N={last.sites}: the delta changes by {grow / 1024:+.0f} MB, "
-              f"{per_site:+.3f} model sizes per added site (flat: 0; buffering every update: +1)")
+        print(
+            f"from N={first.sites} to N={last.sites}: the delta changes by {grow / 1024:+.0f} MB, "
+            f"{per_site:+.3f} model sizes per added site (flat: 0; buffering every update: +1)"
+        )
 
 
 def main() -> int:
@@ -538,16 +592,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, nargs="+", default=[4, 16, 32], help="values of N (default 4 16 32)")
     parser.add_argument("--params", type=int, default=10_000_000, help="model parameters (default 10,000,000)")
-    parser.add_argument("--real", type=int, nargs="*", default=[], metavar="N",
-                        help="also measure these N with real site daemons and job workers (heavy: ~0.5 GB each)")
-    parser.add_argument("--one_at_a_time", action="store_true",
-                        help="diagnostic: the driver sites upload one after the other instead of all at once")
-    parser.add_argument("--grpc_option", action="append", default=[], metavar="KEY=VALUE",
-                        help="diagnostic: start the server with this extra gRPC option (repeatable), e.g. "
-                        "grpc.http2.bdp_probe=0")
-    parser.add_argument("--malloc_stats", action="store_true",
-                        help="diagnostic: the server samples glibc's mallinfo2 every 10 ms, to tell memory in use "
-                        "from memory freed but kept by the allocator")
+    parser.add_argument(
+        "--real",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also measure these N with real site daemons and job workers (heavy: ~0.5 GB each)",
+    )
+    parser.add_argument(
+        "--one_at_a_time",
+        action="store_true",
+        help="diagnostic: the driver sites upload one after the other instead of all at once",
+    )
+    parser.add_argument(
+        "--grpc_option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="diagnostic: start the server with this extra gRPC option (repeatable), e.g. grpc.http2.bdp_probe=0",
+    )
+    parser.add_argument(
+        "--malloc_stats",
+        action="store_true",
+        help="diagnostic: the server samples glibc's mallinfo2 every 10 ms, to tell memory in use "
+        "from memory freed but kept by the allocator",
+    )
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.site:
@@ -565,8 +635,11 @@ def main() -> int:
     runs: list[tuple[int, bool]] = [(n, False) for n in args.sites] + [(n, True) for n in args.real]
     for n, real in runs:
         row = measure(n, arrays, update, real, variant)
-        print(f"N={n:<2} ({row.mode}): baseline {mb(row.baseline_kb).strip()}, round peak "
-              f"{mb(row.round_peak_kb).strip()}, {row.seconds:.1f} s", flush=True)
+        print(
+            f"N={n:<2} ({row.mode}): baseline {mb(row.baseline_kb).strip()}, round peak "
+            f"{mb(row.round_peak_kb).strip()}, {row.seconds:.1f} s",
+            flush=True,
+        )
         rows.append(row)
     one, five, _ = os.getloadavg()
     print(f"machine load after: {one:.2f} (1 min), {five:.2f} (5 min)")

@@ -87,8 +87,22 @@ def federated(args: argparse.Namespace, model: object, tmp: Path) -> Curve:
         name="centralized_vs_federated",
         model=model,
         train_script=JOB_DIR / "train.py",
-        train_args=["--data_root", str(data_root), "--model", "mlp", "--epochs", "1", "--lr", str(LR),
-                    "--momentum", str(MOMENTUM), "--batch_size", str(BATCH), "--seed", str(SEED)],
+        train_args=[
+            "--data_root",
+            str(data_root),
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--lr",
+            str(LR),
+            "--momentum",
+            str(MOMENTUM),
+            "--batch_size",
+            str(BATCH),
+            "--seed",
+            str(SEED),
+        ],
         num_rounds=args.rounds,
         min_clients=args.sites,
         seed=SEED,
@@ -110,14 +124,18 @@ def federated(args: argparse.Namespace, model: object, tmp: Path) -> Curve:
                     curve.accuracy.append(event.metrics.get("accuracy", float("nan")))
                     curve.loss.append(event.metrics.get("loss", float("nan")))
                     curve.seconds.append(event.seconds)
-                    print(f"  federated round {event.round}: test accuracy {curve.accuracy[-1]:.4f} "
-                          f"({event.seconds:.1f} s)", flush=True)
+                    print(
+                        f"  federated round {event.round}: test accuracy {curve.accuracy[-1]:.4f} "
+                        f"({event.seconds:.1f} s)",
+                        flush=True,
+                    )
                 else:
                     final = event
             curve.total = time.perf_counter() - submitted
             if final is None or final.status != "FINISHED:COMPLETED":
-                raise RuntimeError(f"federated job ended {final.status if final else '?'}: "
-                                   f"{final.error if final else ''}")
+                raise RuntimeError(
+                    f"federated job ended {final.status if final else '?'}: {final.error if final else ''}"
+                )
             detail = session.show_job(job_id)
             result = session.download_job(job_id, tmp / "download")
         ready = [line for line in log_lines(project.server, job_id) if "workers ready" in line]
@@ -181,19 +199,27 @@ def centralized(args: argparse.Namespace, model: object) -> Curve:
 def report(args: argparse.Namespace, fed: Curve, cen: Curve) -> None:
     print()
     print(f"Fashion-MNIST, MLP 784-512-512-10, SGD lr {LR} momentum {MOMENTUM} batch {BATCH}, same initial weights")
-    print(f"federated: {args.sites} sites (IID), {args.rounds} rounds x 1 local epoch; "
-          f"centralized: all data, {args.rounds} epochs")
+    print(
+        f"federated: {args.sites} sites (IID), {args.rounds} rounds x 1 local epoch; "
+        f"centralized: all data, {args.rounds} epochs"
+    )
     print()
     print(" round/epoch   federated acc   loss     s   |  centralized acc   loss     s")
     for i in range(args.rounds):
-        print(f"  {i + 1:>9}   {fed.accuracy[i]:>13.4f} {fed.loss[i]:>6.4f} {fed.seconds[i]:>5.1f}   |"
-              f"  {cen.accuracy[i]:>15.4f} {cen.loss[i]:>6.4f} {cen.seconds[i]:>5.1f}")
+        print(
+            f"  {i + 1:>9}   {fed.accuracy[i]:>13.4f} {fed.loss[i]:>6.4f} {fed.seconds[i]:>5.1f}   |"
+            f"  {cen.accuracy[i]:>15.4f} {cen.loss[i]:>6.4f} {cen.seconds[i]:>5.1f}"
+        )
     print()
-    print(f"  final test accuracy        federated {fed.final_accuracy:.4f}   centralized {cen.final_accuracy:.4f}   "
-          f"gap {100 * (cen.final_accuracy - fed.final_accuracy):+.2f} points")
+    print(
+        f"  final test accuracy        federated {fed.final_accuracy:.4f}   centralized {cen.final_accuracy:.4f}   "
+        f"gap {100 * (cen.final_accuracy - fed.final_accuracy):+.2f} points"
+    )
     print(f"  final test loss            federated {fed.final_loss:.4f}   centralized {cen.final_loss:.4f}")
-    print(f"  wall-clock                 federated {fed.total:.1f} s (submit -> FINISHED)   "
-          f"centralized {cen.total:.1f} s (training + evaluation)   ratio {fed.total / cen.total:.2f}")
+    print(
+        f"  wall-clock                 federated {fed.total:.1f} s (submit -> FINISHED)   "
+        f"centralized {cen.total:.1f} s (training + evaluation)   ratio {fed.total / cen.total:.2f}"
+    )
     print(f"  federated: {'; '.join(fed.notes)}")
     print(f"  centralized: {'; '.join(cen.notes)}")
 

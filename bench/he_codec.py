@@ -61,12 +61,18 @@ def cpu_best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 def weighted_mean(sites: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
     total = float(sum(counts))
-    return {name: sum(site[name].astype(np.float64) * n for site, n in zip(sites, counts, strict=True)) / total
-            for name in sites[0]}
+    return {
+        name: sum(site[name].astype(np.float64) * n for site, n in zip(sites, counts, strict=True)) / total
+        for name in sites[0]
+    }
 
 
 def measure(
-    label: str, params: he.HEParams, sites: list[dict[str, np.ndarray]], counts: list[int], repeat: int,
+    label: str,
+    params: he.HEParams,
+    sites: list[dict[str, np.ndarray]],
+    counts: list[int],
+    repeat: int,
 ) -> dict[str, float]:
     plain_bytes = sum(a.nbytes for a in sites[0].values())
     start = time.process_time()
@@ -100,12 +106,21 @@ def measure(
             print(f"   plaintext update  {plain_bytes:>12,} B (float32)")
             print(f"   encrypted update  {update_bytes:>12,.0f} B   ratio {update_bytes / plain_bytes:.2f}x")
             print(f"   aggregate         {len(aggregate):>12,} B   ratio {len(aggregate) / plain_bytes:.2f}x")
-            print(f"   encrypt {np.mean(enc_times):.3f} s/update   server add {np.mean(add_times):.3f} s/update   "
-                  f"aggregate serialize {ser_time:.3f} s   decrypt {dec_time:.3f} s   (CPU s)")
-            figures.update(ratio=update_bytes / plain_bytes, enc=float(np.mean(enc_times)),
-                           add=float(np.mean(add_times)), ser=ser_time, dec=dec_time)
-        print(f"   max |error| of the mean, {name} counts {weights} (total {sum(weights)}): {error:.2e}   "
-              f"(estimate bound {params.error_bound(sum(weights)):.1e}; float32 rounding alone {fp32_floor:.1e})")
+            print(
+                f"   encrypt {np.mean(enc_times):.3f} s/update   server add {np.mean(add_times):.3f} s/update   "
+                f"aggregate serialize {ser_time:.3f} s   decrypt {dec_time:.3f} s   (CPU s)"
+            )
+            figures.update(
+                ratio=update_bytes / plain_bytes,
+                enc=float(np.mean(enc_times)),
+                add=float(np.mean(add_times)),
+                ser=ser_time,
+                dec=dec_time,
+            )
+        print(
+            f"   max |error| of the mean, {name} counts {weights} (total {sum(weights)}): {error:.2e}   "
+            f"(estimate bound {params.error_bound(sum(weights)):.1e}; float32 rounding alone {fp32_floor:.1e})"
+        )
         figures[f"err_{name}"] = error
     return figures
 
@@ -179,8 +194,12 @@ def concurrent_round(params: he.HEParams | None, sites: list[dict[str, np.ndarra
         pool.map(_site_decrypt, jobs, chunksize=1)  # warm up
         downloads = pool.map(_site_decrypt, jobs, chunksize=1)
         decrypt_wall = max(end for _, end in downloads) - min(start for start, _ in downloads)
-    return {"encrypt": encrypt_wall, "server": server_last, "decrypt": decrypt_wall,
-            "total": encrypt_wall + server_last + decrypt_wall}
+    return {
+        "encrypt": encrypt_wall,
+        "server": server_last,
+        "decrypt": decrypt_wall,
+        "total": encrypt_wall + server_last + decrypt_wall,
+    }
 
 
 def main() -> None:
@@ -193,24 +212,34 @@ def main() -> None:
     args = parser.parse_args()
 
     sites = [mlp_update(seed) for seed in range(args.sites)]
-    counts = (REALISTIC_COUNTS * args.sites)[:args.sites]
-    print(f"model: MLP {'-'.join(str(i) for i, _ in LAYERS)}-10, {sum(a.size for a in sites[0].values()):,} "
-          f"parameters, {args.sites} sites, {os.cpu_count()} cores; TenSEAL {he.ts.__version__}")
+    counts = (REALISTIC_COUNTS * args.sites)[: args.sites]
+    print(
+        f"model: MLP {'-'.join(str(i) for i, _ in LAYERS)}-10, {sum(a.size for a in sites[0].values()):,} "
+        f"parameters, {args.sites} sites, {os.cpu_count()} cores; TenSEAL {he.ts.__version__}"
+    )
 
     configs = [
         ("fedgrid default", he.HEParams()),
-        ("baseline: TenSEAL/FLARE-style", he.HEParams(
-            poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40, encryption="asymmetric")),
+        (
+            "baseline: TenSEAL/FLARE-style",
+            he.HEParams(
+                poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40, encryption="asymmetric"
+            ),
+        ),
     ]
     if args.sweep:
         configs += [
-            ("public-key encryption", he.HEParams(encryption="asymmetric", scale_bits=29, max_abs_value=64,
-                                                  max_total_weight=2**18)),
+            (
+                "public-key encryption",
+                he.HEParams(encryption="asymmetric", scale_bits=29, max_abs_value=64, max_total_weight=2**18),
+            ),
             ("N=4096", he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(56, 53))),
             ("N=16384", he.HEParams(poly_modulus_degree=16384)),
             ("60-bit data prime", he.HEParams(coeff_mod_bit_sizes=(60, 60), scale_bits=30)),
-            ("52-bit data prime", he.HEParams(coeff_mod_bit_sizes=(52, 52), scale_bits=25, max_abs_value=64,
-                                              max_total_weight=2**17)),
+            (
+                "52-bit data prime",
+                he.HEParams(coeff_mod_bit_sizes=(52, 52), scale_bits=25, max_abs_value=64, max_total_weight=2**17),
+            ),
         ]
     for label, params in [] if args.concurrent_only else configs:
         try:
@@ -221,16 +250,22 @@ def main() -> None:
         measure(label, params, sites, counts, args.repeat)
 
     if not args.no_concurrent:
-        print(f"\n== {args.sites} sites as processes at once on {os.cpu_count()} cores (wall s; "
-              "encrypt = every site encrypting, server = fold the last update + serialize, decrypt = every site)")
+        print(
+            f"\n== {args.sites} sites as processes at once on {os.cpu_count()} cores (wall s; "
+            "encrypt = every site encrypting, server = fold the last update + serialize, decrypt = every site)"
+        )
         plain = concurrent_round(None, sites, counts)
-        print(f"   plaintext safetensors   encode {plain['encrypt']:.3f}  server {plain['server']:.3f}  "
-              f"decode {plain['decrypt']:.3f}  total {plain['total']:.3f}")
+        print(
+            f"   plaintext safetensors   encode {plain['encrypt']:.3f}  server {plain['server']:.3f}  "
+            f"decode {plain['decrypt']:.3f}  total {plain['total']:.3f}"
+        )
         for label, params in configs[:2]:
             phases = concurrent_round(params, sites, counts)
-            print(f"   {label:<30} encrypt {phases['encrypt']:.3f}  server {phases['server']:.3f}  "
-                  f"decrypt {phases['decrypt']:.3f}  total {phases['total']:.3f}  "
-                  f"(+{phases['total'] - plain['total']:.2f} s per round over plaintext)")
+            print(
+                f"   {label:<30} encrypt {phases['encrypt']:.3f}  server {phases['server']:.3f}  "
+                f"decrypt {phases['decrypt']:.3f}  total {phases['total']:.3f}  "
+                f"(+{phases['total'] - plain['total']:.2f} s per round over plaintext)"
+            )
 
 
 if __name__ == "__main__":

@@ -172,9 +172,7 @@ def verify_root_ca(ca_cert: x509.Certificate, now: dt.datetime | None = None) ->
     _check_validity(ca_cert, now, what)
 
 
-def verify_issued_by(
-    cert: x509.Certificate, ca_cert: x509.Certificate, now: dt.datetime | None = None
-) -> None:
+def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, now: dt.datetime | None = None) -> None:
     """Check that `ca_cert` signed `cert` and that `cert` is within its validity window at `now`.
 
     Raises IdentityError naming the certificate's CN and the reason, e.g. "certificate of site-1

@@ -147,18 +147,21 @@ class HEParams:
         if not _is_int(degree) or degree not in MAX_COEFF_BITS:
             raise ProjectFileError(
                 f"{where}: poly_modulus_degree must be one of {', '.join(map(str, MAX_COEFF_BITS))} "
-                f"(a power of two TenSEAL supports), got {degree!r}")
+                f"(a power of two TenSEAL supports), got {degree!r}"
+            )
 
         bits = value.get("coeff_mod_bit_sizes", list(default.coeff_mod_bit_sizes))
         if not isinstance(bits, list | tuple) or len(bits) < 2:
             raise ProjectFileError(
                 f"{where}: coeff_mod_bit_sizes must be a list of at least two prime sizes in bits, like "
-                f"[56, 56] (the data primes every ciphertext carries, then TenSEAL's special prime), got {bits!r}")
+                f"[56, 56] (the data primes every ciphertext carries, then TenSEAL's special prime), got {bits!r}"
+            )
         for index, size in enumerate(bits):
             if not _is_int(size) or not PRIME_BITS[0] <= size <= PRIME_BITS[1]:
                 raise ProjectFileError(
                     f"{where}: coeff_mod_bit_sizes[{index}] must be an integer from {PRIME_BITS[0]} to "
-                    f"{PRIME_BITS[1]} (the bits of one prime), got {size!r}")
+                    f"{PRIME_BITS[1]} (the bits of one prime), got {size!r}"
+                )
 
         scale_bits = value.get("scale_bits", default.scale_bits)
         if not _is_int(scale_bits) or scale_bits < 1:
@@ -175,11 +178,15 @@ class HEParams:
         if encryption not in ENCRYPTIONS:
             raise ProjectFileError(
                 f"{where}: encryption must be 'symmetric' (sites encrypt with the secret key they hold: less "
-                f"noise, faster) or 'asymmetric' (with a public key), got {encryption!r}")
+                f"noise, faster) or 'asymmetric' (with a public key), got {encryption!r}"
+            )
 
         params = cls(
-            poly_modulus_degree=degree, coeff_mod_bit_sizes=tuple(bits), scale_bits=scale_bits,
-            encryption=encryption, **numbers,
+            poly_modulus_degree=degree,
+            coeff_mod_bit_sizes=tuple(bits),
+            scale_bits=scale_bits,
+            encryption=encryption,
+            **numbers,
         )
         params.validate(where)
         return params
@@ -194,12 +201,14 @@ class HEParams:
             raise ProjectFileError(
                 f"{where}: coeff_mod_bit_sizes add up to {total} bits, above the {bound} bits that keep "
                 f"poly_modulus_degree {degree} at 128-bit security (HomomorphicEncryption.org standard); "
-                "use fewer or smaller primes, or a larger poly_modulus_degree")
+                "use fewer or smaller primes, or a larger poly_modulus_degree"
+            )
         data = self.data_bits
         if self.scale_bits > data - 3:
             raise ProjectFileError(
                 f"{where}: scale_bits {self.scale_bits} is too large for the {data}-bit data primes "
-                f"(coeff_mod_bit_sizes without its last prime): the scaled values would not fit; lower scale_bits")
+                f"(coeff_mod_bit_sizes without its last prime): the scaled values would not fit; lower scale_bits"
+            )
         need = _ceil_log2(self.max_abs_value) + _ceil_log2(self.max_total_weight)
         room = data - 2 - self.scale_bits
         if need > room:
@@ -207,14 +216,16 @@ class HEParams:
                 f"{where}: scale_bits {self.scale_bits} leaves {room} bits of headroom in the {data}-bit data "
                 f"primes, but a weighted sum of values up to max_abs_value {_num(self.max_abs_value)} with a total "
                 f"weight up to max_total_weight {_num(self.max_total_weight)} needs {need}; lower scale_bits, "
-                "max_abs_value or max_total_weight, or use larger data primes")
+                "max_abs_value or max_total_weight, or use larger data primes"
+            )
         precision = self.scale_bits - _noise_bits(degree, self.encryption)
         if precision < MIN_PRECISION_BITS:
             raise ProjectFileError(
                 f"{where}: scale_bits {self.scale_bits} is too small: encryption noise (about "
                 f"2^{_noise_bits(degree, self.encryption):.1f} at poly_modulus_degree {degree}, {self.encryption}) "
                 f"leaves a mean {precision:.1f} bits per unit of total weight, fewer than {MIN_PRECISION_BITS}; "
-                "raise scale_bits")
+                "raise scale_bits"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; `from_dict(to_dict())` gives the same parameters."""
@@ -249,9 +260,11 @@ class HEParams:
 
     def describe(self) -> str:
         primes = "+".join(map(str, self.coeff_mod_bit_sizes[:-1]))
-        return (f"CKKS N={self.poly_modulus_degree} data primes {primes} bits (+{self.coeff_mod_bit_sizes[-1]} "
-                f"special), scale 2^{self.scale_bits}, {self.encryption}, |values| <= {_num(self.max_abs_value)}, "
-                f"total weight <= {_num(self.max_total_weight)}")
+        return (
+            f"CKKS N={self.poly_modulus_degree} data primes {primes} bits (+{self.coeff_mod_bit_sizes[-1]} "
+            f"special), scale 2^{self.scale_bits}, {self.encryption}, |values| <= {_num(self.max_abs_value)}, "
+            f"total weight <= {_num(self.max_total_weight)}"
+        )
 
 
 def _num(value: float) -> str:
@@ -280,15 +293,23 @@ def create_contexts(params: HEParams) -> tuple[bytes, bytes]:
     kind = ts.ENCRYPTION_TYPE.SYMMETRIC if params.encryption == "symmetric" else ts.ENCRYPTION_TYPE.ASYMMETRIC
     try:
         context = ts.context(
-            ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
-            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes), encryption_type=kind, n_threads=1,
+            ts.SCHEME_TYPE.CKKS,
+            params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+            encryption_type=kind,
+            n_threads=1,
         )
         secret = context.serialize(
-            save_public_key=params.encryption == "asymmetric", save_secret_key=True,
-            save_galois_keys=False, save_relin_keys=False,
+            save_public_key=params.encryption == "asymmetric",
+            save_secret_key=True,
+            save_galois_keys=False,
+            save_relin_keys=False,
         )
         public = context.serialize(
-            save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False,
+            save_public_key=False,
+            save_secret_key=False,
+            save_galois_keys=False,
+            save_relin_keys=False,
         )
     except (ValueError, RuntimeError) as exc:
         raise EncryptionError(f"TenSEAL refused the HE parameters {params.describe()}: {exc}") from exc
@@ -309,7 +330,7 @@ class HEContext:
         self.params = params
         self._ctx = native_context
         self._flood_key = flood_key  # secret: derived from the secret-key context, seeds decryption noise
-        self._scale = 2.0 ** params.scale_bits
+        self._scale = 2.0**params.scale_bits
         self._parms_id = list(native_context.seal_context().first_parms_id())
         data_primes = len(params.coeff_mod_bit_sizes) - 1
         raw = 2 * params.poly_modulus_degree * data_primes * 8  # two polynomials of 64-bit residues
@@ -319,7 +340,7 @@ class HEContext:
     def load(cls, data: bytes, *, expect_secret_key: bool | None = None, where: str = "he_context.bin") -> HEContext:
         """Parse and check a context file; `expect_secret_key=False` is how a server refuses a site's file."""
         view = memoryview(data)
-        if bytes(view[:len(_CONTEXT_MAGIC)]) != _CONTEXT_MAGIC:
+        if bytes(view[: len(_CONTEXT_MAGIC)]) != _CONTEXT_MAGIC:
             raise EncryptionError(f"{where}: not a fedgrid HE context (bad magic); provision the project again")
         offset = len(_CONTEXT_MAGIC)
         meta_raw, offset = _take_sized(view, offset, _MAX_CONTEXT_META, where, "metadata")
@@ -342,9 +363,11 @@ class HEContext:
         except (ValueError, RuntimeError, TypeError) as exc:
             raise EncryptionError(f"{where}: the TenSEAL context does not load ({exc})") from exc
         seal = native_context.seal_context()
-        found = (seal.key_context_data().parms().poly_modulus_degree(),
-                 seal.key_context_data().total_coeff_modulus_bit_count(),
-                 seal.first_context_data().total_coeff_modulus_bit_count())
+        found = (
+            seal.key_context_data().parms().poly_modulus_degree(),
+            seal.key_context_data().total_coeff_modulus_bit_count(),
+            seal.first_context_data().total_coeff_modulus_bit_count(),
+        )
         if found != (params.poly_modulus_degree, sum(params.coeff_mod_bit_sizes), params.data_bits):
             raise EncryptionError(f"{where}: the TenSEAL context does not match the parameters recorded with it")
         if bool(native_context.has_secret_key()) != secret_flag:
@@ -352,7 +375,9 @@ class HEContext:
         if expect_secret_key is not None and secret_flag != expect_secret_key:
             raise EncryptionError(
                 f"{where}: holds a secret key, which the server must never have; use the server kit's context"
-                if secret_flag else f"{where}: holds no secret key; a site needs the context from a site kit")
+                if secret_flag
+                else f"{where}: holds no secret key; a site needs the context from a site kit"
+            )
         flood_key = hashlib.sha256(b"fedgrid he decryption noise\0" + body).digest() if secret_flag else b""
         return cls(context_id, params, native_context, flood_key)
 
@@ -367,8 +392,10 @@ class HEContext:
         return bool(self._ctx.has_public_key())
 
     def __repr__(self) -> str:
-        return (f"HEContext(id={self.context_id[:12]}, {'secret' if self.has_secret_key else 'public'}, "
-                f"{self.params.describe()})")
+        return (
+            f"HEContext(id={self.context_id[:12]}, {'secret' if self.has_secret_key else 'public'}, "
+            f"{self.params.describe()})"
+        )
 
 
 def _take_sized(view: memoryview, offset: int, limit: int, where: str, what: str) -> tuple[memoryview, int]:
@@ -378,7 +405,7 @@ def _take_sized(view: memoryview, offset: int, limit: int, where: str, what: str
     offset += 4
     if length > limit or offset + length > len(view):
         raise EncryptionError(f"{where}: the {what} length {length} is out of bounds (file truncated or corrupt)")
-    return view[offset:offset + length], offset + length
+    return view[offset : offset + length], offset + length
 
 
 # -- layout ----------------------------------------------------------------------------------------
@@ -397,7 +424,7 @@ class _Spec:
     @property
     def shift(self) -> float:
         """Factor applied before encryption: integer tensors are scaled down to fit max_abs_value."""
-        return 1.0 if np.dtype(self.dtype).kind == "f" else 2.0 ** -INT_SHIFT_BITS
+        return 1.0 if np.dtype(self.dtype).kind == "f" else 2.0**-INT_SHIFT_BITS
 
 
 def _specs_from_layout(layout: Mapping[str, Any]) -> list[_Spec]:
@@ -415,8 +442,11 @@ def _compare_layout(got: list[_Spec], expected: list[_Spec], against: str, what:
     names, expected_names = {s.name for s in got}, {s.name for s in expected}
     missing, extra = sorted(expected_names - names), sorted(names - expected_names)
     if missing or extra:
-        parts = [f"{label} {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", extra)) if items]
+        parts = [
+            f"{label} {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", extra))
+            if items
+        ]
         raise PayloadError(f"{what}: tensor names differ from {against} ({'; '.join(parts)})")
     wanted = {s.name: s for s in expected}
     for spec in got:
@@ -442,7 +472,7 @@ def _flatten(arrays: Mapping[str, Any], params: HEParams, what: str) -> tuple[li
     flat = np.empty(sum(spec.size for spec in specs), dtype=np.float64)
     offset = 0
     for spec, array in zip(specs, values, strict=True):
-        part = flat[offset:offset + spec.size]
+        part = flat[offset : offset + spec.size]
         part[:] = array.reshape(-1)
         offset += spec.size
         if not spec.size:
@@ -454,7 +484,8 @@ def _flatten(arrays: Mapping[str, Any], params: HEParams, what: str) -> tuple[li
             limit = params.max_abs_value / spec.shift
             raise PayloadError(
                 f"{what}: tensor {spec.name!r} holds values up to {largest:.6g} in magnitude, above the {_num(limit)} "
-                "that he.max_abs_value allows for it; raise max_abs_value in project.yml (costs precision)")
+                "that he.max_abs_value allows for it; raise max_abs_value in project.yml (costs precision)"
+            )
         if spec.shift != 1.0:
             part *= spec.shift
     return specs, flat
@@ -464,7 +495,7 @@ def _unflatten(specs: list[_Spec], flat: np.ndarray) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     offset = 0
     for spec in specs:
-        part = flat[offset:offset + spec.size]
+        part = flat[offset : offset + spec.size]
         offset += spec.size
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
@@ -499,13 +530,16 @@ class _Framer:
         return data
 
     def start(self, ctx: HEContext, header: _Header) -> bytes:
-        body = json.dumps({
-            "context_id": ctx.context_id,
-            "params": ctx.params.fingerprint,
-            "weight": header.weight,
-            "count": header.count,
-            "tensors": [[s.name, s.dtype, list(s.shape)] for s in header.specs],
-        }, separators=(",", ":")).encode()
+        body = json.dumps(
+            {
+                "context_id": ctx.context_id,
+                "params": ctx.params.fingerprint,
+                "weight": header.weight,
+                "count": header.count,
+                "tensors": [[s.name, s.dtype, list(s.shape)] for s in header.specs],
+            },
+            separators=(",", ":"),
+        ).encode()
         return self._emit(_STREAM_MAGIC + _RECORD.pack(b"H", len(body)) + body)
 
     def record(self, body: bytes) -> bytes:
@@ -541,7 +575,7 @@ class _Reader:
         have = len(self._chunk) - self._pos
         if have >= n:
             return True
-        parts = [self._chunk[self._pos:]] if have else []
+        parts = [self._chunk[self._pos :]] if have else []
         while have < n:
             piece = next(self._pieces, None)
             if piece is None:
@@ -558,8 +592,9 @@ class _Reader:
         if not self._fill(n):
             raise PayloadError(
                 f"{self.what}: the stream ends early, after {self._consumed + len(self._chunk)} bytes "
-                "(truncated upload?)")
-        data = bytes(self._chunk[self._pos:self._pos + n])
+                "(truncated upload?)"
+            )
+        data = bytes(self._chunk[self._pos : self._pos + n])
         self._pos += n
         self._consumed += n
         if hashed:
@@ -600,7 +635,8 @@ def _read_header(reader: _Reader, ctx: HEContext) -> _Header:
     if context_id != ctx.context_id:
         raise EncryptionError(
             f"{what}: encrypted with HE context {str(context_id)[:12]}..., not this federation's "
-            f"{ctx.context_id[:12]}...; the site's kit comes from another provisioning run")
+            f"{ctx.context_id[:12]}...; the site's kit comes from another provisioning run"
+        )
     if fingerprint != ctx.params.fingerprint:
         raise EncryptionError(f"{what}: encrypted with other HE parameters than this context's")
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= ctx.params.max_total_weight:
@@ -616,8 +652,14 @@ def _parse_specs(tensors: Any, what: str) -> list[_Spec]:
         raise PayloadError(f"{what}: the header lists no tensors")
     specs = []
     for entry in tensors:
-        ok = (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in ALLOWED_DTYPES
-              and isinstance(entry[2], list) and all(_is_int(d) and d >= 0 for d in entry[2]))
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and entry[1] in ALLOWED_DTYPES
+            and isinstance(entry[2], list)
+            and all(_is_int(d) and d >= 0 for d in entry[2])
+        )
         if not ok:
             raise PayloadError(f"{what}: malformed tensor entry in the header: {str(entry)[:80]}")
         specs.append(_Spec(entry[0], entry[1], tuple(entry[2])))
@@ -636,13 +678,20 @@ def _read_ciphertext(reader: _Reader, ctx: HEContext, index: int, length: int) -
         vector = _native.CKKSVector(ctx._ctx, body)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise PayloadError(
-            f"{reader.what}: ciphertext {index} is corrupt or not valid for this HE context ({exc})") from exc
+            f"{reader.what}: ciphertext {index} is corrupt or not valid for this HE context ({exc})"
+        ) from exc
     ciphertexts = vector.ciphertext()
-    if (vector.size() != length or len(ciphertexts) != 1 or ciphertexts[0].size() != 2
-            or ciphertexts[0].scale != ctx._scale or list(ciphertexts[0].parms_id()) != ctx._parms_id):
+    if (
+        vector.size() != length
+        or len(ciphertexts) != 1
+        or ciphertexts[0].size() != 2
+        or ciphertexts[0].scale != ctx._scale
+        or list(ciphertexts[0].parms_id()) != ctx._parms_id
+    ):
         raise PayloadError(
             f"{reader.what}: ciphertext {index} does not have the expected form ({length} values, "
-            f"scale 2^{ctx.params.scale_bits}, fresh size, top level)")
+            f"scale 2^{ctx.params.scale_bits}, fresh size, top level)"
+        )
     return vector
 
 
@@ -650,7 +699,11 @@ def _read_ciphertext(reader: _Reader, ctx: HEContext, index: int, length: int) -
 
 
 def encrypt_update(
-    ctx: HEContext, arrays: Mapping[str, Any], weight: float, *, what: str = "encrypted update",
+    ctx: HEContext,
+    arrays: Mapping[str, Any],
+    weight: float,
+    *,
+    what: str = "encrypted update",
 ) -> Iterator[bytes]:
     """Check `arrays` now, then yield the stream in pieces as each ciphertext is ready.
 
@@ -663,7 +716,8 @@ def encrypt_update(
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= params.max_total_weight:
         raise PayloadError(
             f"{what}: the sample count must be a positive number up to he.max_total_weight "
-            f"({_num(params.max_total_weight)}), got {weight!r}")
+            f"({_num(params.max_total_weight)}), got {weight!r}"
+        )
     specs, flat = _flatten(arrays, params, what)
     flat *= float(weight)
     return _encrypt_stream(ctx, _Header(float(weight), 1, specs), flat, what)
@@ -675,7 +729,7 @@ def _encrypt_stream(ctx: HEContext, header: _Header, flat: np.ndarray, what: str
     slots = ctx.params.slots
     for start in range(0, flat.size, slots):
         try:
-            vector = _native.CKKSVector(ctx._ctx, flat[start:start + slots].tolist(), ctx._scale)
+            vector = _native.CKKSVector(ctx._ctx, flat[start : start + slots].tolist(), ctx._scale)
         except (ValueError, RuntimeError) as exc:
             raise EncryptionError(f"{what}: TenSEAL could not encrypt values {start}..: {exc}") from exc
         yield framer.record(vector.serialize())
@@ -717,7 +771,8 @@ class EncryptedSum:
         if total > self.ctx.params.max_total_weight:
             raise PayloadError(
                 f"{what}: the round's total sample count would reach {_num(total)}, above he.max_total_weight "
-                f"{_num(self.ctx.params.max_total_weight)}; raise it in project.yml and provision again")
+                f"{_num(self.ctx.params.max_total_weight)}; raise it in project.yml and provision again"
+            )
         staged = []
         for index, length in enumerate(_chunk_lengths(header.specs, self.ctx.params.slots)):
             vector = _read_ciphertext(reader, self.ctx, index, length)
@@ -746,7 +801,11 @@ class EncryptedSum:
 
 
 def decrypt_update(
-    ctx: HEContext, stream: Source, what: str = "encrypted model", *, layout: Mapping[str, Any] | None = None,
+    ctx: HEContext,
+    stream: Source,
+    what: str = "encrypted model",
+    *,
+    layout: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
     """(the weighted mean in its tensors' dtypes, the total weight) of an update or an aggregate.
 
@@ -781,14 +840,18 @@ def _decryption_noise(ctx: HEContext, digest: bytes, size: int) -> np.ndarray:
     noise to the same aggregate and the server can neither predict nor average it away.
     """
     params = ctx.params
-    sigma = FLOOD_FACTOR * SEAL_NOISE_SIGMA * math.sqrt(params.slots) / 2.0 ** params.scale_bits
+    sigma = FLOOD_FACTOR * SEAL_NOISE_SIGMA * math.sqrt(params.slots) / 2.0**params.scale_bits
     seed = int.from_bytes(hmac.new(ctx._flood_key, digest, hashlib.sha256).digest(), "little")
     noise = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)  # float32: half the time
     return noise * sigma
 
 
 def decrypt_mean(
-    ctx: HEContext, stream: Source, what: str = "encrypted model", *, layout: Mapping[str, Any] | None = None,
+    ctx: HEContext,
+    stream: Source,
+    what: str = "encrypted model",
+    *,
+    layout: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """The new global model: the decrypted sum divided by the total weight, same names, shapes, dtypes."""
     return decrypt_update(ctx, stream, what, layout=layout)[0]

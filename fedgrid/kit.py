@@ -268,8 +268,7 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
     )
     if identity != expected:
         raise KitError(
-            f"{cert_path}: the certificate names {identity}, but {CONFIG_FILE} says {expected}; "
-            "re-provision this kit"
+            f"{cert_path}: the certificate names {identity}, but {CONFIG_FILE} says {expected}; re-provision this kit"
         )
 
     key_pem = _read(key_path, f"{STARTUP_DIR}/{KEY_FILE}")
@@ -284,8 +283,10 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
     except FedgridError as exc:
         raise KitError(f"{startup / ROSTER_FILE}: {exc}; re-provision this kit") from None
     member = roster.find(identity.name)
-    if roster.project != identity.project or member is None or (member.type, member.org, member.role) != (
-        identity.type, identity.org, identity.role
+    if (
+        roster.project != identity.project
+        or member is None
+        or (member.type, member.org, member.role) != (identity.type, identity.org, identity.role)
     ):
         raise KitError(f"{startup / ROSTER_FILE}: does not list {identity.name} as in its certificate")
 

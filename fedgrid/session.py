@@ -17,11 +17,9 @@ server that cannot be reached raises UnreachableError saying how to start it.
 
 from __future__ import annotations
 
-import io
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -205,9 +203,3 @@ class Session:
             if isinstance(event, JobInfo):
                 return event
         return job_info_from_proto(apb.JobInfo())
-
-
-def read_result_zip(data: bytes) -> dict[str, Any]:
-    """Names and sizes in a downloaded result archive (used by tests and tools)."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {info.filename: info.file_size for info in archive.infolist()}

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from fedgrid import __version__
 from fedgrid.certs import Identity
 from fedgrid.v1 import common_pb2, federation_pb2_grpc
 from fedgrid.v1 import federation_pb2 as fpb
@@ -112,7 +111,3 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     ) -> common_pb2.Ack:
         message = self.runtime.receive_events(caller.name, request)
         return common_pb2.Ack(message=message)
-
-
-def version() -> str:
-    return __version__

@@ -83,11 +83,6 @@ class Result:
             self.path = None
 
 
-def discard(result: Result) -> None:
-    """Drop a result nobody will use, with its payload."""
-    result.discard()
-
-
 @dataclass(frozen=True)
 class SiteGone:
     """A site stopped taking part in the job (its worker failed or ended, or it went silent)."""
@@ -214,7 +209,7 @@ class TaskBoard:
                         yield item
                     continue
                 if item.task_id not in waiting:
-                    discard(item)
+                    item.discard()
                     continue
                 waiting[item.task_id].discard(item.site)
                 yield item
@@ -255,6 +250,7 @@ class UploadSlots:
     async def acquire(self, site: str, timeout: float | None) -> bool:
         """True once `site` holds a slot; False after `timeout` seconds without one."""
         async with self._changed:
+
             def free() -> bool:
                 self._expire()
                 return site in self._holders or len(self._holders) < self.count

@@ -35,14 +35,26 @@ example:    provision -p workspaces/project.yml -w /tmp/fl"""
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="provision", description=_DESCRIPTION, epilog=_EPILOG,
+        prog="provision",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-p", "--project", required=True, type=Path, metavar="PROJECT_YML",
-                        help="the project file (see workspaces/project.yml)")
-    parser.add_argument("-w", "--workspace", type=Path, metavar="WORKSPACE",
-                        help="where to write <project>/prod_NN and <project>/state "
-                             "(default: the folder holding the project file)")
+    parser.add_argument(
+        "-p",
+        "--project",
+        required=True,
+        type=Path,
+        metavar="PROJECT_YML",
+        help="the project file (see workspaces/project.yml)",
+    )
+    parser.add_argument(
+        "-w",
+        "--workspace",
+        type=Path,
+        metavar="WORKSPACE",
+        help="where to write <project>/prod_NN and <project>/state (default: the folder holding the project file)",
+    )
     return parser
 
 
@@ -59,8 +71,10 @@ def _summary(result: ProvisionResult) -> str:
     if result.new_ca:
         lines.append(f"new root CA in {result.state_dir} (keep this folder private, never hand it out)")
     else:
-        lines.append(f"reused the root CA in {result.state_dir}: kits of earlier runs stay valid, and a "
-                     "running server adopts this roster when a new participant first connects")
+        lines.append(
+            f"reused the root CA in {result.state_dir}: kits of earlier runs stay valid, and a "
+            "running server adopts this roster when a new participant first connects"
+        )
     server = result.kits[project.server.name] / k.STARTUP_DIR
     lines += ["next:", f"  start the server:    {server / k.START_SCRIPT}"]
     if project.clients:

@@ -86,8 +86,12 @@ def write_certificates(ctx: BuildContext, p: Participant, kit_dir: Path) -> None
     """rootCA.pem, and a new key (0600) with its certificate from the root CA."""
     identity = Identity(name=p.name, org=p.org, type=p.type, role=p.role, project=ctx.project.name)
     key, cert = issue_certificate(
-        ctx.ca_key, ctx.ca_cert, identity, key_type=ctx.project.certificate.key_type,
-        validity_days=ctx.project.certificate.validity_days, host=p.host,
+        ctx.ca_key,
+        ctx.ca_cert,
+        identity,
+        key_type=ctx.project.certificate.key_type,
+        validity_days=ctx.project.certificate.validity_days,
+        host=p.host,
     )
     startup = _startup(kit_dir)
     (startup / k.ROOT_CA_FILE).write_bytes(cert_pem(ctx.ca_cert))
@@ -102,18 +106,23 @@ def write_config(ctx: BuildContext, p: Participant, kit_dir: Path) -> None:
     if ctx.project.he.enabled:
         he.update(ctx.project.he.config)
     he["context"] = k.HE_CONTEXT_FILE if ctx.he is not None and p.type != "admin" else None
-    _write_json(_startup(kit_dir) / k.CONFIG_FILE, {
-        "project": ctx.project.name,
-        "name": p.name,
-        "type": p.type,
-        "org": p.org,
-        "role": p.role,
-        "server": {
-            "name": server.name, "host": server.host,
-            "fed_port": server.fed_port, "admin_port": server.admin_port,
+    _write_json(
+        _startup(kit_dir) / k.CONFIG_FILE,
+        {
+            "project": ctx.project.name,
+            "name": p.name,
+            "type": p.type,
+            "org": p.org,
+            "role": p.role,
+            "server": {
+                "name": server.name,
+                "host": server.host,
+                "fed_port": server.fed_port,
+                "admin_port": server.admin_port,
+            },
+            "he": he,
         },
-        "he": he,
-    })
+    )
 
 
 def write_roster(ctx: BuildContext, p: Participant, kit_dir: Path) -> None:
@@ -174,12 +183,14 @@ def _readme(ctx: BuildContext, p: Participant) -> list[str]:
             "Set FEDGRID_PYTHON to the python that has fedgrid installed if it is not python3.",
         ]
         if p.type == "server":
-            lines.append(f"Listens on {server.host}: port {server.fed_port} for sites, "
-                         f"{server.admin_port} for admins.")
+            lines.append(f"Listens on {server.host}: port {server.fed_port} for sites, {server.admin_port} for admins.")
         else:
             lines.append(f"Connects to the server {server.name} at {server.host}:{server.fed_port}.")
-    local = {"server": f"{SERVER_SETTINGS_FILE}, {POLICY_FILE}", "client": SITE_SETTINGS_FILE,
-             "admin": ADMIN_SETTINGS_FILE}[p.type]
+    local = {
+        "server": f"{SERVER_SETTINGS_FILE}, {POLICY_FILE}",
+        "client": SITE_SETTINGS_FILE,
+        "admin": ADMIN_SETTINGS_FILE,
+    }[p.type]
     lines += [
         "",
         f"{k.STARTUP_DIR}/ is signed by the project's root CA ({SIGNATURE_FILE}): change nothing in it;",
@@ -233,9 +244,7 @@ def roster_payload(project: Project, version: int, issued: dt.datetime) -> dict[
         "project": project.name,
         "version": version,
         "issued": issued.isoformat(timespec="seconds"),
-        "participants": [
-            {"name": p.name, "type": p.type, "org": p.org, "role": p.role} for p in project.participants
-        ],
+        "participants": [{"name": p.name, "type": p.type, "org": p.org, "role": p.role} for p in project.participants],
     }
 
 

@@ -65,16 +65,20 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
 
 
 def create_root_ca(
-    project: str, key_type: str = DEFAULT_KEY_TYPE, validity_days: int = CA_VALIDITY_DAYS,
+    project: str,
+    key_type: str = DEFAULT_KEY_TYPE,
+    validity_days: int = CA_VALIDITY_DAYS,
     now: dt.datetime | None = None,
 ) -> tuple[PrivateKey, x509.Certificate]:
     """A new self-signed root CA for `project` (CN "<project> root CA")."""
     now = now or dt.datetime.now(dt.UTC)
     key = generate_key(key_type)
-    name = x509.Name([
-        x509.NameAttribute(NameOID.COMMON_NAME, f"{project} root CA"),
-        _project_attribute(project),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{project} root CA"),
+            _project_attribute(project),
+        ]
+    )
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
@@ -87,9 +91,15 @@ def create_root_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -157,9 +167,14 @@ def issue_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False,
-                key_encipherment=isinstance(key, rsa.RSAPrivateKey), data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,

@@ -81,7 +81,10 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
             version = state.roster_version + 1
             roster = sign_roster(roster_payload(project, version, dt.datetime.now(dt.UTC)), state.ca_key)
             ctx = BuildContext(
-                project=project, ca_key=state.ca_key, ca_cert=state.ca_cert, roster_json=roster,
+                project=project,
+                ca_key=state.ca_key,
+                ca_cert=state.ca_cert,
+                roster_json=roster,
                 he=prepare_he(project, ws.load_he() if state is not None and not new_ca else None),
             )
             prod_dir = ws.next_prod_dir()
@@ -90,9 +93,7 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
                 build_kit(ctx, participant, staging / participant.name)
                 load_kit(staging / participant.name, expect_type=participant.type)
             state_created = new_ca
-            ws.save_state(
-                State(ca_key=state.ca_key, ca_cert=state.ca_cert, roster_version=version), new_ca=new_ca
-            )
+            ws.save_state(State(ca_key=state.ca_key, ca_cert=state.ca_cert, roster_version=version), new_ca=new_ca)
             if ctx.he is not None:
                 ws.save_he(ctx.he)
             staging.rename(prod_dir)

@@ -114,9 +114,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_keys(
-    data: dict[Any, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str
-) -> None:
+def _check_keys(data: dict[Any, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in allowed:
             _fail(where, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
@@ -143,8 +141,7 @@ def _parse_certificate(value: Any, where: str) -> CertificateSpec:
     _check_keys(value, CERTIFICATE_KEYS, (), f"{where}: certificate")
     days = value.get("validity_days", DEFAULT_VALIDITY_DAYS)
     if not _is_int(days) or not 1 <= days <= MAX_VALIDITY_DAYS:
-        _fail(where, f"certificate.validity_days must be an integer from 1 to {MAX_VALIDITY_DAYS}, "
-                     f"got {days!r}")
+        _fail(where, f"certificate.validity_days must be an integer from 1 to {MAX_VALIDITY_DAYS}, got {days!r}")
     key_type = value.get("key_type", DEFAULT_KEY_TYPE)
     if key_type not in KEY_TYPES:
         _fail(where, f"certificate.key_type must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
@@ -191,8 +188,11 @@ def _parse_he(value: Any, where: str) -> HESpec:
 
 def _parse_participant(entry: Any, index: int, where: str) -> Participant:
     if not isinstance(entry, dict):
-        _fail(where, f"participant #{index}: expected a mapping like "
-                     f"{{name: site-1, type: client, org: ...}}, got {_type_name(entry)}")
+        _fail(
+            where,
+            f"participant #{index}: expected a mapping like "
+            f"{{name: site-1, type: client, org: ...}}, got {_type_name(entry)}",
+        )
     name = entry.get("name")
     if "name" not in entry:
         _fail(where, f"participant #{index}: missing key 'name'")
@@ -208,16 +208,17 @@ def _parse_participant(entry: Any, index: int, where: str) -> Participant:
     for key in entry:
         if key not in allowed:
             if key in _ONLY_FOR:
-                _fail(at, f"key {key!r} is only for {_ONLY_FOR[key]}; "
-                          f"allowed for a {kind}: {', '.join(allowed)}")
+                _fail(at, f"key {key!r} is only for {_ONLY_FOR[key]}; allowed for a {kind}: {', '.join(allowed)}")
             _fail(at, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
     for key in allowed:
         if key not in entry:
             _fail(at, f"missing key {key!r}")
     if not valid_name(name, kind):
         if kind == "admin":
-            _fail(at, "invalid name: an admin is named by an e-mail address such as admin@nvidia.com "
-                      "(at most 64 characters)")
+            _fail(
+                at,
+                "invalid name: an admin is named by an e-mail address such as admin@nvidia.com (at most 64 characters)",
+            )
         _fail(at, f"invalid name: use {_NAME_RULE}")
     org = entry["org"]
     if not isinstance(org, str) or not NAME_RE.match(org):
@@ -249,8 +250,7 @@ def parse_project(data: Any, where: str = "project.yml") -> Project:
     _check_keys(data, TOP_KEYS, REQUIRED_TOP_KEYS, where)
     version = data["api_version"]
     if not _is_int(version) or version != API_VERSION:
-        _fail(where, f"api_version {version!r} is not supported; "
-                     f"this provision reads api_version {API_VERSION}")
+        _fail(where, f"api_version {version!r} is not supported; this provision reads api_version {API_VERSION}")
     name = data["name"]
     if not isinstance(name, str) or not NAME_RE.match(name):
         _fail(where, f"name {name!r} is not a valid project name: use {_NAME_RULE}")
@@ -272,21 +272,24 @@ def parse_project(data: Any, where: str = "project.yml") -> Project:
         folded = participant.name.lower()
         if folded in seen:
             other = seen[folded]
-            _fail(at, f"duplicate name: participant #{other} is {entries[other - 1]['name']!r} "
-                      "(names must differ in more than letter case)")
+            _fail(
+                at,
+                f"duplicate name: participant #{other} is {entries[other - 1]['name']!r} "
+                "(names must differ in more than letter case)",
+            )
         seen[folded] = index
         if participant.type == "server":
             if server_at is not None:
-                _fail(at, f"a second server: participant #{server_at} is the server already, "
-                          "and a project has exactly one")
+                _fail(
+                    at,
+                    f"a second server: participant #{server_at} is the server already, and a project has exactly one",
+                )
             server_at = index
         participants.append(participant)
     if server_at is None:
         _fail(where, "participants: no server; add one participant with type: server")
     he = _parse_he(data.get("he"), where)
-    return Project(
-        name=name, description=description, certificate=certificate, he=he, participants=tuple(participants)
-    )
+    return Project(name=name, description=description, certificate=certificate, he=he, participants=tuple(participants))
 
 
 def _duplicate_key(node: yaml.Node, seen: set[int]) -> tuple[str, yaml.Mark] | None:

@@ -41,7 +41,9 @@ is_ours() {
 }
 """
 
-_START_BODY = _DAEMON_FILES + r"""
+_START_BODY = (
+    _DAEMON_FILES
+    + r"""
 usage() {
   echo "usage: $(basename "$0") [-f|--foreground]"
   echo "Starts the $MODULE daemon of this kit in the background (log: $LOG_FILE)."
@@ -57,7 +59,10 @@ for arg in "$@"; do
     *) echo "error: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
   esac
 done
-""" + _CHECK_PYTHON + _IS_OURS + r"""
+"""
+    + _CHECK_PYTHON
+    + _IS_OURS
+    + r"""
 if [[ -f "$PID_FILE" ]]; then
   OLD_PID="$(cat "$PID_FILE" 2>/dev/null || true)"
   if is_ours "$OLD_PID"; then
@@ -93,8 +98,12 @@ while [[ ! -f "$READY_FILE" ]]; do
 done
 echo "started $MODULE, pid $PID, log $LOG_FILE"
 """
+)
 
-_STOP_BODY = _DAEMON_FILES + _IS_OURS + r"""
+_STOP_BODY = (
+    _DAEMON_FILES
+    + _IS_OURS
+    + r"""
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   echo "usage: $(basename "$0")"
   echo "Stops the $MODULE daemon of this kit: SIGTERM, then SIGKILL if it has not exited after 10 s."
@@ -123,10 +132,14 @@ fi
 rm -f "$PID_FILE" "$READY_FILE"
 echo "stopped $MODULE, pid $PID"
 """
+)
 
-_ADMIN_BODY = _CHECK_PYTHON + r"""
+_ADMIN_BODY = (
+    _CHECK_PYTHON
+    + r"""
 exec "$PY" -m fedgrid.console --kit "$KIT" "$@"
 """
+)
 
 
 def _prelude(purpose: str, module: str) -> str:

@@ -77,12 +77,17 @@ def project_dict(
     or explicit (name, org, role) tuples.
     """
     participants: list[dict[str, Any]] = [
-        {"name": "server", "type": "server", "org": "org-a", "host": host,
-         "fed_port": fed_port, "admin_port": admin_port},
+        {
+            "name": "server",
+            "type": "server",
+            "org": "org-a",
+            "host": host,
+            "fed_port": fed_port,
+            "admin_port": admin_port,
+        },
     ]
     participants += [
-        {"name": f"site-{i}", "type": "client", "org": "org-a" if i % 2 else "org-b"}
-        for i in range(1, n_sites + 1)
+        {"name": f"site-{i}", "type": "client", "org": "org-a" if i % 2 else "org-b"} for i in range(1, n_sites + 1)
     ]
     used: dict[str, int] = {}
     for admin in admins:

@@ -81,8 +81,9 @@ class RogueSite:
                 return
             last = header.task_id
             if header.evaluate_task_id:
-                scored = fpb.ResultHeader(job_id=job_id, task_id=header.evaluate_task_id, num_samples=self.samples,
-                                          metrics={"accuracy": 0.5})
+                scored = fpb.ResultHeader(
+                    job_id=job_id, task_id=header.evaluate_task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
+                )
                 self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, scored, []))
             if header.kind == "train":
                 fmt, payload = self.answer(header, buffer.getvalue())

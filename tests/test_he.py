@@ -48,8 +48,10 @@ def make_update(seed: int, shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict[
 
 def weighted_mean(updates: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     total = sum(weights)
-    return {name: sum(u[name].astype(np.float64) * w for u, w in zip(updates, weights, strict=True)) / total
-            for name in updates[0]}
+    return {
+        name: sum(u[name].astype(np.float64) * w for u, w in zip(updates, weights, strict=True)) / total
+        for name in updates[0]
+    }
 
 
 def encrypt(ctx: he.HEContext, arrays: dict[str, np.ndarray], weight: float) -> bytes:
@@ -58,7 +60,7 @@ def encrypt(ctx: he.HEContext, arrays: dict[str, np.ndarray], weight: float) -> 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
     """The same bytes cut differently, as the transport may deliver them."""
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def records(stream: bytes) -> list[tuple[bytes, bytes]]:
@@ -67,7 +69,7 @@ def records(stream: bytes) -> list[tuple[bytes, bytes]]:
     out, pos = [], 5
     while pos < len(stream):
         (length,) = struct.unpack_from("<I", stream, pos + 1)
-        out.append((stream[pos:pos + 1], stream[pos + 5:pos + 5 + length]))
+        out.append((stream[pos : pos + 1], stream[pos + 5 : pos + 5 + length]))
         pos += 5 + length
     return out
 
@@ -200,7 +202,7 @@ def test_encrypted_bytes_do_not_contain_the_plaintext(site_ctx: he.HEContext) ->
             continue
         for raw in (array.tobytes(), array.astype(np.float64).tobytes()):
             window = 16  # four float32 values, two float64 values in a row
-            runs = {raw[i:i + window] for i in range(0, len(raw) - window + 1, 4)}
+            runs = {raw[i : i + window] for i in range(0, len(raw) - window + 1, 4)}
             assert not any(run in stream for run in runs), name
 
 
@@ -224,8 +226,9 @@ def finish_and_check(total: he.EncryptedSum, site_ctx: he.HEContext, updates: li
 def test_update_from_another_context_is_refused(site_ctx: he.HEContext, server_ctx: he.HEContext) -> None:
     total, updates, weights = good_sum(site_ctx, server_ctx)
     other_secret, _ = he.create_contexts(SMALL)  # same parameters, another provisioning run
-    other_params_secret, _ = he.create_contexts(he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(56, 40),
-                                                            scale_bits=27, max_abs_value=128))
+    other_params_secret, _ = he.create_contexts(
+        he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(56, 40), scale_bits=27, max_abs_value=128)
+    )
     for other in (other_secret, other_params_secret):
         stream = encrypt(he.HEContext.load(other), make_update(12), 100.0)
         with pytest.raises(EncryptionError, match="site-9: encrypted with HE context"):
@@ -258,15 +261,16 @@ def test_corrupted_ciphertexts_are_refused(site_ctx: he.HEContext, server_ctx: h
     with pytest.raises(PayloadError, match="ciphertext 1 is corrupt or not valid"):
         total.add(reframe([header, first, (b"C", garbage), (b"E", b"")]))
 
-    other_ring = he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(50, 50), max_abs_value=16,
-                             max_total_weight=1 << 14)  # valid TenSEAL bytes, another prime
+    other_ring = he.HEParams(
+        poly_modulus_degree=4096, coeff_mod_bit_sizes=(50, 50), max_abs_value=16, max_total_weight=1 << 14
+    )  # valid TenSEAL bytes, another prime
     foreign = records(encrypt(he.HEContext.load(he.create_contexts(other_ring)[0]), make_update(13), 100.0))[1][1]
     with pytest.raises(PayloadError, match="ciphertext 0 is corrupt or not valid"):
         total.add(reframe([header, (b"C", foreign), second, (b"E", b"")]))
 
     values = [0.5] * SMALL.slots
-    rescaled = he._native.CKKSVector(site_ctx._ctx, values, 2.0 ** 30).serialize()  # valid, other scale
-    short = he._native.CKKSVector(site_ctx._ctx, values[:100], 2.0 ** SMALL.scale_bits).serialize()
+    rescaled = he._native.CKKSVector(site_ctx._ctx, values, 2.0**30).serialize()  # valid, other scale
+    short = he._native.CKKSVector(site_ctx._ctx, values[:100], 2.0**SMALL.scale_bits).serialize()
     for odd in (rescaled, short):
         with pytest.raises(PayloadError, match="ciphertext 0 does not have the expected form"):
             total.add(reframe([header, (b"C", odd), second, (b"E", b"")]))
@@ -361,32 +365,39 @@ def test_default_parameters_are_accepted() -> None:
     assert he.HEParams.from_dict(params.to_dict(), where=WHERE) == params
     assert params.data_bits == 56 and sum(params.coeff_mod_bit_sizes) <= he.MAX_COEFF_BITS[8192]
     assert params.error_bound(100) < 2e-6
-    flare_style = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40,
-                   "encryption": "asymmetric"}
+    flare_style = {
+        "poly_modulus_degree": 8192,
+        "coeff_mod_bit_sizes": [60, 40, 40],
+        "scale_bits": 40,
+        "encryption": "asymmetric",
+    }
     assert he.HEParams.from_dict(flare_style, where=WHERE).data_bits == 100
 
 
-@pytest.mark.parametrize(("values", "key"), [
-    ({"poly_modulus_degree": 5000}, "poly_modulus_degree"),
-    ({"poly_modulus_degree": 2048}, "poly_modulus_degree"),
-    ({"poly_modulus_degree": True}, "poly_modulus_degree"),
-    ({"coeff_mod_bit_sizes": [56]}, "coeff_mod_bit_sizes"),
-    ({"coeff_mod_bit_sizes": "56,56"}, "coeff_mod_bit_sizes"),
-    ({"coeff_mod_bit_sizes": [56, 61]}, "coeff_mod_bit_sizes[1]"),
-    ({"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [56, 56]}, "128-bit security"),  # 112 > 109
-    ({"coeff_mod_bit_sizes": [60, 60, 60, 40]}, "128-bit security"),  # 220 > 218
-    ({"scale_bits": 54}, "scale_bits 54 is too large"),
-    ({"scale_bits": 30}, "max_abs_value"),  # no headroom left for the weighted sum
-    ({"max_total_weight": 1e9}, "max_total_weight"),
-    ({"max_abs_value": 1 << 12}, "max_abs_value"),
-    ({"scale_bits": 22}, "scale_bits 22 is too small"),
-    ({"scale_bits": 26.5}, "scale_bits"),
-    ({"max_abs_value": -1}, "max_abs_value"),
-    ({"max_total_weight": "many"}, "max_total_weight"),
-    ({"encryption": "rsa"}, "encryption"),
-    ({"enabled": "yes"}, "enabled"),
-    ({"poly_degree": 8192}, "unknown key 'poly_degree'"),
-])
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"poly_modulus_degree": 5000}, "poly_modulus_degree"),
+        ({"poly_modulus_degree": 2048}, "poly_modulus_degree"),
+        ({"poly_modulus_degree": True}, "poly_modulus_degree"),
+        ({"coeff_mod_bit_sizes": [56]}, "coeff_mod_bit_sizes"),
+        ({"coeff_mod_bit_sizes": "56,56"}, "coeff_mod_bit_sizes"),
+        ({"coeff_mod_bit_sizes": [56, 61]}, "coeff_mod_bit_sizes[1]"),
+        ({"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [56, 56]}, "128-bit security"),  # 112 > 109
+        ({"coeff_mod_bit_sizes": [60, 60, 60, 40]}, "128-bit security"),  # 220 > 218
+        ({"scale_bits": 54}, "scale_bits 54 is too large"),
+        ({"scale_bits": 30}, "max_abs_value"),  # no headroom left for the weighted sum
+        ({"max_total_weight": 1e9}, "max_total_weight"),
+        ({"max_abs_value": 1 << 12}, "max_abs_value"),
+        ({"scale_bits": 22}, "scale_bits 22 is too small"),
+        ({"scale_bits": 26.5}, "scale_bits"),
+        ({"max_abs_value": -1}, "max_abs_value"),
+        ({"max_total_weight": "many"}, "max_total_weight"),
+        ({"encryption": "rsa"}, "encryption"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"poly_degree": 8192}, "unknown key 'poly_degree'"),
+    ],
+)
 def test_bad_parameters_are_refused_naming_the_key(values: dict, key: str) -> None:
     with pytest.raises(ProjectFileError) as caught:
         he.HEParams.from_dict({"enabled": True, **values}, where=WHERE)
@@ -407,8 +418,14 @@ def test_encrypted_mlp_update_is_at_most_8x_its_float32_bytes() -> None:
     secret, public = he.create_contexts(he.HEParams())
     site = he.HEContext.load(secret)
     rng = np.random.default_rng(0)
-    shapes = {"fc1.weight": (512, 784), "fc1.bias": (512,), "fc2.weight": (512, 512), "fc2.bias": (512,),
-              "fc3.weight": (10, 512), "fc3.bias": (10,)}
+    shapes = {
+        "fc1.weight": (512, 784),
+        "fc1.bias": (512,),
+        "fc2.weight": (512, 512),
+        "fc2.bias": (512,),
+        "fc3.weight": (10, 512),
+        "fc3.bias": (10,),
+    }
     update = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
     plain = sum(a.nbytes for a in update.values())
     assert plain == 669_706 * 4

@@ -113,14 +113,16 @@ def _other_root_ca(path: Path) -> None:
 
 TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
     "config byte changed": (
-        lambda kit: _flip_byte(kit / "startup/config.json"), "startup/config.json was changed after signing",
+        lambda kit: _flip_byte(kit / "startup/config.json"),
+        "startup/config.json was changed after signing",
     ),
     "script edited": (
         lambda kit: (kit / "startup/start.sh").write_text("#!/bin/sh\necho hi\n"),
         "startup/start.sh was changed after signing",
     ),
     "key replaced": (
-        lambda kit: (kit / "startup/key.pem").write_bytes(b"x"), "startup/key.pem was changed after signing",
+        lambda kit: (kit / "startup/key.pem").write_bytes(b"x"),
+        "startup/key.pem was changed after signing",
     ),
     "file added": (
         lambda kit: (kit / "startup/extra.sh").write_text("echo evil\n"),
@@ -141,13 +143,16 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
         "startup/signature.json: signature does not verify",
     ),
     "signature not JSON": (
-        lambda kit: (kit / "startup/signature.json").write_text("{oops"), "startup/signature.json: not valid JSON",
+        lambda kit: (kit / "startup/signature.json").write_text("{oops"),
+        "startup/signature.json: not valid JSON",
     ),
     "signature deleted": (
-        lambda kit: (kit / "startup/signature.json").unlink(), "startup/signature.json is missing",
+        lambda kit: (kit / "startup/signature.json").unlink(),
+        "startup/signature.json is missing",
     ),
     "root CA swapped": (
-        lambda kit: _other_root_ca(kit / "startup/rootCA.pem"), "startup/signature.json: signature does not verify",
+        lambda kit: _other_root_ca(kit / "startup/rootCA.pem"),
+        "startup/signature.json: signature does not verify",
     ),
 }
 
@@ -169,9 +174,7 @@ def test_local_settings_may_change(site_kit: Path) -> None:
     assert load_kit(site_kit).name == "site-1"
 
 
-def test_key_of_another_participant_is_refused(
-    site_kit: Path, provisioned_project: ProvisionedProject
-) -> None:
+def test_key_of_another_participant_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:
     shutil.copyfile(provisioned_project.sites[1] / "startup/key.pem", site_kit / "startup/key.pem")
     resign(site_kit, provisioned_project)
     with pytest.raises(KitError, match=r"key.pem: this key does not belong to cert.pem"):
@@ -265,9 +268,14 @@ def _bare_cert(ca: tuple, attributes: list[x509.NameAttribute]) -> x509.Certific
     ca_key, ca_cert = ca
     now = dt.datetime.now(dt.UTC)
     return (
-        x509.CertificateBuilder().subject_name(x509.Name(attributes)).issuer_name(ca_cert.subject)
-        .public_key(generate_key().public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(ca_key, hashes.SHA256())
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca_cert.subject)
+        .public_key(generate_key().public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
     )
 
 
@@ -278,15 +286,22 @@ def test_identity_needs_every_attribute(ca: tuple) -> None:
     org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, "org-a")
     with pytest.raises(IdentityError, match="certificate of site-1: no OU"):
         identity_from_cert(_bare_cert(ca, [cn, org]))
-    admin = [x509.NameAttribute(NameOID.COMMON_NAME, "x@y.org"), org,
-             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin"),
-             x509.NameAttribute(NameOID.DN_QUALIFIER, "p")]
+    admin = [
+        x509.NameAttribute(NameOID.COMMON_NAME, "x@y.org"),
+        org,
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin"),
+        x509.NameAttribute(NameOID.DN_QUALIFIER, "p"),
+    ]
     with pytest.raises(IdentityError, match="no TITLE"):
         identity_from_cert(_bare_cert(ca, admin))
     with pytest.raises(IdentityError, match="role 'king'"):
         identity_from_cert(_bare_cert(ca, [*admin, x509.NameAttribute(NameOID.TITLE, "king")]))
-    kinds = [cn, org, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "robot"),
-             x509.NameAttribute(NameOID.DN_QUALIFIER, "p")]
+    kinds = [
+        cn,
+        org,
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "robot"),
+        x509.NameAttribute(NameOID.DN_QUALIFIER, "p"),
+    ]
     with pytest.raises(IdentityError, match="type 'robot'"):
         identity_from_cert(_bare_cert(ca, kinds))
 
@@ -296,7 +311,9 @@ def test_identity_needs_every_attribute(ca: tuple) -> None:
 
 def _payload(version: int = 3) -> dict:
     return {
-        "project": "test_project", "version": version, "issued": "2025-01-02T03:04:05+00:00",
+        "project": "test_project",
+        "version": version,
+        "issued": "2025-01-02T03:04:05+00:00",
         "participants": [
             {"name": "server", "type": "server", "org": "org-a", "role": None},
             {"name": "site-1", "type": "client", "org": "org-a", "role": None},
@@ -330,11 +347,14 @@ def test_roster_signed_by_another_projects_ca_is_refused(ca: tuple) -> None:
         load_roster(sign_roster(_payload(), other_key), ca[1])
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"not json", "not valid JSON"),
-    (b"[]", "expected exactly the keys payload and signature"),
-    (b'{"payload": {}, "signature": "!!"}', "signature must be a base64 string"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "expected exactly the keys payload and signature"),
+        (b'{"payload": {}, "signature": "!!"}', "signature must be a base64 string"),
+    ],
+)
 def test_malformed_roster(ca: tuple, data: bytes, message: str) -> None:
     with pytest.raises(IdentityError, match=message):
         load_roster(data, ca[1])
@@ -437,7 +457,9 @@ def test_kits_connect_over_mutual_tls(
     _check(provisioned_project.sites[1], port)
     _check(provisioned_project.admin_roles["member"], port)
     assert [(c.name, c.type, c.role) for c in servicer.callers] == [
-        ("site-2", "client", None), ("member@org-a.example", "admin", "member")]
+        ("site-2", "client", None),
+        ("member@org-a.example", "admin", "member"),
+    ]
 
     from conftest import provision_project  # a project with its own root CA
 
@@ -465,7 +487,10 @@ while :; do sleep 0.05; done
 
 def _run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(script), *args], capture_output=True, text=True, timeout=30,
+        ["bash", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "FEDGRID_START_TIMEOUT": "10", **env},
     )
 
@@ -534,9 +559,7 @@ def test_start_reports_a_daemon_that_dies(site_kit: Path, tmp_path: Path) -> Non
     assert _alive(os.getpid())
 
 
-def test_admin_script_passes_arguments_to_the_console(
-    provisioned_project: ProvisionedProject, tmp_path: Path
-) -> None:
+def test_admin_script_passes_arguments_to_the_console(provisioned_project: ProvisionedProject, tmp_path: Path) -> None:
     stub = tmp_path / "python"
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)

@@ -29,9 +29,7 @@ def test_parameter_counts(name: str, cls: type, params: int) -> None:
     assert count_parameters(model) == params
 
 
-@pytest.mark.parametrize(
-    ("name", "shape"), [("mlp", (28, 28)), ("cnn", (28, 28)), ("cifar10-cnn", (32, 32, 3))]
-)
+@pytest.mark.parametrize(("name", "shape"), [("mlp", (28, 28)), ("cnn", (28, 28)), ("cifar10-cnn", (32, 32, 3))])
 def test_forward_shapes_from_loader_batches(name: str, shape: tuple[int, ...]) -> None:
     x, y = random_images(5, shape)
     xb, yb = next(iter(make_loader(x, y, batch_size=4, shuffle=False)))

@@ -138,8 +138,11 @@ def test_every_kit_loads_and_matches_its_participant(provisioned_project: Provis
     project = provisioned_project
     server = load_kit(project.server, expect_type="server")
     assert (server.name, server.type, server.org, server.role) == ("server", "server", "org-a", None)
-    assert (server.server_host, server.fed_port, server.admin_port) == ("127.0.0.1", project.fed_port,
-                                                                        project.admin_port)
+    assert (server.server_host, server.fed_port, server.admin_port) == (
+        "127.0.0.1",
+        project.fed_port,
+        project.admin_port,
+    )
     assert server.roster.version == 1
     assert [m.name for m in server.roster.participants] == [k.name for k in project.kits]
     site = load_kit(project.sites[1], expect_type="client")
@@ -152,6 +155,7 @@ def test_every_kit_loads_and_matches_its_participant(provisioned_project: Provis
 
 def test_local_settings_and_config_content(provisioned_project: ProvisionedProject) -> None:
     project = provisioned_project
+
     def read(path: Path) -> Any:
         return json.loads(path.read_text())
 
@@ -160,10 +164,17 @@ def test_local_settings_and_config_content(provisioned_project: ProvisionedProje
     assert read(project.sites[0] / "local/site.json") == settings_to_dict(SiteSettings())
     config = json.loads((project.admin_roles["lead"] / "startup/config.json").read_text())
     assert config == {
-        "project": "test_project", "name": "lead@org-a.example", "type": "admin", "org": "org-a",
+        "project": "test_project",
+        "name": "lead@org-a.example",
+        "type": "admin",
+        "org": "org-a",
         "role": "lead",
-        "server": {"name": "server", "host": "127.0.0.1", "fed_port": project.fed_port,
-                   "admin_port": project.admin_port},
+        "server": {
+            "name": "server",
+            "host": "127.0.0.1",
+            "fed_port": project.fed_port,
+            "admin_port": project.admin_port,
+        },
         "he": {"enabled": False, "context": None},
     }
     readme = (project.sites[0] / "readme.txt").read_text()
@@ -283,9 +294,11 @@ ADMIN = "project-admin@org-a.example"
 
 def _set(who: str | None, **values: Any) -> Change:
     """Set keys of the participant `who` (None: of the top level)."""
+
     def apply(data: dict[str, Any]) -> None:
         target = data if who is None else next(p for p in data["participants"] if p["name"] == who)
         target.update(values)
+
     return apply
 
 
@@ -293,6 +306,7 @@ def _drop(who: str | None, key: str) -> Change:
     def apply(data: dict[str, Any]) -> None:
         target = data if who is None else next(p for p in data["participants"] if p["name"] == who)
         del target[key]
+
     return apply
 
 
@@ -322,7 +336,8 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
     "participant missing org": (_drop("site-1", "org"), ("participant 'site-1' (#2)", "missing key 'org'")),
     "participant missing type": (_drop("site-1", "type"), ("participant 'site-1' (#2)", "'type'")),
     "participant unknown type": (
-        _set("site-1", type="worker"), ("participant 'site-1' (#2)", "type must be one of", "'worker'"),
+        _set("site-1", type="worker"),
+        ("participant 'site-1' (#2)", "type must be one of", "'worker'"),
     ),
     "participant without name": (_add({"type": "client", "org": "x"}), ("participant #5", "key 'name'")),
     "participant not a mapping": (_add("site-9"), ("participant #5", "expected a mapping")),
@@ -336,15 +351,17 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
     "duplicate name by case": (_set("site-2", name="SITE-1"), ("participant 'SITE-1' (#3)", "duplicate")),
     "no server": (lambda data: data["participants"].pop(0), ("no server",)),
     "two servers": (
-        _add({"name": "server2", "type": "server", "org": "org-a", "host": "localhost",
-              "fed_port": 1, "admin_port": 2}),
+        _add(
+            {"name": "server2", "type": "server", "org": "org-a", "host": "localhost", "fed_port": 1, "admin_port": 2}
+        ),
         ("participant 'server2' (#5)", "second server"),
     ),
     "admin without role": (_drop(ADMIN, "role"), (f"participant '{ADMIN}' (#4)", "missing key 'role'")),
     "admin unknown role": (_set(ADMIN, role="boss"), ("(#4)", "role must be one of", "'boss'")),
     "role on a site": (_set("site-1", role="lead"), ("'site-1' (#2)", "'role' is only for admins")),
     "host on a site": (
-        _set("site-1", host="localhost"), ("participant 'site-1' (#2)", "'host' is only for the server"),
+        _set("site-1", host="localhost"),
+        ("participant 'site-1' (#2)", "'host' is only for the server"),
     ),
     "port on an admin": (_set(ADMIN, fed_port=1), ("(#4)", "'fed_port' is only for the server")),
     "server without host": (_drop("server", "host"), ("participant 'server' (#1)", "missing key 'host'")),
@@ -444,7 +461,11 @@ def test_workspace_examples_are_valid(tmp_path: Path) -> None:
     example = load_project(REPO / "workspaces/project.yml")
     assert example.name == "example_project"
     assert (example.server.name, example.server.host, example.server.fed_port, example.server.admin_port) == (
-        "server1", "localhost", 8002, 8003)
+        "server1",
+        "localhost",
+        8002,
+        8003,
+    )
     assert [c.name for c in example.clients] == ["site-1", "site-2", "site-3", "site-4"]
     assert [(a.name, a.role) for a in example.admins] == [("admin@nvidia.com", "project_admin")]
 
@@ -459,4 +480,9 @@ def test_workspace_examples_are_valid(tmp_path: Path) -> None:
 def test_certificate_identity_round_trips(provisioned_project: ProvisionedProject) -> None:
     identity = identity_from_cert(load_cert(provisioned_project.admin_roles["member"] / "startup/cert.pem"))
     assert (identity.name, identity.org, identity.type, identity.role, identity.project) == (
-        "member@org-a.example", "org-a", "admin", "member", "test_project")
+        "member@org-a.example",
+        "org-a",
+        "admin",
+        "member",
+        "test_project",
+    )

@@ -42,7 +42,11 @@ def federation(project: ProvisionedProject) -> Iterator[Federation]:
 
 def tracked(name: str, tracking_uri: str = "", step_seconds: float = 0.0, tensorboard: bool = False) -> FedAvgRecipe:
     recipe = FedAvgRecipe(
-        name=name, model=torch.nn.Linear(8, 1), train_script=TINY, num_rounds=ROUNDS, min_clients=2,
+        name=name,
+        model=torch.nn.Linear(8, 1),
+        train_script=TINY,
+        num_rounds=ROUNDS,
+        min_clients=2,
         train_args=["--tracking", "--step_seconds", str(step_seconds)],
     )
     recipe.add_experiment_tracking("mlflow", tracking_uri=tracking_uri)

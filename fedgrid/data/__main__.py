@@ -88,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder with the raw data set (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
     )
-    parser.add_argument(
-        "--out", default=None, help="output folder (default data/<dataset> in the current folder)"
-    )
+    parser.add_argument("--out", default=None, help="output folder (default data/<dataset> in the current folder)")
     parser.add_argument(
         "--sites",
         type=_sites,
@@ -104,9 +102,7 @@ def format_table(summary: dict[str, Any]) -> str:
     """One row per site: its name, train and val sample counts, and its training label histogram."""
     sites = summary["sites"]
     name_width = max(4, *(len(s["name"]) for s in sites))
-    header = f"{'site':<{name_width}}  {'train':>6}  {'val':>6}   " + " ".join(
-        f"{c:>5}" for c in range(NUM_CLASSES)
-    )
+    header = f"{'site':<{name_width}}  {'train':>6}  {'val':>6}   " + " ".join(f"{c:>5}" for c in range(NUM_CLASSES))
     lines = [header + "   (train samples per label)", "-" * len(header)]
     for s in sites:
         hist = " ".join(f"{v:>5}" for v in s["train_label_histogram"])

@@ -133,24 +133,15 @@ def load_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: expected a dict, found {type(batch).__name__}")
     data = _field(batch, "data")
     labels = _field(batch, "labels")
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != IMAGE_VALUES
-    ):
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != IMAGE_VALUES:
         what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, {IMAGE_VALUES}), found {what}")
     if isinstance(labels, list):
         if not all(type(v) is int for v in labels):
             raise DataError(f"{path}: 'labels' must hold integers")
         labels = np.array(labels, dtype=np.int64)
-    elif not (
-        isinstance(labels, np.ndarray) and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
-    ):
-        raise DataError(
-            f"{path}: 'labels' must be a list or 1-D integer array, found {type(labels).__name__}"
-        )
+    elif not (isinstance(labels, np.ndarray) and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{path}: 'labels' must be a list or 1-D integer array, found {type(labels).__name__}")
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):

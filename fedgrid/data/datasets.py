@@ -32,8 +32,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "fashion-mnist",
         (28, 28),
         Path("/usr/share/datasets/fashion-mnist"),
-        "install it with `apt-get install dataset-fashion-mnist`, "
-        "or pass --source DIR holding the four IDX files",
+        "install it with `apt-get install dataset-fashion-mnist`, or pass --source DIR holding the four IDX files",
     ),
     "mnist": DatasetInfo(
         "mnist",

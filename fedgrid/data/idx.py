@@ -79,9 +79,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             dtype = IDX_DTYPES[code]
             expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if expected > MAX_IDX_BYTES:
-                raise DataError(
-                    f"{path}: IDX header announces {expected} bytes, more than this reader accepts"
-                )
+                raise DataError(f"{path}: IDX header announces {expected} bytes, more than this reader accepts")
             payload = _read_exact(stream, expected + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
@@ -135,13 +133,9 @@ def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     images = read_idx(image_path)
     labels = read_idx(label_path)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataError(
-            f"{image_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}"
-        )
+        raise DataError(f"{image_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
     if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise DataError(
-            f"{label_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}"
-        )
+        raise DataError(f"{label_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
     if len(labels) != len(images):
         raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path.name}")
     if len(labels) and labels.max() > 9:

@@ -115,9 +115,7 @@ def label_skew(labels: np.ndarray, n: int, k: int, rng: np.random.Generator) -> 
     return _sorted(merged)
 
 
-def shards(
-    labels: np.ndarray, n: int, rng: np.random.Generator, shards_per_site: int = 2
-) -> list[np.ndarray]:
+def shards(labels: np.ndarray, n: int, rng: np.random.Generator, shards_per_site: int = 2) -> list[np.ndarray]:
     """McMahan et al.'s pathological non-IID split: sort by label, cut 2n shards, 2 per site."""
     labels = _check_sites(labels, n, per_site=shards_per_site)
     # Shuffle first, then sort stably, so that the order within one label is random.
@@ -135,9 +133,7 @@ def parse_scheme(scheme: str) -> tuple[str, int | None]:
         return "non-iid", int(match.group(1))
     if scheme in ("iid", "dirichlet", "shards"):
         return scheme, None
-    raise DataError(
-        f"unknown partition {scheme!r}; choose one of iid, dirichlet, non-iid-K (e.g. non-iid-2), shards"
-    )
+    raise DataError(f"unknown partition {scheme!r}; choose one of iid, dirichlet, non-iid-K (e.g. non-iid-2), shards")
 
 
 def partition(

@@ -49,9 +49,7 @@ def site_names(n: int, names: Sequence[str] | None = None) -> list[str]:
         raise DataError(f"--sites lists {len(names)} name(s) but -n is {n}")
     for name in names:
         if not _SITE_NAME.fullmatch(name):
-            raise DataError(
-                f"site name {name!r} must be letters, digits, '.', '_' or '-' (not starting with one)"
-            )
+            raise DataError(f"site name {name!r} must be letters, digits, '.', '_' or '-' (not starting with one)")
     if len(set(names)) != n:
         raise DataError("site names must be distinct")
     return names
@@ -143,9 +141,7 @@ def _check_replaceable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not _is_previous_output(out):
-        raise DataError(
-            f"--out {out} is not empty and not a previous prepare-data output; refusing to replace it"
-        )
+        raise DataError(f"--out {out} is not empty and not a previous prepare-data output; refusing to replace it")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -47,9 +47,7 @@ def save_split(path: str | Path, x: np.ndarray, y: np.ndarray) -> None:
 
 def _check_split(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3)):
-        raise DataError(
-            f"{path}: 'x' must be uint8 images (N, H, W) or (N, H, W, C), found {x.dtype} {x.shape}"
-        )
+        raise DataError(f"{path}: 'x' must be uint8 images (N, H, W) or (N, H, W, C), found {x.dtype} {x.shape}")
     if y.dtype != np.uint8 or y.ndim != 1:
         raise DataError(f"{path}: 'y' must be uint8 labels (N,), found {y.dtype} {y.shape}")
     if len(x) != len(y):
