@@ -9,6 +9,7 @@ process; it reports how the worker ended, with its log if the site shares logs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -81,6 +82,8 @@ class SiteDaemon:
         self.stopping = threading.Event()
         self.session_id = ""
         self._stream: grpc.Future | None = None
+        self._warm: subprocess.Popen[bytes] | None = None
+        """A worker started ahead of the next job, waiting on its stdin (`local/site.json` prestart_worker)."""
         self.heartbeat_interval = settings.heartbeat_interval
 
     # ------------------------------------------------------------------ connection
@@ -128,6 +131,7 @@ class SiteDaemon:
             beat.start()
             if ready_file is not None:
                 ready_file.write_text(str(time.time()))
+            self._start_warm()
             self._listen()
             if not self.stopping.is_set():
                 log.warning("lost the connection to the server; reconnecting")
@@ -180,6 +184,14 @@ class SiteDaemon:
         """End every job worker this daemon started, then close the channel."""
         self.request_stop()
         with self.lock:
+            warm, self._warm = self._warm, None
+        if warm is not None and warm.stdin is not None:
+            warm.stdin.close()  # a warm worker without a job ends by itself
+            try:
+                warm.wait(5)
+            except subprocess.TimeoutExpired:
+                warm.kill()
+        with self.lock:
             jobs = list(self.jobs.values())
         for job in jobs:
             self._terminate(job, "the site daemon is stopping")
@@ -217,36 +229,16 @@ class SiteDaemon:
                 log.warning("job %s: could not fetch it from the server: %s", job_id, exc.details())
                 self._report(job_id, "refused", f"could not fetch the job from the server ({exc.details()})")
                 return
-            log_file = open(job_dir / "log.txt", "ab")  # noqa: SIM115 - handed to the worker process
             with self.lock:
                 if job.aborted:
                     self._report(job_id, "aborted", job.aborted)
                     return
-                job.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "fedclient.worker",
-                        "--kit",
-                        str(self.kit.path),
-                        "--job-id",
-                        job_id,
-                        "--job-dir",
-                        str(job_dir),
-                        "--app",
-                        command.app,
-                        "--threads",
-                        str(threads),
-                    ],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=job_dir,
-                )
-            log_file.close()
-            log.info("job %s: worker started (pid %d, %d torch threads)", job_id, job.process.pid, threads)
+                job.process, warm = self._worker_for(job_id, job_dir, command.app, threads)
+            how = "handed to the worker started ahead" if warm else "worker started"
+            log.info("job %s: %s (pid %d, %d torch threads)", job_id, how, job.process.pid, threads)
             self._report(job_id, "started", "")
             code = job.process.wait()
+            self._start_warm()  # the next job's worker, now that this one no longer needs the cores
             text = (job_dir / "log.txt").read_bytes()
             if job.aborted:
                 state, error = "aborted", job.aborted
@@ -261,6 +253,51 @@ class SiteDaemon:
             self._report(job_id, "failed", f"site daemon error: {type(exc).__name__}: {exc}")
         finally:
             job.done.set()
+
+    def _worker_for(self, job_id: str, job_dir: Path, app: str, threads: int) -> tuple[subprocess.Popen[bytes], bool]:
+        """A worker process for the job, and whether it was started ahead: the warm one if there is one (it
+        has imported torch, or is at it), else a new one. The next warm one starts when this job's worker
+        ends, not beside it."""
+        job_args = {
+            "kit": str(self.kit.path),
+            "job_id": job_id,
+            "job_dir": str(job_dir),
+            "app": app,
+            "threads": threads,
+            "log": str(job_dir / "log.txt"),
+        }
+        (job_dir / "log.txt").touch()  # the job's log exists even if its worker ends before writing to it
+        warm, self._warm = self._warm, None
+        if warm is not None and warm.poll() is None and warm.stdin is not None:
+            try:
+                warm.stdin.write((json.dumps(job_args) + "\n").encode())
+                warm.stdin.close()
+                return warm, True
+            except OSError:
+                warm.kill()
+        with open(job_dir / "log.txt", "ab") as log_file:
+            command = [sys.executable, "-m", "fedclient.worker"]
+            for key, value in job_args.items():
+                if key != "log":
+                    command += [f"--{key.replace('_', '-')}", str(value)]
+            process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir
+            )
+        return process, False
+
+    def _start_warm(self) -> None:
+        """Start the next job's worker now, so that it has imported torch when the job comes."""
+        with self.lock:
+            if not self.settings.prestart_worker or self.stopping.is_set() or self._warm is not None:
+                return
+            with open(self.workspace / "warm_worker.log", "ab") as log_file:
+                self._warm = subprocess.Popen(
+                    [sys.executable, "-m", "fedclient.worker", "--wait"],
+                    stdin=subprocess.PIPE,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workspace,
+                )
 
     def _prepare(self, job: JobProcess, command: fpb.StartJob) -> int:
         """Fetch, verify and unpack the job; returns the worker's torch thread count."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import runpy
@@ -34,13 +35,17 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="fedclient.worker", description="Run one job's training script (started by the site daemon)."
+        prog="fedclient.worker",
+        description="Run one job's training script (started by the site daemon). With --wait, import "
+        "torch first and read the job from standard input: the daemon keeps such a warm worker ready.",
     )
-    parser.add_argument("--kit", type=Path, required=True)
-    parser.add_argument("--job-id", required=True)
-    parser.add_argument("--job-dir", type=Path, required=True)
-    parser.add_argument("--app", required=True)
+    parser.add_argument("--wait", action="store_true", help="start warm, then read the job as one JSON line")
+    parser.add_argument("--kit", type=Path)
+    parser.add_argument("--job-id")
+    parser.add_argument("--job-dir", type=Path)
+    parser.add_argument("--app")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log", type=Path, help="with --wait: the job's log file, for stdout and stderr")
     args = parser.parse_args(argv)
     _die_with_parent()
     setup_logging(os.environ.get("FEDGRID_LOG_LEVEL", "INFO"))
@@ -51,9 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch._dynamo  # noqa: F401 - imported by the first optimizer otherwise, ~1.6 s inside round 1
 
-    torch.set_num_threads(max(1, args.threads))
+    from fedclient import api
     from fedgrid.jobspec import load_job
 
+    if args.wait:
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0  # the daemon stopped without giving this worker a job
+        for key, value in json.loads(line).items():
+            setattr(args, key, Path(value) if key in ("kit", "job_dir", "log") else value)
+        _redirect_output(args.log)
+        os.chdir(args.job_dir)  # where a worker started for this job would have begun
+    if not (args.kit and args.job_id and args.job_dir and args.app):
+        parser.error("--kit, --job-id, --job-dir and --app are required (or --wait)")
+
+    torch.set_num_threads(max(1, args.threads))
     spec = load_job(args.job_dir / "job")
     client = spec.clients[args.app]
     custom = args.job_dir / "job" / args.app / "custom"
@@ -63,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "job %s: running %s %s with %d torch threads", args.job_id, client.script, " ".join(client.args), args.threads
     )
-    from fedclient import api
-
     # Everything imported so far lives as long as the process: keep it out of the collector's way.
     gc.freeze()
     try:
@@ -91,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     api._shutdown()
     log.info("training script finished")
     return 0
+
+
+def _redirect_output(path: Path | None) -> None:
+    """Send this process's stdout and stderr (Python's and the C libraries') to the job's log."""
+    if path is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 if __name__ == "__main__":

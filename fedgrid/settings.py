@@ -49,6 +49,8 @@ class SiteSettings:
     torch_threads: int = 0
     """Threads per job worker; 0 = cores divided by the workers running on this machine."""
     max_concurrent_jobs: int = 2
+    prestart_worker: bool = True
+    """Keep one job worker started ahead (torch imported), so that a job's first round starts sooner."""
     share_job_logs: bool = True
     """Send each job's log to the server at the job's end, so it is in the job's result folder."""
     data_root: str = ""

@@ -3,6 +3,7 @@ bad uploads, authorization, restarts. A tiny model keeps every job to a few seco
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -117,12 +118,40 @@ def test_job_runs_end_to_end_with_results_and_progress(federation: Federation, t
         assert "job over" in session.job_log(job_id, "site-2", 0)
 
 
+def _workers_started_ahead(daemon_pid: int) -> list[int]:
+    """PIDs of the daemon's children that wait for a job (`fedclient.worker --wait`)."""
+    found = []
+    for child in Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"--wait" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                found.append(int(child))
+    return found
+
+
+def test_a_job_runs_in_the_worker_started_ahead_and_the_next_one_is_started_after(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path
+) -> None:
+    site = project.sites[0]
+    daemon = federation.pid(site)
+    ahead = wait_until(lambda: _workers_started_ahead(daemon), what="a worker started ahead at site-1")
+    with federation.session() as session:
+        job_id = submit(session, recipe("ahead", rounds=2), tmp_path)
+        assert wait_job(session, job_id).status == "FINISHED:COMPLETED"
+        assert "training script of site-1 ended" in session.job_log(job_id, "site-1", 0)
+    assert f"job {job_id}: handed to the worker started ahead (pid {ahead[0]}," in log_text(site)
+    fresh = wait_until(lambda: _workers_started_ahead(daemon), what="the next worker started ahead")
+    assert fresh != ahead and len(fresh) == 1
+
+
 def test_two_jobs_run_at_the_same_time_and_both_finish(federation: Federation, tmp_path: Path) -> None:
     with federation.session() as session:
         first = submit(session, recipe("first", rounds=3, args="--step_seconds 0.5"), tmp_path)
         second = submit(session, recipe("second", rounds=3, args="--step_seconds 0.5"), tmp_path)
         one, two = wait_job(session, first), wait_job(session, second)
     assert one.status == two.status == "FINISHED:COMPLETED"
+    site_log = log_text(federation.project.sites[1])
+    cold = [job for job in (first, second) if f"job {job}: worker started (pid" in site_log]
+    assert len(cold) == 1, "one job takes the worker started ahead, the other gets a worker of its own"
     assert two.start_time < one.end_time and one.start_time < two.end_time, "the jobs did not overlap"
 
 

@@ -55,3 +55,4 @@ while api.is_running():
         if writer is not None:
             writer.add_scalar("train_loss", train_loss.item(), (task.current_round - 1) * 5 + step)
     api.send(model.state_dict(), num_samples=args.samples, metrics={"train_loss": train_loss.item()})
+print(f"training script of {site} ended", flush=True)
