@@ -39,6 +39,9 @@ log = logging.getLogger("fedclient")
 MAX_JOB_PACKAGE = 512 << 20
 LOG_SHARE_LIMIT = 1 << 20
 ABORT_GRACE = 3.0
+WARM_DELAY = 2.0
+"""Seconds after a job's worker ends before the next one is started ahead: the job's last steps (reports,
+results, the other sites' workers ending) come first."""
 
 
 class FatalError(FedgridError):
@@ -238,7 +241,6 @@ class SiteDaemon:
             log.info("job %s: %s (pid %d, %d torch threads)", job_id, how, job.process.pid, threads)
             self._report(job_id, "started", "")
             code = job.process.wait()
-            self._start_warm()  # the next job's worker, now that this one no longer needs the cores
             text = (job_dir / "log.txt").read_bytes()
             if job.aborted:
                 state, error = "aborted", job.aborted
@@ -253,6 +255,9 @@ class SiteDaemon:
             self._report(job_id, "failed", f"site daemon error: {type(exc).__name__}: {exc}")
         finally:
             job.done.set()
+            timer = threading.Timer(WARM_DELAY, self._start_warm)
+            timer.daemon = True
+            timer.start()
 
     def _worker_for(self, job_id: str, job_dir: Path, app: str, threads: int) -> tuple[subprocess.Popen[bytes], bool]:
         """A worker process for the job, and whether it was started ahead: the warm one if there is one (it
@@ -286,9 +291,12 @@ class SiteDaemon:
         return process, False
 
     def _start_warm(self) -> None:
-        """Start the next job's worker now, so that it has imported torch when the job comes."""
+        """Start the next job's worker now, so that it has imported torch when the job comes. Only while the
+        site runs no job: a worker importing torch beside a running job would slow it down."""
         with self.lock:
             if not self.settings.prestart_worker or self.stopping.is_set() or self._warm is not None:
+                return
+            if any(not job.done.is_set() for job in self.jobs.values()):
                 return
             with open(self.workspace / "warm_worker.log", "ab") as log_file:
                 self._warm = subprocess.Popen(
