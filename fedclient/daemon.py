@@ -105,7 +105,8 @@ class SiteDaemon:
                         version=__version__,
                         roster=self.kit.roster_bytes,
                         running_jobs=self.running_jobs(),
-                        cpu_count=os.cpu_count() or 1,
+                        cpu_count=self.settings.num_cpus or os.cpu_count() or 1,
+                        memory_gb=self.settings.memory_gb or _machine_memory_gb(),
                         hostname=socket.gethostname(),
                     ),
                     timeout=10,
@@ -379,6 +380,14 @@ class SiteDaemon:
                 if self.stopping.wait(backoff.next()):
                     return
         log.warning("could not report job %s (%s) to the server", job_id, state)
+
+
+def _machine_memory_gb() -> float:
+    """This machine's physical memory, in GB (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        return 0.0
 
 
 def _traceback_tail(log_text: bytes, code: int) -> str:

@@ -132,6 +132,10 @@ class JobSpec:
                 return app
         return None
 
+    def needs(self, site: str) -> dict[str, float]:
+        """What the job asks of `site`: its own resource_spec entry over the one for @ALL."""
+        return {**self.resource_spec.get(ALL, {}), **self.resource_spec.get(site, {})}
+
     def named_sites(self) -> set[str]:
         return {t for targets in self.deploy_map.values() for t in targets if t not in (ALL, SERVER)}
 

@@ -20,7 +20,7 @@ import json
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,10 @@ class FedAvgRecipe:
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         clip_norm: float = 0.0,
+        resource_spec: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
+        """`resource_spec` maps a site (or "@ALL") to what the job needs there, {"num_cpus", "memory_gb"}:
+        the server starts the job on sites that have it free (`local/site.json` says what a site offers)."""
         self.name = name
         self.model = model
         self.train_script = Path(train_script)
@@ -92,6 +95,7 @@ class FedAvgRecipe:
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.clip_norm = clip_norm
+        self.resource_spec = {site: dict(needs) for site, needs in (resource_spec or {}).items()}
         self.tracking: list[Tracking] = []
 
     def add_experiment_tracking(self, tracking_type: str, tracking_uri: str = "", experiment_name: str = "") -> None:
@@ -142,6 +146,8 @@ class FedAvgRecipe:
             "min_clients": self.min_clients,
             "deploy_map": {APP: ["server", *self.sites] if self.sites else ["@ALL"]},
         }
+        if self.resource_spec:
+            meta["resource_spec"] = self.resource_spec
         (folder / jobspec.META_FILE).write_text(json.dumps(meta, indent=2))
         (app / jobspec.SERVER_CONFIG).write_text(json.dumps(self.server_config(), indent=2))
         client = {"script": self.train_script.name, "args": self.train_args}

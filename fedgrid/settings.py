@@ -49,6 +49,10 @@ class SiteSettings:
     torch_threads: int = 0
     """Threads per job worker; 0 = cores divided by the workers running on this machine."""
     max_concurrent_jobs: int = 2
+    num_cpus: int = 0
+    """CPUs this site offers to jobs, matched against their resource_spec; 0 = every core of the machine."""
+    memory_gb: float = 0.0
+    """Memory this site offers to jobs, in GB; 0 = all of the machine's memory."""
     prestart_worker: bool = True
     """Keep one job worker started ahead (torch imported), so that a job's first round starts sooner."""
     share_job_logs: bool = True

@@ -46,6 +46,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             address=peer_address(context),
             hostname=request.hostname,
             cpu_count=request.cpu_count,
+            memory_gb=request.memory_gb,
             running_jobs=list(request.running_jobs),
         )
         self.runtime.site_registered(caller.name, list(request.running_jobs))

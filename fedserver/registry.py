@@ -28,6 +28,8 @@ class Site:
     address: str
     hostname: str
     cpu_count: int
+    memory_gb: float
+    """0 = not reported: no limit."""
     registered: float
     last_heartbeat: float
     running_jobs: tuple[str, ...] = ()
@@ -44,7 +46,15 @@ class SiteRegistry:
         """Set whenever a site registers or a command stream opens, to wake the scheduler."""
 
     def register(
-        self, *, name: str, org: str, address: str, hostname: str, cpu_count: int, running_jobs: list[str]
+        self,
+        *,
+        name: str,
+        org: str,
+        address: str,
+        hostname: str,
+        cpu_count: int,
+        memory_gb: float,
+        running_jobs: list[str],
     ) -> Site:
         """Start a new session for `name`; refused while another daemon of that name is connected."""
         now = time.time()
@@ -61,6 +71,7 @@ class SiteRegistry:
             address=address,
             hostname=hostname,
             cpu_count=cpu_count,
+            memory_gb=memory_gb,
             registered=now,
             last_heartbeat=now,
             running_jobs=tuple(running_jobs),
@@ -68,7 +79,14 @@ class SiteRegistry:
         if old is not None:
             site.commands = old.commands
         self._sites[name] = site
-        log.info("site %s registered from %s (host %s, %d cpus)", name, address, hostname or "?", cpu_count)
+        log.info(
+            "site %s registered from %s (host %s, offers %d cpus, %.1f GB)",
+            name,
+            address,
+            hostname or "?",
+            cpu_count,
+            memory_gb,
+        )
         self._notify()
         return site
 

@@ -163,7 +163,7 @@ class JobRuntime:
             except FedgridError as exc:
                 self.store.update(record.job_id, status=jobstore.FAILED, end_time=time.time(), error=str(exc))
                 continue
-            sites = self._startable_sites(spec)
+            sites, _ = self._startable_sites(spec)
             if sites is None:
                 continue
             run = JobRun(job_id=record.job_id, spec=spec, sites=sites, ctx=self._ctx)
@@ -210,10 +210,40 @@ class JobRuntime:
         finally:
             self._late.pop(job_id, None)
 
-    def _startable_sites(self, spec: JobSpec) -> list[str] | None:
+    def _startable_sites(self, spec: JobSpec) -> tuple[list[str] | None, str]:
+        """The sites to start the job on now (alive, and with the resources it asks for free), or None and
+        why it waits."""
         alive = {s.name for s in self.registry.alive() if s.stream_open}
         targets = alive if spec.all_sites else spec.named_sites() & alive
-        return sorted(targets) if len(targets) >= spec.min_clients else None
+        fitting, short = [], []
+        for name in sorted(targets):
+            lack = self._lack(name, spec.needs(name))
+            if lack:
+                short.append(f"{name} {lack}")
+            else:
+                fitting.append(name)
+        if len(fitting) >= spec.min_clients:
+            return fitting, ""
+        reason = f"waiting for {spec.min_clients} sites; alive: {', '.join(sorted(alive)) or 'none'}"
+        if short:
+            reason += f"; short of resources: {'; '.join(short)}"
+        return None, reason
+
+    def _lack(self, site: str, needs: dict[str, float]) -> str:
+        """What `site` lacks of `needs` beside the jobs running on it ("" when the job fits)."""
+        record = self.registry.get(site)
+        if record is None or not needs:
+            return ""
+        offered = {"num_cpus": float(record.cpu_count), "memory_gb": record.memory_gb}
+        units = {"num_cpus": "CPUs", "memory_gb": "GB of memory"}
+        for key, amount in needs.items():
+            if not offered.get(key):
+                continue  # not reported by the site: no limit
+            held = sum(run.spec.needs(site).get(key, 0.0) for run in self.runs.values() if site in run.sites)
+            free = offered[key] - held
+            if amount > free:
+                return f"has {max(free, 0):g} of {offered[key]:g} {units[key]} free, the job needs {amount:g}"
+        return ""
 
     def _spec(self, job_id: str) -> JobSpec:
         return jobspec.load_job(self.store.job_dir(job_id) / "job")
@@ -225,8 +255,9 @@ class JobRuntime:
             spec = self._spec(record.job_id)
         except FedgridError as exc:
             return str(exc)
-        alive = sorted(s.name for s in self.registry.alive() if s.stream_open)
-        return f"waiting for {spec.min_clients} sites; alive: {', '.join(alive) or 'none'}"
+        if len(self.runs) >= self.settings.max_concurrent_jobs:
+            return f"waiting for a free slot: {len(self.runs)} jobs run, the server's max_concurrent_jobs"
+        return self._startable_sites(spec)[1] or "starting"
 
     # ------------------------------------------------------------------ admin: jobs
 

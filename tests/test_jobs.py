@@ -412,6 +412,38 @@ def test_job_waits_until_enough_sites_are_alive(
         assert session.show_job(job_id).info.status == "FINISHED:ABORTED"
 
 
+def test_jobs_wait_for_the_resources_they_ask_for(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path
+) -> None:
+    small = project.sites[2]
+    federation.stop(small)
+    set_local(small, "site.json", num_cpus=1, memory_gb=2)
+    federation.start(small)
+    try:
+        federation.wait_alive(["site-1", "site-2", "site-3"])
+        one_cpu = {"@ALL": {"num_cpus": 1}}
+        with federation.session() as session:
+            first = submit(session, recipe("cpu-a", rounds=2, args="--step_seconds 2", resource_spec=one_cpu), tmp_path)
+            wait_until(lambda: session.show_job(first).info.status == "RUNNING", 30, "the first job running")
+            second = submit(session, recipe("cpu-b", rounds=1, resource_spec=one_cpu), tmp_path)
+            waiting = wait_until(lambda: session.show_job(second).result.get("waiting"), 10, "a waiting reason")
+            assert session.show_job(second).info.status == "SUBMITTED"
+            assert "site-3 has 0 of 1 CPUs free, the job needs 1" in waiting
+            big = submit(session, recipe("big", rounds=1, resource_spec={"site-3": {"memory_gb": 3}}), tmp_path)
+            assert wait_job(session, first).status == "FINISHED:COMPLETED"
+            assert wait_job(session, second).status == "FINISHED:COMPLETED", "the second job starts once the first ends"
+            assert session.show_job(second).info.start_time >= session.show_job(first).info.end_time
+            detail = session.show_job(big)
+            assert detail.info.status == "SUBMITTED"
+            assert "site-3 has 2 of 2 GB of memory free, the job needs 3" in detail.result["waiting"]
+            session.abort_job(big)
+    finally:
+        federation.stop(small)
+        set_local(small, "site.json", num_cpus=0, memory_gb=0)
+        federation.start(small)
+        federation.wait_alive(["site-1", "site-2", "site-3"])
+
+
 def test_unknown_job_ids_get_a_clear_error(federation: Federation) -> None:
     with federation.session() as session, pytest.raises(NotFoundError, match="list_jobs -a shows every job"):
         session.show_job("no-such-job")
