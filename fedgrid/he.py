@@ -8,19 +8,23 @@ This is the only module that imports TenSEAL. A round with encryption goes
 
 A sum needs no multiplication, and that decides the parameters (measured in bench/he_codec.py):
 
+- **Two values per slot.** A CKKS slot holds a complex number and a sum adds real and imaginary parts
+  apart, so values go in pairs, a + bi: N values per ciphertext where a real vector (TenSEAL's
+  CKKSVector, FLARE) gets N/2. Half the ciphertexts: half the bytes, encryption, addition and
+  decryption. TenSEAL's vectors take real numbers only, so this module drives SEAL through
+  TenSEAL's `sealapi` bindings (encoder, encryptor, evaluator, decryptor).
 - **One data prime.** Ciphertexts carry only the primes before the last of `coeff_mod_bit_sizes`;
-  the last is TenSEAL's key-switching ("special") prime, which it insists on and we never use. With
+  the last is SEAL's key-switching ("special") prime, which the keys carry and a sum never uses. With
   no rescaling there is no modulus chain to pay for: one 56-bit prime holds the weighted sum (8 bits
   for |values| ≤ 256, 20 for a total weight ≤ 2^20, 26 of scale, 2 of sign and margin) where FLARE's
-  configuration carries 60+40 bits: 7.6x the float32 bytes instead of 14.4x.
+  configuration carries 60+40 bits. With the pairs: 3.8x the float32 bytes, where FLARE's vectors take 14.6x.
 - **56 bits, not 60.** SEAL zstd-compresses the residues, byte by byte: a 56-bit residue in a 64-bit
-  word costs ~60.5 bits, 60 bits cost 64. 56 is the last sweet spot under the 8x target (7.6x fp32).
+  word costs ~60.5 bits, 60 bits cost 64.
 - **Symmetric encryption.** Sites hold the secret key anyway; encrypting with it has a tenth of the
-  public-key noise (3.5 bits more precision) and takes half the time. (TenSEAL does not keep SEAL's
-  seed for the random half of a symmetric ciphertext, so it saves no bytes.)
-- **One ciphertext per record**, N/2 values each, so encryption, upload, server addition and decryption
-  all stream; TenSEAL does not release the GIL and its `n_threads` does not speed up a CKKSVector,
-  so threads buy nothing here (measured) and the contexts use one.
+  public-key noise (3.5 bits more precision) and takes half the time. (The bindings do not expose
+  SEAL's seeded serialization, which would halve the bytes of a fresh symmetric ciphertext.)
+- **One ciphertext per record**, N values each, so encryption, upload, server addition and decryption
+  all stream; SEAL's calls here do not release the GIL, so threads buy nothing (measured).
 
 Security: `coeff_mod_bit_sizes` must add up to at most the 128-bit bound of the HomomorphicEncryption.org
 standard for the degree (ternary secret; SEAL enforces the same table), 218 bits for N=8192. The
@@ -32,12 +36,15 @@ Stream of an encrypted update or aggregate (any re-chunking of the bytes parses 
     record*   tag (1 byte) | body length (uint32 LE) | body
       H  header, JSON: context id, parameter fingerprint, weight (n, or Σn), count (updates in it),
          tensors [[name, dtype, shape], ...] in name order (values are flattened in that order)
-      C  one TenSEAL CKKSVector of one ciphertext, N/2 values except the last: ceil(values/(N/2)) of them
+      C  one SEAL ciphertext (SEAL's serialization): N values, as N/2 complex slots (value 2k the real
+         part of slot k, value 2k+1 its imaginary part); the last one padded; ceil(values/N) of them
       E  SHA-256 of every byte before this record; nothing may follow
 
 he_context.bin (the kits' startup/he_context.bin)::
 
-    b"FGHECTX1" | uint32 LE length | JSON {context_id, params, secret_key} | uint32 LE length | TenSEAL context
+    b"FGHECTX2" | uint32 LE length | JSON {context_id, params, secret_key} | uint32 LE length | body
+    body: three sized parts (uint32 LE length, bytes): SEAL encryption parameters, secret key (empty in
+    the server's file), public key (asymmetric encryption only)
 
 Decryption adds noise before anything leaves a site. CKKS decryption is approximate: the exact
 decrypted values of a ciphertext one holds give away the secret key (Li & Micciancio, Eurocrypt 2021),
@@ -59,21 +66,20 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import secrets
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, BinaryIO
 
 import numpy as np
-import tenseal as ts
+import tenseal
+import tenseal.sealapi as seal
 
 from fedgrid.errors import EncryptionError, PayloadError, ProjectFileError
 from fedgrid.tensors import ALLOWED_DTYPES, TensorSpec
-
-# TenSEAL's documented wrappers (ts.ckks_vector, ...) copy every vector through a PlainTensor first,
-# ~20% more CPU per update (measured); we call the bound classes they wrap.
-_native = ts._ts_cpp
 
 # Largest total coefficient modulus (bits) at 128-bit classical security, ternary secret: the
 # HomomorphicEncryption.org standard (2018), the table SEAL enforces. 2048 is left out: its 54 bits
@@ -86,8 +92,9 @@ SEAL_NOISE_SIGMA = 3.2  # standard deviation of SEAL's encryption error per coef
 FLOOD_FACTOR = 2.0  # decryption noise, per slot, relative to a fresh ciphertext's: SEAL_NOISE_SIGMA·sqrt(N/2)
 ENCRYPTIONS = ("symmetric", "asymmetric")
 
-_CONTEXT_MAGIC = b"FGHECTX1"
-_STREAM_MAGIC = b"FGHE\x01"
+TENSEAL_VERSION = tenseal.__version__
+_CONTEXT_MAGIC = b"FGHECTX2"
+_STREAM_MAGIC = b"FGHE\x02"
 _RECORD = struct.Struct("<cI")
 _U32 = struct.Struct("<I")
 _MAX_CONTEXT_META = 1 << 20
@@ -147,14 +154,14 @@ class HEParams:
         if not _is_int(degree) or degree not in MAX_COEFF_BITS:
             raise ProjectFileError(
                 f"{where}: poly_modulus_degree must be one of {', '.join(map(str, MAX_COEFF_BITS))} "
-                f"(a power of two TenSEAL supports), got {degree!r}"
+                f"(a power of two SEAL supports), got {degree!r}"
             )
 
         bits = value.get("coeff_mod_bit_sizes", list(default.coeff_mod_bit_sizes))
         if not isinstance(bits, list | tuple) or len(bits) < 2:
             raise ProjectFileError(
                 f"{where}: coeff_mod_bit_sizes must be a list of at least two prime sizes in bits, like "
-                f"[56, 56] (the data primes every ciphertext carries, then TenSEAL's special prime), got {bits!r}"
+                f"[56, 56] (the data primes every ciphertext carries, then SEAL's special prime), got {bits!r}"
             )
         for index, size in enumerate(bits):
             if not _is_int(size) or not PRIME_BITS[0] <= size <= PRIME_BITS[1]:
@@ -240,8 +247,12 @@ class HEParams:
 
     @property
     def slots(self) -> int:
-        """Values per ciphertext."""
+        """CKKS slots per ciphertext: complex numbers, each carrying two values."""
         return self.poly_modulus_degree // 2
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        return 2 * self.slots
 
     @property
     def data_bits(self) -> int:
@@ -283,6 +294,51 @@ def _ceil_log2(value: float) -> int:
 # -- contexts --------------------------------------------------------------------------------------
 
 
+class _Files:
+    """TenSEAL binds SEAL's save and load to file paths only: an anonymous in-memory file per thread
+    (memfd, never on disk) stands in, so that keys and ciphertexts go to and from bytes."""
+
+    _local = threading.local()
+
+    @classmethod
+    def _path(cls) -> tuple[int, str]:
+        owner, fd = getattr(cls._local, "file", (0, -1))
+        if owner != os.getpid():  # a forked child shares its parent's file: it needs one of its own
+            fd = os.memfd_create("fedgrid-he", os.MFD_CLOEXEC)
+            cls._local.file = (os.getpid(), fd)
+        return fd, f"/proc/self/fd/{fd}"
+
+    @classmethod
+    def save(cls, obj: Any) -> bytes:
+        """SEAL's own serialization of `obj` (zstd-compressed where SEAL was built with it)."""
+        fd, path = cls._path()
+        os.ftruncate(fd, 0)
+        obj.save(path)
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+
+    @classmethod
+    def load(cls, obj: Any, data: bytes | memoryview, *context: Any) -> Any:
+        """Fill `obj` from `data`; SEAL checks it against `context` (raises ValueError/RuntimeError if not valid)."""
+        fd, path = cls._path()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        obj.load(*context, path)
+        return obj
+
+
+def _seal_context(params: HEParams) -> tuple[Any, bytes]:
+    """A SEAL CKKS context for `params`, with its encryption parameters as bytes."""
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))
+    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise EncryptionError(
+            f"SEAL refused the HE parameters {params.describe()}: {context.parameters_error_message()}"
+        )
+    return context, _Files.save(parms)
+
+
 def create_contexts(params: HEParams) -> tuple[bytes, bytes]:
     """(context with the secret key, for every site kit; context without any key, for the server kit).
 
@@ -290,31 +346,25 @@ def create_contexts(params: HEParams) -> tuple[bytes, bytes]:
     secret key (plus the public key under asymmetric encryption); never relinearization or Galois keys.
     """
     params.validate("HEParams")
-    kind = ts.ENCRYPTION_TYPE.SYMMETRIC if params.encryption == "symmetric" else ts.ENCRYPTION_TYPE.ASYMMETRIC
     try:
-        context = ts.context(
-            ts.SCHEME_TYPE.CKKS,
-            params.poly_modulus_degree,
-            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
-            encryption_type=kind,
-            n_threads=1,
-        )
-        secret = context.serialize(
-            save_public_key=params.encryption == "asymmetric",
-            save_secret_key=True,
-            save_galois_keys=False,
-            save_relin_keys=False,
-        )
-        public = context.serialize(
-            save_public_key=False,
-            save_secret_key=False,
-            save_galois_keys=False,
-            save_relin_keys=False,
-        )
+        context, parms = _seal_context(params)
+        keys = seal.KeyGenerator(context)
+        secret_key = _Files.save(keys.secret_key())
+        public_key = b""
+        if params.encryption == "asymmetric":
+            key = seal.PublicKey()
+            keys.create_public_key(key)
+            public_key = _Files.save(key)
     except (ValueError, RuntimeError) as exc:
-        raise EncryptionError(f"TenSEAL refused the HE parameters {params.describe()}: {exc}") from exc
+        raise EncryptionError(f"SEAL refused the HE parameters {params.describe()}: {exc}") from exc
     context_id = secrets.token_hex(16)
-    return _pack_context(context_id, params, True, secret), _pack_context(context_id, params, False, public)
+    secret = _pack_context(context_id, params, True, _sized(parms, secret_key, public_key))
+    public = _pack_context(context_id, params, False, _sized(parms, b"", b""))
+    return secret, public
+
+
+def _sized(*parts: bytes) -> bytes:
+    return b"".join(_U32.pack(len(part)) + part for part in parts)
 
 
 def _pack_context(context_id: str, params: HEParams, secret_key: bool, body: bytes) -> bytes:
@@ -323,15 +373,28 @@ def _pack_context(context_id: str, params: HEParams, secret_key: bool, body: byt
 
 
 class HEContext:
-    """A loaded he_context.bin: TenSEAL context, context id and parameters. Build it with `load`."""
+    """A loaded he_context.bin: SEAL context and keys, context id and parameters. Build it with `load`."""
 
-    def __init__(self, context_id: str, params: HEParams, native_context: Any, flood_key: bytes = b"") -> None:
+    def __init__(
+        self,
+        context_id: str,
+        params: HEParams,
+        context: Any,
+        secret_key: Any = None,
+        public_key: Any = None,
+        flood_key: bytes = b"",
+    ) -> None:
         self.context_id = context_id
         self.params = params
-        self._ctx = native_context
-        self._flood_key = flood_key  # secret: derived from the secret-key context, seeds decryption noise
+        self._seal = context
+        self._encoder = seal.CKKSEncoder(context)
+        self._evaluator = seal.Evaluator(context)
+        self._decryptor = seal.Decryptor(context, secret_key) if secret_key is not None else None
+        key = secret_key if params.encryption == "symmetric" else public_key
+        self._encryptor = seal.Encryptor(context, key) if key is not None else None
+        self._flood_key = flood_key  # secret: derived from the secret key, seeds decryption noise
         self._scale = 2.0**params.scale_bits
-        self._parms_id = list(native_context.seal_context().first_parms_id())
+        self._parms_id = list(context.first_parms_id())
         data_primes = len(params.coeff_mod_bit_sizes) - 1
         raw = 2 * params.poly_modulus_degree * data_primes * 8  # two polynomials of 64-bit residues
         self._max_record = raw + raw // 64 + 4096  # room for headers and incompressible zstd blocks
@@ -341,10 +404,12 @@ class HEContext:
         """Parse and check a context file; `expect_secret_key=False` is how a server refuses a site's file."""
         view = memoryview(data)
         if bytes(view[: len(_CONTEXT_MAGIC)]) != _CONTEXT_MAGIC:
-            raise EncryptionError(f"{where}: not a fedgrid HE context (bad magic); provision the project again")
+            raise EncryptionError(
+                f"{where}: not a fedgrid HE context of this version (bad magic); provision the project again"
+            )
         offset = len(_CONTEXT_MAGIC)
         meta_raw, offset = _take_sized(view, offset, _MAX_CONTEXT_META, where, "metadata")
-        body, offset = _take_sized(view, offset, _MAX_CONTEXT_BODY, where, "TenSEAL context")
+        body, offset = _take_sized(view, offset, _MAX_CONTEXT_BODY, where, "SEAL parameters and keys")
         if offset != len(view):
             raise EncryptionError(f"{where}: {len(view) - offset} unexpected bytes after the context")
         try:
@@ -358,38 +423,43 @@ class HEContext:
             params = HEParams.from_dict(raw_params, where=f"{where}: params")
         except ProjectFileError as exc:
             raise EncryptionError(str(exc)) from exc
+        parts, inner = [], 0
+        for name in ("parameters", "secret key", "public key"):
+            part, inner = _take_sized(body, inner, _MAX_CONTEXT_BODY, where, f"SEAL {name}")
+            parts.append(bytes(part))
+        if inner != len(body):
+            raise EncryptionError(f"{where}: unexpected bytes after the SEAL keys")
+        parms_raw, secret_raw, public_raw = parts
+        context, _ = _seal_context(params)
         try:
-            native_context = _native.TenSEALContext.deserialize(bytes(body), 1)
+            parms = _Files.load(seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS), parms_raw)
+            secret_key = _Files.load(seal.SecretKey(), secret_raw, context) if secret_raw else None
+            public_key = _Files.load(seal.PublicKey(), public_raw, context) if public_raw else None
         except (ValueError, RuntimeError, TypeError) as exc:
-            raise EncryptionError(f"{where}: the TenSEAL context does not load ({exc})") from exc
-        seal = native_context.seal_context()
-        found = (
-            seal.key_context_data().parms().poly_modulus_degree(),
-            seal.key_context_data().total_coeff_modulus_bit_count(),
-            seal.first_context_data().total_coeff_modulus_bit_count(),
-        )
-        if found != (params.poly_modulus_degree, sum(params.coeff_mod_bit_sizes), params.data_bits):
-            raise EncryptionError(f"{where}: the TenSEAL context does not match the parameters recorded with it")
-        if bool(native_context.has_secret_key()) != secret_flag:
-            raise EncryptionError(f"{where}: the secret-key flag does not match the TenSEAL context")
+            raise EncryptionError(f"{where}: the SEAL parameters or keys do not load ({exc})") from exc
+        found = (parms.poly_modulus_degree(), [m.bit_count() for m in parms.coeff_modulus()])
+        if found != (params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)):
+            raise EncryptionError(f"{where}: the SEAL parameters do not match the parameters recorded with it")
+        if (secret_key is not None) != secret_flag:
+            raise EncryptionError(f"{where}: the secret-key flag does not match the keys in the file")
+        if secret_flag and params.encryption == "asymmetric" and public_key is None:
+            raise EncryptionError(f"{where}: asymmetric encryption, but the file holds no public key")
         if expect_secret_key is not None and secret_flag != expect_secret_key:
             raise EncryptionError(
                 f"{where}: holds a secret key, which the server must never have; use the server kit's context"
                 if secret_flag
                 else f"{where}: holds no secret key; a site needs the context from a site kit"
             )
-        flood_key = hashlib.sha256(b"fedgrid he decryption noise\0" + body).digest() if secret_flag else b""
-        return cls(context_id, params, native_context, flood_key)
+        flood_key = hashlib.sha256(b"fedgrid he decryption noise\0" + secret_raw).digest() if secret_flag else b""
+        return cls(context_id, params, context, secret_key, public_key, flood_key)
 
     @property
     def has_secret_key(self) -> bool:
-        return bool(self._ctx.has_secret_key())
+        return self._decryptor is not None
 
     @property
     def can_encrypt(self) -> bool:
-        if self.params.encryption == "symmetric":
-            return self.has_secret_key
-        return bool(self._ctx.has_public_key())
+        return self._encryptor is not None
 
     def __repr__(self) -> str:
         return (
@@ -671,28 +741,26 @@ def _parse_specs(tensors: Any, what: str) -> list[_Spec]:
     return specs
 
 
-def _read_ciphertext(reader: _Reader, ctx: HEContext, index: int, length: int) -> Any:
+def _read_ciphertext(reader: _Reader, ctx: HEContext, index: int) -> Any:
     """One ciphertext record, loaded and checked against the context before anyone uses it."""
     body = reader.record(b"C", ctx._max_record, f"ciphertext {index}")
     try:
-        vector = _native.CKKSVector(ctx._ctx, body)
+        ciphertext = _Files.load(seal.Ciphertext(), body, ctx._seal)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise PayloadError(
             f"{reader.what}: ciphertext {index} is corrupt or not valid for this HE context ({exc})"
         ) from exc
-    ciphertexts = vector.ciphertext()
     if (
-        vector.size() != length
-        or len(ciphertexts) != 1
-        or ciphertexts[0].size() != 2
-        or ciphertexts[0].scale != ctx._scale
-        or list(ciphertexts[0].parms_id()) != ctx._parms_id
+        ciphertext.size() != 2
+        or ciphertext.scale != ctx._scale
+        or list(ciphertext.parms_id()) != ctx._parms_id
+        or not ciphertext.is_ntt_form()
     ):
         raise PayloadError(
-            f"{reader.what}: ciphertext {index} does not have the expected form ({length} values, "
-            f"scale 2^{ctx.params.scale_bits}, fresh size, top level)"
+            f"{reader.what}: ciphertext {index} does not have the expected form "
+            f"(scale 2^{ctx.params.scale_bits}, fresh size, top level)"
         )
-    return vector
+    return ciphertext
 
 
 # -- site: encrypt ---------------------------------------------------------------------------------
@@ -726,13 +794,25 @@ def encrypt_update(
 def _encrypt_stream(ctx: HEContext, header: _Header, flat: np.ndarray, what: str) -> Iterator[bytes]:
     framer = _Framer()
     yield framer.start(ctx, header)
-    slots = ctx.params.slots
-    for start in range(0, flat.size, slots):
+    per = ctx.params.values_per_ciphertext
+    symmetric = ctx.params.encryption == "symmetric"
+    encryptor = ctx._encryptor
+    for start in range(0, flat.size, per):
+        chunk = flat[start : start + per]
+        if chunk.size % 2:
+            chunk = np.append(chunk, 0.0)
+        # Two values per slot: a slot holds a complex number, and sums add real and imaginary parts apart.
+        slots = np.ascontiguousarray(chunk).view(np.complex128).tolist()
         try:
-            vector = _native.CKKSVector(ctx._ctx, flat[start : start + slots].tolist(), ctx._scale)
+            plain, ciphertext = seal.Plaintext(), seal.Ciphertext()
+            ctx._encoder.encode(slots, ctx._scale, plain)
+            if symmetric:
+                encryptor.encrypt_symmetric(plain, ciphertext)
+            else:
+                encryptor.encrypt(plain, ciphertext)
         except (ValueError, RuntimeError) as exc:
-            raise EncryptionError(f"{what}: TenSEAL could not encrypt values {start}..: {exc}") from exc
-        yield framer.record(vector.serialize())
+            raise EncryptionError(f"{what}: SEAL could not encrypt values {start}..: {exc}") from exc
+        yield framer.record(_Files.save(ciphertext))
     yield framer.end()
 
 
@@ -774,11 +854,12 @@ class EncryptedSum:
                 f"{_num(self.ctx.params.max_total_weight)}; raise it in project.yml and provision again"
             )
         staged = []
-        for index, length in enumerate(_chunk_lengths(header.specs, self.ctx.params.slots)):
-            vector = _read_ciphertext(reader, self.ctx, index, length)
+        for index in range(len(_chunk_lengths(header.specs, self.ctx.params.values_per_ciphertext))):
+            ciphertext = _read_ciphertext(reader, self.ctx, index)
             if self._sums:
-                vector.add_(self._sums[index])  # the new vector becomes the sum; the running one is untouched
-            staged.append(vector)
+                # the new ciphertext becomes the sum; the running one is untouched
+                self.ctx._evaluator.add_inplace(ciphertext, self._sums[index])
+            staged.append(ciphertext)
         reader.finish()
         self._sums, self._specs = staged, header.specs
         self.total_weight, self.count = total, self.count + header.count
@@ -792,8 +873,8 @@ class EncryptedSum:
     def _stream(self, header: _Header, sums: list[Any]) -> Iterator[bytes]:
         framer = _Framer()
         yield framer.start(self.ctx, header)
-        for vector in sums:
-            yield framer.record(vector.serialize())
+        for ciphertext in sums:
+            yield framer.record(_Files.save(ciphertext))
         yield framer.end()
 
 
@@ -820,12 +901,15 @@ def decrypt_update(
     if layout is not None:
         _compare_layout(header.specs, _specs_from_layout(layout), "this site's model", what)
     parts = []
-    for index, length in enumerate(_chunk_lengths(header.specs, ctx.params.slots)):
-        vector = _read_ciphertext(reader, ctx, index, length)
+    for index, length in enumerate(_chunk_lengths(header.specs, ctx.params.values_per_ciphertext)):
+        ciphertext = _read_ciphertext(reader, ctx, index)
         try:
-            parts.append(np.array(vector.decrypt(), dtype=np.float64))
+            plain = seal.Plaintext()
+            ctx._decryptor.decrypt(ciphertext, plain)  # type: ignore[union-attr]
+            slots = np.array(ctx._encoder.decode_complex(plain), dtype=np.complex128)
         except (ValueError, RuntimeError) as exc:
             raise EncryptionError(f"{what}: ciphertext {index} does not decrypt ({exc})") from exc
+        parts.append(slots.view(np.float64)[:length])
     digest = reader.finish()
     flat = np.concatenate(parts) if parts else np.zeros(0)
     flat += _decryption_noise(ctx, digest, flat.size)

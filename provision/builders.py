@@ -19,7 +19,7 @@ from cryptography import x509
 
 from fedgrid import kit as k
 from fedgrid.certs import Identity
-from fedgrid.errors import ProjectFileError
+from fedgrid.errors import EncryptionError, ProjectFileError
 from fedgrid.policy import DEFAULT_POLICY, POLICY_FILE
 from fedgrid.roster import ROSTER_FILE
 from fedgrid.settings import (
@@ -260,7 +260,12 @@ def prepare_he(project: Project, saved: HEMaterial | None = None) -> HEMaterial 
         from fedgrid.he import HEContext, create_contexts
     except ImportError as exc:
         raise ProjectFileError(f"he.enabled is true, but HE support is not installed ({exc})") from None
-    if saved is not None and HEContext.load(saved.public_context, expect_secret_key=False).params == project.he.params:
-        return saved
+    if saved is not None:
+        try:
+            same = HEContext.load(saved.public_context, expect_secret_key=False).params == project.he.params
+        except EncryptionError:
+            same = False  # written by an older fedgrid in a format this one no longer reads: new contexts
+        if same:
+            return saved
     secret, public = create_contexts(project.he.params)
     return HEMaterial(secret_context=secret, public_context=public)

@@ -1,6 +1,6 @@
 """fedgrid.he with real TenSEAL contexts: the weighted mean through ciphertexts, and every refusal.
 
-Most tests use N=4096 (2048 values per ciphertext) so that small tensor sets still span several
+Most tests use N=4096 (4096 values per ciphertext: two per complex slot) so that small tensor sets still span several
 ciphertexts and the suite stays fast; the size test uses the default parameters and the MLP's shape.
 """
 
@@ -18,7 +18,7 @@ from fedgrid import he, tensors
 from fedgrid.errors import EncryptionError, PayloadError, ProjectFileError
 
 SMALL = he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(56, 40))
-SHAPES = {"fc1.weight": (30, 70), "fc1.bias": (30,), "fc2.weight": (4, 30), "fc2.bias": (4,)}  # 2,254 values
+SHAPES = {"fc1.weight": (60, 70), "fc1.bias": (60,), "fc2.weight": (4, 60), "fc2.bias": (4,)}  # 4,504 values
 WEIGHTS = [60000.0, 1200.0, 350.0, 64.0]
 FP32_HALF_ULP = 6e-8  # rounding of a result in (-1, 1) to float32
 
@@ -65,7 +65,7 @@ def pieces(data: bytes, size: int) -> list[bytes]:
 
 def records(stream: bytes) -> list[tuple[bytes, bytes]]:
     """Parse the documented stream format: magic, then (tag, uint32 length, body) records."""
-    assert stream[:5] == b"FGHE\x01"
+    assert stream[:5] == b"FGHE\x02"
     out, pos = [], 5
     while pos < len(stream):
         (length,) = struct.unpack_from("<I", stream, pos + 1)
@@ -76,7 +76,7 @@ def records(stream: bytes) -> list[tuple[bytes, bytes]]:
 
 def reframe(recs: list[tuple[bytes, bytes]]) -> bytes:
     """Build a well-framed stream with a correct digest around (possibly forged) records."""
-    body = b"FGHE\x01" + b"".join(tag + struct.pack("<I", len(data)) + data for tag, data in recs if tag != b"E")
+    body = b"FGHE\x02" + b"".join(tag + struct.pack("<I", len(data)) + data for tag, data in recs if tag != b"E")
     return body + b"E" + struct.pack("<I", 32) + hashlib.sha256(body).digest()
 
 
@@ -151,14 +151,14 @@ def test_single_update_decrypts_to_itself(site_ctx: he.HEContext) -> None:
 def test_encryption_streams_in_pieces_and_checks_input_before_the_first(site_ctx: he.HEContext) -> None:
     stream = he.encrypt_update(site_ctx, make_update(0), 10.0)
     first = next(stream)
-    assert first.startswith(b"FGHE\x01H") and b"fc1.weight" in first  # the header piece: layout, no values
+    assert first.startswith(b"FGHE\x02H") and b"fc1.weight" in first  # the header piece: layout, no values
     rest = list(stream)
     assert len(rest) == 3  # two ciphertexts (2,255 values, 2,048 per ciphertext), then the end record
 
     with pytest.raises(PayloadError, match="fc1.bias.*NaN"):
-        he.encrypt_update(site_ctx, {**make_update(0), "fc1.bias": np.full(30, np.nan, np.float32)}, 10.0)
+        he.encrypt_update(site_ctx, {**make_update(0), "fc1.bias": np.full(60, np.nan, np.float32)}, 10.0)
     with pytest.raises(PayloadError, match="fc1.weight.*max_abs_value"):
-        he.encrypt_update(site_ctx, {**make_update(0), "fc1.weight": np.full((30, 70), 300, np.float32)}, 10.0)
+        he.encrypt_update(site_ctx, {**make_update(0), "fc1.weight": np.full((60, 70), 300, np.float32)}, 10.0)
     for weight in (0.0, -5.0, float("nan"), SMALL.max_total_weight * 2):
         with pytest.raises(PayloadError, match="sample count"):
             he.encrypt_update(site_ctx, make_update(0), weight)
@@ -177,12 +177,13 @@ def test_server_context_holds_no_secret_key(site_ctx: he.HEContext, server_ctx: 
         he.decrypt_mean(server_ctx, [aggregate])
     with pytest.raises(EncryptionError, match="cannot encrypt"):
         he.encrypt_update(server_ctx, make_update(0), 5.0)
-    # Not just our guard: TenSEAL itself has no key to decrypt with in the server's context.
+    # Not just our guard: the server's context file holds no key SEAL could decrypt with.
     reader = he._Reader([aggregate], "aggregate")
     he._read_header(reader, server_ctx)
-    vector = he._read_ciphertext(reader, server_ctx, 0, SMALL.slots)
-    with pytest.raises(ValueError, match="secret"):
-        vector.decrypt()
+    he._read_ciphertext(reader, server_ctx, 0)  # the ciphertexts load and add there, and that is all
+    assert server_ctx._decryptor is None and server_ctx._encryptor is None
+    with pytest.raises(ValueError, match="secret key is not valid"):
+        he.seal.Decryptor(server_ctx._seal, he.seal.SecretKey())
 
 
 def test_server_refuses_a_context_file_with_a_secret_key() -> None:
@@ -268,10 +269,10 @@ def test_corrupted_ciphertexts_are_refused(site_ctx: he.HEContext, server_ctx: h
     with pytest.raises(PayloadError, match="ciphertext 0 is corrupt or not valid"):
         total.add(reframe([header, (b"C", foreign), second, (b"E", b"")]))
 
-    values = [0.5] * SMALL.slots
-    rescaled = he._native.CKKSVector(site_ctx._ctx, values, 2.0**30).serialize()  # valid, other scale
-    short = he._native.CKKSVector(site_ctx._ctx, values[:100], 2.0**SMALL.scale_bits).serialize()
-    for odd in (rescaled, short):
+    plain, rescaled = he.seal.Plaintext(), he.seal.Ciphertext()  # a valid ciphertext at another scale
+    site_ctx._encoder.encode([0.5] * SMALL.slots, 2.0**30, plain)
+    site_ctx._encryptor.encrypt_symmetric(plain, rescaled)
+    for odd in (he._Files.save(rescaled),):
         with pytest.raises(PayloadError, match="ciphertext 0 does not have the expected form"):
             total.add(reframe([header, (b"C", odd), second, (b"E", b"")]))
 
@@ -294,7 +295,7 @@ def test_truncated_or_padded_streams_are_refused(site_ctx: he.HEContext, server_
     oversized = records(encrypt(big, make_update(14), 100.0))[1][1]
     with pytest.raises(PayloadError, match="above the limit"):
         total.add(reframe([records(stream)[0], (b"C", oversized), (b"E", b"")]))
-    huge = b"FGHE\x01H" + struct.pack("<I", 1 << 30)
+    huge = b"FGHE\x02H" + struct.pack("<I", 1 << 30)
     with pytest.raises(PayloadError, match="above the limit"):
         total.add(huge)  # the length is refused before anything is allocated
     finish_and_check(total, site_ctx, updates, weights)
@@ -302,8 +303,8 @@ def test_truncated_or_padded_streams_are_refused(site_ctx: he.HEContext, server_
 
 def test_layout_mismatches_are_refused(site_ctx: he.HEContext, server_ctx: he.HEContext) -> None:
     total, updates, weights = good_sum(site_ctx, server_ctx)
-    reshaped = {**make_update(15), "fc1.weight": np.zeros((70, 30), np.float32)}
-    with pytest.raises(PayloadError, match="'fc1.weight' has shape \\(70, 30\\), the first update has \\(30, 70\\)"):
+    reshaped = {**make_update(15), "fc1.weight": np.zeros((70, 60), np.float32)}
+    with pytest.raises(PayloadError, match="'fc1.weight' has shape \\(70, 60\\), the first update has \\(60, 70\\)"):
         total.add(encrypt(site_ctx, reshaped, 10.0))
     missing = make_update(15)
     del missing["fc2.bias"]
@@ -314,7 +315,7 @@ def test_layout_mismatches_are_refused(site_ctx: he.HEContext, server_ctx: he.HE
         total.add(encrypt(site_ctx, retyped, 10.0))
     finish_and_check(total, site_ctx, updates, weights)
 
-    with pytest.raises(PayloadError, match="'fc1.weight' has shape \\(70, 30\\), this site's model has"):
+    with pytest.raises(PayloadError, match="'fc1.weight' has shape \\(70, 60\\), this site's model has"):
         he.decrypt_mean(site_ctx, encrypt(site_ctx, reshaped, 10.0), layout=tensors.layout_of(make_update(0)))
 
     expected = he.EncryptedSum(server_ctx, tensors.layout_of(make_update(0)))
