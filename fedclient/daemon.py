@@ -87,6 +87,7 @@ class SiteDaemon:
         self._stream: grpc.Future | None = None
         self._warm: subprocess.Popen[bytes] | None = None
         """A worker started ahead of the next job, waiting on its stdin (`local/site.json` prestart_worker)."""
+        self._warm_wanted = threading.Event()
         self.heartbeat_interval = settings.heartbeat_interval
 
     # ------------------------------------------------------------------ connection
@@ -96,6 +97,7 @@ class SiteDaemon:
             return sorted(j.job_id for j in self.jobs.values() if not j.done.is_set())
 
     def run(self, ready_file: Path | None) -> None:
+        threading.Thread(target=self._warmer, name="warmer", daemon=True).start()
         backoff = Backoff()
         reachable = True
         while not self.stopping.is_set():
@@ -256,9 +258,7 @@ class SiteDaemon:
             self._report(job_id, "failed", f"site daemon error: {type(exc).__name__}: {exc}")
         finally:
             job.done.set()
-            timer = threading.Timer(WARM_DELAY, self._start_warm)
-            timer.daemon = True
-            timer.start()
+            self._warm_wanted.set()
 
     def _worker_for(self, job_id: str, job_dir: Path, app: str, threads: int) -> tuple[subprocess.Popen[bytes], bool]:
         """A worker process for the job, and whether it was started ahead: the warm one if there is one (it
@@ -290,6 +290,16 @@ class SiteDaemon:
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir
             )
         return process, False
+
+    def _warmer(self) -> None:
+        """Start the next warm worker WARM_DELAY seconds after a job ended. A thread that lives as long as
+        the daemon: Linux ends a worker (PR_SET_PDEATHSIG) when the thread that started it exits."""
+        while not self.stopping.is_set():
+            if self._warm_wanted.wait(1.0):
+                self._warm_wanted.clear()
+                if self.stopping.wait(WARM_DELAY):
+                    return
+                self._start_warm()
 
     def _start_warm(self) -> None:
         """Start the next job's worker now, so that it has imported torch when the job comes. Only while the

@@ -121,11 +121,12 @@ def test_job_runs_end_to_end_with_results_and_progress(federation: Federation, t
 def _workers_started_ahead(daemon_pid: int) -> list[int]:
     """PIDs of the daemon's children that wait for a job (`fedclient.worker --wait`)."""
     found = []
-    for child in Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split():
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():  # a child belongs to the thread that started it
         with contextlib.suppress(OSError):
-            if b"--wait" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
-                found.append(int(child))
-    return found
+            for child in (task / "children").read_text().split():
+                if b"--wait" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                    found.append(int(child))
+    return sorted(found)
 
 
 def test_a_job_runs_in_the_worker_started_ahead_and_the_next_one_is_started_after(
