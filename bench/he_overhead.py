@@ -1,6 +1,6 @@
 """What encryption costs: the same FedAvg job run plain and with CKKS-encrypted updates, in one run.
 
-    python bench/he_overhead.py [--rounds 3] [--sites 4] [--max_samples 0]
+    python bench/he_overhead.py [--rounds 5] [--sites 4] [--max_samples 0]
 
 MLP 784-512-512-10 (669,706 parameters) on Fashion-MNIST, 4 IID sites on this machine, 1 local
 epoch per round, real daemons over mutual TLS, provisioned with HE. Prints seconds per round of each
@@ -69,7 +69,7 @@ def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encryp
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per job (default 5; fewer are noisier)")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--max_samples", type=int, default=0, help="samples per site (0: all 15,000)")
     args = parser.parse_args()
