@@ -183,6 +183,7 @@ class SiteDaemon:
     def request_stop(self) -> None:
         """Signal-safe: ask the main loop to end (SIGTERM, Ctrl-C)."""
         self.stopping.set()
+        self._warm_wanted.set()  # wakes the warmer thread, which then sees `stopping` and ends
         if self._stream is not None:
             self._stream.cancel()
 
@@ -294,12 +295,12 @@ class SiteDaemon:
     def _warmer(self) -> None:
         """Start the next warm worker WARM_DELAY seconds after a job ended. A thread that lives as long as
         the daemon: Linux ends a worker (PR_SET_PDEATHSIG) when the thread that started it exits."""
-        while not self.stopping.is_set():
-            if self._warm_wanted.wait(1.0):
-                self._warm_wanted.clear()
-                if self.stopping.wait(WARM_DELAY):
-                    return
-                self._start_warm()
+        while True:
+            self._warm_wanted.wait()
+            self._warm_wanted.clear()
+            if self.stopping.wait(WARM_DELAY):
+                return
+            self._start_warm()
 
     def _start_warm(self) -> None:
         """Start the next job's worker now, so that it has imported torch when the job comes. Only while the
