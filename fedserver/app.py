@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from pathlib import Path
@@ -135,6 +136,8 @@ class ServerApp:
 
     async def serve(self, ready_file: Path | None, stop: asyncio.Event) -> None:
         await self.start()
+        # What start-up loaded lives as long as the server: keep it out of every full collection.
+        gc.freeze()
         if ready_file is not None:
             ready_file.write_text(str(time.time()))
         try:
