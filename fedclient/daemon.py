@@ -282,11 +282,9 @@ class SiteDaemon:
                 return warm, True
             except OSError:
                 warm.kill()
+        command = [sys.executable, "-m", "fedclient.worker", "--kit", str(self.kit.path), "--job-id", job_id]
+        command += ["--job-dir", str(job_dir), "--app", app, "--threads", str(threads)]
         with open(job_dir / "log.txt", "ab") as log_file:
-            command = [sys.executable, "-m", "fedclient.worker"]
-            for key, value in job_args.items():
-                if key != "log":
-                    command += [f"--{key.replace('_', '-')}", str(value)]
             process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir
             )

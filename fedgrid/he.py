@@ -326,8 +326,8 @@ class _Files:
         return obj
 
 
-def _seal_context(params: HEParams) -> tuple[Any, bytes]:
-    """A SEAL CKKS context for `params`, with its encryption parameters as bytes."""
+def _seal_context(params: HEParams) -> tuple[Any, Any]:
+    """A SEAL CKKS context for `params`, and its encryption parameters."""
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
     parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))
@@ -336,7 +336,7 @@ def _seal_context(params: HEParams) -> tuple[Any, bytes]:
         raise EncryptionError(
             f"SEAL refused the HE parameters {params.describe()}: {context.parameters_error_message()}"
         )
-    return context, _Files.save(parms)
+    return context, parms
 
 
 def create_contexts(params: HEParams) -> tuple[bytes, bytes]:
@@ -347,7 +347,8 @@ def create_contexts(params: HEParams) -> tuple[bytes, bytes]:
     """
     params.validate("HEParams")
     try:
-        context, parms = _seal_context(params)
+        context, encryption_parameters = _seal_context(params)
+        parms = _Files.save(encryption_parameters)
         keys = seal.KeyGenerator(context)
         secret_key = _Files.save(keys.secret_key())
         public_key = b""
