@@ -110,6 +110,8 @@ class _Worker:
         self.cached_arrays: dict[str, np.ndarray] = {}
         self.decrypted: set[bytes] = set()
         """Digests of the global models this worker decrypted as tasks: the only ones it may release."""
+        self.held: fpb.Evaluation | None = None
+        """The answer to an evaluation that rides on a training task: it goes with the training result."""
         self.seq = 0
         self.pending_events: list[fpb.Event] = []
 
@@ -178,11 +180,14 @@ class _Worker:
     def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
         request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
         buffer = transfer.Chunks()
-        assembler = transfer.Assembler(buffer, max_size=1 << 34, what="task")
+        assembler = transfer.Assembler(
+            buffer, max_size=1 << 34, what="task", verify=lambda h: transfer.digest_checked(h.payload_format)
+        )
         for frame in self.stub.GetTask(request):
             assembler.feed(frame)
         header = assembler.finish()
-        if header.payload_format and not header.payload_cached and assembler.sha256 != header.payload_sha256:
+        checked = assembler.sha256 is not None and header.payload_format and not header.payload_cached
+        if checked and assembler.sha256 != header.payload_sha256:
             raise TransferError(f"task {header.task_id}: payload digest differs from the header")
         return header, buffer.getvalue()
 
@@ -217,8 +222,22 @@ class _Worker:
     def send(self, params: Mapping[str, Any] | None, num_samples: float, metrics: Mapping[str, float]) -> None:
         if self.task is None:
             raise StateError("send() without a task: call receive() first")
+        if self.task.kind == "evaluate" and self.next_train is not None:
+            # The training half of the same task follows: its result carries this answer, one call less.
+            self.held = fpb.Evaluation(task_id=self.task.task_id, num_samples=num_samples, metrics=_clean(metrics))
+            self.task = None
+            return
         arrays = _to_numpy(params) if params is not None else {}
         self._answer(self.task, arrays, num_samples, metrics)
+
+    def flush_evaluation(self) -> None:
+        """Send a held evaluation answer on its own (the script ended before it trained)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            try:
+                self._send(Pending(held.task_id, "evaluate"), {}, held.num_samples, dict(held.metrics), True)
+            except FedgridError as exc:
+                log.warning("the answer to %s was not delivered: %s", held.task_id, exc)
 
     def _answer(
         self, task: Pending, arrays: dict[str, np.ndarray], num_samples: float, metrics: Mapping[str, float]
@@ -235,12 +254,7 @@ class _Worker:
         plaintext: bool,
     ) -> None:
         self.flush_events()
-        clean = {}
-        for key, value in (metrics or {}).items():
-            try:
-                clean[str(key)] = float(value)
-            except (TypeError, ValueError):
-                log.warning("metric %r is not a number (%r); not sent", key, value)
+        clean = _clean(metrics)
         if arrays and self.encrypted and not plaintext:
             from fedgrid import he
 
@@ -276,13 +290,17 @@ class _Worker:
             payload_format=payload_format,
             num_samples=num_samples,
             metrics=clean,
+            evaluation=self.held,
         )
+        self.held = None
         try:
             if task.upload_slot and payload_format:
                 slot = fpb.UploadSlotRequest(job_id=self.job_id, task_id=task.task_id)
                 while not self._retry("upload slot", lambda: self.stub.UploadSlot(slot)).granted:
                     log.info("waiting for an upload slot for %s", task.task_id)
-            self._retry("send", lambda: self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, header, pieces())))
+            digest = transfer.digest_checked(payload_format)
+            stream = lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest)  # noqa: E731
+            self._retry("send", lambda: self.stub.SubmitResult(stream()))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
 
@@ -309,6 +327,17 @@ def _translate(exc: grpc.RpcError, what: str) -> FedgridError:
     from fedgrid.grpc_errors import error_from_rpc
 
     return error_from_rpc(exc, f"{what}: ")
+
+
+def _clean(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The metrics that are numbers, as floats; the others are left out with a warning."""
+    clean = {}
+    for key, value in (metrics or {}).items():
+        try:
+            clean[str(key)] = float(value)
+        except (TypeError, ValueError):
+            log.warning("metric %r is not a number (%r); not sent", key, value)
+    return clean
 
 
 def _to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -424,6 +453,7 @@ class SummaryWriter:
 def _shutdown() -> None:
     """Called by the worker after the script returns: deliver the last tracking events."""
     if _worker is not None:
+        _worker.flush_evaluation()
         _worker.flush_events()
         _worker.channel.close()
 

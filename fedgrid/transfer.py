@@ -5,14 +5,20 @@ message limit, so they never travel as one message. Every streamed message type 
 same shape (`oneof kind { header; data; trailer }`); the helpers here work for all of them.
 The receiver checks the running size against a limit while the bytes arrive (a peer cannot make the
 server buffer more than it allows) and checks size and digest at the end before anything is used.
+
+TLS already authenticates every byte on the wire, so the digest is not what stops an attacker in
+transit; it names a payload. Streams whose digest nobody relies on (plaintext models and updates, the
+bulk of every round) may go without: the sender passes `digest=False`, the receiver decides from the
+header with `verify`, and the trailer's size is checked either way.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
+from fedgrid import tensors
 from fedgrid.errors import TransferError
 from fedgrid.v1 import common_pb2
 from fedgrid.wire import encode_data
@@ -44,6 +50,16 @@ SERVER_OPTIONS = [
 F = TypeVar("F")
 
 
+def digest_checked(payload_format: str) -> bool:
+    """Whether a model or update stream in `payload_format` carries a SHA-256 its receiver checks.
+
+    Ciphertexts do: a site decrypts and releases only global models it can name by their digest.
+    Plaintext tensors do not: the server sees them anyway, TLS authenticates them in transit, and
+    hashing them cost about a tenth of a round's CPU (bench/round_overhead.py).
+    """
+    return payload_format != tensors.FORMAT
+
+
 def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
     """Cut a buffer into chunk-sized views (no copies)."""
     view = memoryview(data)
@@ -52,17 +68,22 @@ def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[me
 
 
 def frames(
-    frame_cls: type[F], header: Any, pieces: Iterable[bytes | memoryview], sha256: bytes | None = None
+    frame_cls: type[F],
+    header: Any,
+    pieces: Iterable[bytes | memoryview],
+    sha256: bytes | None = None,
+    digest: bool = True,
 ) -> Iterator[F | bytes]:
     """Header frame, one data frame per CHUNK_SIZE of the pieces, then the trailer.
 
     Data frames come out already serialized (see `fedgrid.wire`); send them with the stubs and
     handlers of `fedgrid.wire`. `pieces` may be a generator that produces bytes while earlier frames
     are already on the wire (encryption overlapping upload). Pass `sha256` when the digest of the
-    payload is already known, to skip hashing it again.
+    payload is already known, to skip hashing it again, or `digest=False` for a stream whose receiver
+    does not verify one (its trailer then carries the size only).
     """
     yield frame_cls(header=header)  # type: ignore[call-arg]
-    digest = None if sha256 else hashlib.sha256()
+    digest = None if sha256 or not digest else hashlib.sha256()
     size = 0
     for piece in pieces:
         for chunk in split(piece):
@@ -72,7 +93,7 @@ def frames(
                 digest.update(chunk)
             size += len(chunk)
             yield encode_data(chunk)
-    final = sha256 if digest is None else digest.digest()
+    final = (sha256 or b"") if digest is None else digest.digest()
     yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
 
 
@@ -103,16 +124,20 @@ class Assembler:
 
     Feed it every frame in order, then call `finish()`. Any deviation (no header first, a second
     header, data after the trailer, too many bytes, a wrong size or digest) raises TransferError
-    naming `what` was being received.
+    naming `what` was being received. `verify(header)` says whether this stream's digest is hashed
+    and checked (default: always).
     """
 
-    def __init__(self, sink: BinaryIO, *, max_size: int, what: str) -> None:
+    def __init__(
+        self, sink: BinaryIO, *, max_size: int, what: str, verify: Callable[[Any], bool] | None = None
+    ) -> None:
         self.sink = sink
         self.max_size = max_size
         self.what = what
+        self.verify = verify
         self.header: Any = None
         self.size = 0
-        self._digest = hashlib.sha256()
+        self._digest: Any = None
         self._trailer: common_pb2.Trailer | None = None
 
     def feed(self, frame: Any) -> None:
@@ -123,6 +148,8 @@ class Assembler:
             if self.header is not None:
                 raise TransferError(f"{self.what}: second header in one stream")
             self.header = frame.header
+            if self.verify is None or self.verify(self.header):
+                self._digest = hashlib.sha256()
             return
         if self.header is None:
             raise TransferError(f"{self.what}: stream does not start with a header")
@@ -130,7 +157,8 @@ class Assembler:
             self.size += len(frame.data)
             if self.size > self.max_size:
                 raise TransferError(f"{self.what}: more than the allowed {self.max_size / 1e6:.1f} MB; refused")
-            self._digest.update(frame.data)
+            if self._digest is not None:
+                self._digest.update(frame.data)
             self.sink.write(frame.data)
         elif kind == "trailer":
             self._trailer = frame.trailer
@@ -145,18 +173,21 @@ class Assembler:
             raise TransferError(f"{self.what}: stream ended before its trailer ({self.size} bytes received)")
         if self._trailer.size != self.size:
             raise TransferError(f"{self.what}: trailer announces {self._trailer.size} bytes, {self.size} arrived")
-        if self._trailer.sha256 != self._digest.digest():
+        if self._digest is not None and self._trailer.sha256 != self._digest.digest():
             raise TransferError(f"{self.what}: SHA-256 digest does not match the data received")
         return self.header
 
     @property
-    def sha256(self) -> bytes:
-        return self._digest.digest()
+    def sha256(self) -> bytes | None:
+        """The digest of what arrived, or None for a stream received without verifying one."""
+        return None if self._digest is None else self._digest.digest()
 
 
-def receive(frames_in: Iterable[Any], sink: BinaryIO, *, max_size: int, what: str) -> Any:
+def receive(
+    frames_in: Iterable[Any], sink: BinaryIO, *, max_size: int, what: str, verify: Callable[[Any], bool] | None = None
+) -> Any:
     """Consume a synchronous stream of frames into `sink`; returns the header."""
-    assembler = Assembler(sink, max_size=max_size, what=what)
+    assembler = Assembler(sink, max_size=max_size, what=what, verify=verify)
     for frame in frames_in:
         assembler.feed(frame)
     return assembler.finish()

@@ -20,10 +20,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -119,6 +119,10 @@ class FedAvg:
         self.rng = random.Random(config.seed)
         self.model: Model | None = None
         self.velocity: tensors.Arrays | None = None
+        self._recording = Background()
+        """Round records on their way to the store, the watchers and the best-model file."""
+        self._saving = Background()
+        """The checkpoint being written while the next round runs."""
 
     def min_responses(self) -> int:
         return self.config.min_responses or self.config.min_clients
@@ -140,6 +144,13 @@ class FedAvg:
         it receives, answers, then trains on it), so a round costs one exchange, not two; sites not
         chosen to train that round get the evaluation alone. The last model is evaluated on its own.
         """
+        try:
+            return await self._rounds(initial)
+        finally:
+            await self._saving.wait()
+            await self._recording.wait()
+
+    async def _rounds(self, initial: Model) -> Outcome:
         outcome = Outcome()
         cfg = self.config
         model = initial
@@ -166,10 +177,12 @@ class FedAvg:
                 break
             previous = Finished(round_no, trained[0], started, len(sites), trained[1], trained[2])
             model = previous.model
-            await asyncio.to_thread(self._checkpoint, model, round_no, outcome)
+            state = self._state(model, round_no, outcome)
+            await self._saving.start(asyncio.to_thread(self._checkpoint, model, state))
         else:
             if previous is not None:
                 await self._evaluate_alone(previous, outcome)
+        await self._recording.wait()
         final = outcome.evaluated[-1] if outcome.evaluated else model
         outcome.final_model, outcome.best_model = await self._finish(final, outcome.best)
         return outcome
@@ -313,12 +326,13 @@ class FedAvg:
         outcome.rounds.append(record)
         outcome.evaluated.append(finished.model)
         outcome.final_metrics = metrics
+        best = None
         if self._improved(metrics, outcome.best_value):
             outcome.best_round, outcome.best_value = finished.round, metrics.get(self.config.key_metric)
             outcome.best = finished.model
-            if finished.model.payload_format == tensors.FORMAT:
-                await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", finished.model.data)
-        await self.on_round(record)
+            best = finished.model if finished.model.payload_format == tensors.FORMAT else None
+        # The next round need not wait for the disk, the job store and the watchers.
+        await self._recording.start(self._keep(record, best))
         target = self.config.target_metric
         if target is not None and target.reached(metrics):
             outcome.stopped_early = (
@@ -328,6 +342,11 @@ class FedAvg:
             self.log.info("stopping early: %s", outcome.stopped_early)
             return True
         return False
+
+    async def _keep(self, record: RoundRecord, best: Model | None) -> None:
+        if best is not None:
+            await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", best.data)
+        await self.on_round(record)
 
     def _server_step(self, averaged: bytes) -> bytes:
         """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
@@ -359,17 +378,20 @@ class FedAvg:
             return True
         return value > best if self.config.key_metric_mode == "max" else value < best
 
-    def _checkpoint(self, model: Model, round_no: int, outcome: Outcome) -> None:
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
-        _write(self.checkpoint_dir / f"global_model.{suffix}", model.data)
-        state = {
+    @staticmethod
+    def _state(model: Model, round_no: int, outcome: Outcome) -> dict[str, object]:
+        return {
             "round": round_no,
             "payload_format": model.payload_format,
             "total_weight": model.total_weight,
             "best_round": outcome.best_round,
             "best_value": outcome.best_value,
         }
+
+    def _checkpoint(self, model: Model, state: dict[str, object]) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
+        _write(self.checkpoint_dir / f"global_model.{suffix}", model.data)
         _write(self.checkpoint_dir / "state.json", json.dumps(state, indent=2).encode())
 
     async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
@@ -386,6 +408,27 @@ class FedAvg:
         elif best is final:
             await asyncio.to_thread(_write, best_path, final_path.read_bytes())
         return final_path, best_path if best_path.exists() else None
+
+
+class Background:
+    """One piece of work at a time that runs while the rounds go on; the next waits for the previous,
+    so what it writes lands in order, and its errors surface at the next `start` or `wait`."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[None] | None = None
+
+    async def start(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await self.wait()
+        except BaseException:
+            work.close()
+            raise
+        self._task = asyncio.ensure_future(work)
+
+    async def wait(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await task
 
 
 def _write(path: Path, data: bytes) -> None:

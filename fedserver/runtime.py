@@ -34,7 +34,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.policy import Caller, JobOwner, Policy
 from fedgrid.serde import JobDetail, JobInfo, RoundInfo
 from fedgrid.settings import ServerSettings
-from fedgrid.transfer import Assembler, Chunks, frames, receive_async, split
+from fedgrid.transfer import Assembler, Chunks, digest_checked, frames, receive_async, split
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore
@@ -539,12 +539,19 @@ class JobRuntime:
             raise TransferError("result stream does not start with a header")
         header = first.header
         run = self._run_for(header.job_id, site)
+        if header.HasField("evaluation"):
+            deliver_evaluation(run, site, header.evaluation)
         if not run.board.accepts(site, header.task_id):
             run.log.warning("%s: result for %s arrived after its round closed; dropped", site, header.task_id)
             raise StateError(f"task {header.task_id} is no longer open (late result dropped)")
         limit = max(64 << 20, 32 * run.model_bytes)
         spool = Spool(run.tmp_dir, prefix=f"{site}-", expected=run.model_bytes if header.payload_format else 0)
-        assembler = Assembler(spool, max_size=limit, what=f"result of {header.task_id} from {site}")
+        assembler = Assembler(
+            spool,
+            max_size=limit,
+            what=f"result of {header.task_id} from {site}",
+            verify=lambda h: digest_checked(h.payload_format),
+        )
         slotted = bool(run.slot_bytes) and bool(header.payload_format)
         try:
             assembler.feed(first)
@@ -614,6 +621,20 @@ class JobRuntime:
             for e in batch.events
         ]
         return run.tracking.site_events(site, events)
+
+
+def deliver_evaluation(run: JobRun, site: str, evaluation: fpb.Evaluation) -> None:
+    """Hand the controller the evaluation a site answered inside its training result."""
+    result = Result(
+        site=site,
+        task_id=evaluation.task_id,
+        num_samples=evaluation.num_samples,
+        metrics=dict(evaluation.metrics),
+        payload_format="",
+        path=None,
+    )
+    if not run.board.deliver(result):
+        run.log.warning("%s: evaluation %s arrived after its round closed; dropped", site, evaluation.task_id)
 
 
 class Spool:

@@ -61,6 +61,39 @@ def test_safetensors_round_trip_refuses_garbage() -> None:
         tensors.decode(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
 
 
+def test_our_safetensors_writer_is_read_back_exactly_by_the_safetensors_library(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file as st_load_file
+    from safetensors.torch import load as torch_load
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f16": rng.standard_normal((3, 5)).astype(np.float16),
+        "f32": rng.standard_normal((7, 4)).astype(np.float32),
+        "f64.big_endian": rng.standard_normal(6).astype(">f8"),
+        "i8": rng.integers(-100, 100, 9).astype(np.int8),
+        "i16": rng.integers(-100, 100, (2, 2)).astype(np.int16),
+        "i32": np.array(7, np.int32),
+        "i64.empty": np.zeros((0, 3), np.int64),
+        "u8": rng.integers(0, 255, 5).astype(np.uint8),
+        "bool": rng.random(11) > 0.5,
+        "f32.transposed": rng.standard_normal((4, 3)).astype(np.float32).T,
+    }
+    for decoded in (tensors.decode(tensors.encode(arrays)), _saved_and_loaded(arrays, tmp_path, st_load_file)):
+        assert set(decoded) == set(arrays)
+        for name, array in arrays.items():
+            assert decoded[name].shape == array.shape and decoded[name].dtype == array.dtype.newbyteorder("=")
+            np.testing.assert_array_equal(decoded[name], array)
+    assert torch_load(tensors.encode({"w": np.arange(6, dtype=np.float32)}))["w"].tolist() == list(range(6))
+    with pytest.raises(PayloadError, match="'c'.*complex64"):
+        tensors.encode({"c": np.zeros(2, np.complex64)})
+
+
+def _saved_and_loaded(arrays: dict, tmp_path: Path, load_file: object) -> dict:
+    tensors.save_file(arrays, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors.tmp").exists()
+    return load_file(str(tmp_path / "model.safetensors"))  # type: ignore[operator]
+
+
 async def _site(board: TaskBoard, name: str, tmp: Path, value: float, samples: int, slow_rounds: set[int]) -> None:
     """A site as fedclient.api plays it: evaluate what a task brings if asked, then train on it."""
     last = ""

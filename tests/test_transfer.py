@@ -36,6 +36,11 @@ class Harness:
                 request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
                 response_serializer=common_pb2.Ack.SerializeToString,
             ),
+            "UpUnverified": grpc.stream_unary_rpc_method_handler(
+                self.up_unverified,
+                request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+                response_serializer=common_pb2.Ack.SerializeToString,
+            ),
             "Down": grpc.unary_stream_rpc_method_handler(
                 self.down, request_deserializer=admin_pb2.JobRequest.FromString, response_serializer=wire.serialize
             ),
@@ -56,14 +61,26 @@ class Harness:
         self.received["sha256"] = hashlib.sha256(sink.getvalue()).hexdigest()
         return common_pb2.Ack(message=str(len(sink.getvalue())))
 
+    def up_unverified(self, frames: Iterator[admin_pb2.UploadFrame], context: grpc.ServicerContext) -> common_pb2.Ack:
+        """Like `up`, for streams whose receiver does not check a digest (plaintext models and updates)."""
+        sink = io.BytesIO()
+        try:
+            transfer.receive(frames, sink, max_size=101 * MB, what="upload", verify=lambda header: False)
+        except TransferError as exc:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+        self.received["sha256"] = hashlib.sha256(sink.getvalue()).hexdigest()
+        return common_pb2.Ack(message=str(len(sink.getvalue())))
+
     def down(self, request: admin_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[admin_pb2.DownloadFrame]:
         yield from transfer.frames(
             admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(self.payload)), transfer.split(self.payload)
         )
 
-    def upload(self, frames: Iterator[admin_pb2.UploadFrame]) -> common_pb2.Ack:
+    def upload(self, frames: Iterator[admin_pb2.UploadFrame], method: str = "Up") -> common_pb2.Ack:
         call = self.channel.stream_unary(
-            "/test.Transfer/Up", request_serializer=wire.serialize, response_deserializer=common_pb2.Ack.FromString
+            f"/test.Transfer/{method}",
+            request_serializer=wire.serialize,
+            response_deserializer=common_pb2.Ack.FromString,
         )
         return call(frames, timeout=120)
 
@@ -131,3 +148,24 @@ def test_bad_streams_are_refused_with_a_clear_message(harness: Harness, frames: 
         harness.upload(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [b"still serving"])).message
         == "13"
     )
+
+
+def test_a_stream_without_digest_is_taken_only_by_a_receiver_that_does_not_check_one(harness: Harness) -> None:
+    data = os.urandom(3 * MB + 5)
+
+    def frames(size: int | None = None) -> Iterator[admin_pb2.UploadFrame | bytes]:
+        sent = transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [data], digest=False)
+        if size is None:
+            return sent
+        *body, trailer = list(sent)
+        assert not trailer.trailer.sha256
+        return iter([*body, admin_pb2.UploadFrame(trailer=common_pb2.Trailer(size=size))])
+
+    assert harness.upload(frames(), "UpUnverified").message == str(len(data))
+    assert harness.received["sha256"] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(grpc.RpcError) as err:
+        harness.upload(frames(), "Up")
+    assert "digest does not match" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        harness.upload(frames(len(data) - 1), "UpUnverified")
+    assert "announces" in err.value.details()
