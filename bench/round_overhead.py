@@ -189,7 +189,6 @@ class RoundLog:
 
     sent: float = math.nan
     folded: list[float] = field(default_factory=list)
-    evaluated: float = math.nan
     done: float = math.nan
 
 
@@ -225,8 +224,6 @@ def parse_job_log(text: str) -> JobLog:
                 r.sent = t
             elif "folded in" in rest:
                 r.folded.append(t)
-            elif rest.startswith("global model evaluated"):
-                r.evaluated = t
             elif rest.startswith("done in"):
                 r.done = t
     return job
@@ -337,39 +334,35 @@ def ms(seconds: float) -> str:
 
 
 def breakdown(job: JobLog, sites: Timings, rounds: list[int]) -> dict[str, float]:
-    """Median over `rounds` of each phase of a round, in the order they happen."""
+    """Median over `rounds` of each phase of a round, in the order they happen.
+
+    A round's task brings the previous round's model: each site first evaluates it (answering with
+    `api.send`, which only holds the metrics), then trains on it; the update carries both answers.
+    """
     phases: dict[str, list[float]] = defaultdict(list)
     for n in rounds:
         r, nxt = job.rounds[n], job.rounds.get(n + 1)
-        train, evaluation = sites.get((n, "train"), []), sites.get((n, "evaluate"), [])
+        train, evaluation = sites.get((n, "train"), []), sites.get((n - 1, "evaluate"), [])
         if not r.folded or not train:
             continue
         folded = sorted(r.folded)
-        got = sorted(s["got"] for s in train)
-        phases["train task: dispatched -> first site holds the model"].append(got[0] - r.sent)
-        phases["train task: dispatched -> last site holds the model"].append(got[-1] - r.sent)
+        got = sorted(s["got"] for s in (evaluation or train))
+        phases["dispatched -> first site holds the model"].append(got[0] - r.sent)
+        phases["dispatched -> last site holds the model"].append(got[-1] - r.sent)
+        if evaluation:
+            phases["site: load_state_dict + evaluate it (median site)"].append(
+                statistics.median(s["computed"] - s["got"] for s in evaluation)
+            )
         phases["site: load_state_dict + one SGD step (median site)"].append(
             statistics.median(s["computed"] - s["got"] for s in train)
         )
-        phases["site: api.send of the update (median site)"].append(
+        phases["site: api.send of the update and metrics (median site)"].append(
             statistics.median(s["sent"] - s["computed"] for s in train)
         )
         phases["server: dispatched -> first update folded"].append(folded[0] - r.sent)
         phases["server: first -> last update folded"].append(folded[-1] - folded[0])
-        if evaluation:
-            eval_got = sorted(s["got"] for s in evaluation)
-            phases["last fold -> eval task (new model) at first site"].append(eval_got[0] - folded[-1])
-            phases["last fold -> eval task (new model) at last site"].append(eval_got[-1] - folded[-1])
-            phases["site: load_state_dict + evaluate (median site)"].append(
-                statistics.median(s["computed"] - s["got"] for s in evaluation)
-            )
-            phases["site: api.send of the metrics (median site)"].append(
-                statistics.median(s["sent"] - s["computed"] for s in evaluation)
-            )
-        phases["server: last fold -> evaluation metrics in (log line)"].append(r.evaluated - folded[-1])
-        phases["server: metrics in -> round recorded (checkpoint, store)"].append(r.done - r.evaluated)
         if nxt is not None and not math.isnan(nxt.sent):
-            phases["server: round recorded -> next round dispatched"].append(nxt.sent - r.done)
+            phases["server: last fold -> next round dispatched (aggregate)"].append(nxt.sent - folded[-1])
     return {name: statistics.median(v) for name, v in phases.items()}
 
 

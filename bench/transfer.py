@@ -4,22 +4,24 @@
 
 Provisions a throw-away project, starts a gRPC server process with the server kit's credentials and
 moves the payload up (client → server, as a site update) and down (server → client, as a global
-model) with fedgrid's chunked streams (header, 1 MB chunks, trailer with SHA-256, digest checked on
-arrival). The limit is a plain TCP socket copy of the same bytes between two processes on this
-machine (no TLS, no framing, no digest). Prints MB/s for each and the ratio; the best of --repeat runs.
+model) with fedgrid's chunked streams (header, 1 MB chunks, trailer), once with the size checked only
+(how plaintext models and updates travel) and once with the SHA-256 digest computed and checked too
+(job packages, downloads, ciphertexts). The limit is a plain TCP socket copy of the same bytes between
+two processes on this machine (no TLS, no framing, no digest). Prints MB/s for each and the ratio to
+the limit; the best of --repeat runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -39,17 +41,22 @@ def serve(kit_dir: str, port: int, mb: int) -> None:
     kit = load_kit(Path(kit_dir))
     payload = os.urandom(mb << 20)
 
-    def up(frames: Iterator[admin_pb2.UploadFrame], context: grpc.ServicerContext) -> common_pb2.Ack:
-        assembler = transfer.Assembler(transfer.Chunks(), max_size=(mb + 1) << 20, what="upload")
+    def up(
+        frames: Iterator[admin_pb2.UploadFrame], context: grpc.ServicerContext, digest: bool = True
+    ) -> common_pb2.Ack:
+        sink = transfer.Chunks()
+        verify = None if digest else lambda header: False
+        assembler = transfer.Assembler(sink, max_size=(mb + 1) << 20, what="upload", verify=verify)
         for frame in frames:
             assembler.feed(frame)
-        assembler.finish()  # size and SHA-256 checked against the trailer
-        return common_pb2.Ack(message=assembler.sha256.hex())
+        assembler.finish()  # size (and SHA-256, if asked for) checked against the trailer
+        return common_pb2.Ack(message=str(sink.tell()))
 
-    def down(request: admin_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[admin_pb2.DownloadFrame]:
-        yield from transfer.frames(
-            admin_pb2.DownloadFrame, admin_pb2.DownloadHeader(size=len(payload)), transfer.split(payload)
-        )
+    def down(
+        request: admin_pb2.JobRequest, context: grpc.ServicerContext, digest: bool = True
+    ) -> Iterator[admin_pb2.DownloadFrame]:
+        header = admin_pb2.DownloadHeader(size=len(payload))
+        yield from transfer.frames(admin_pb2.DownloadFrame, header, transfer.split(payload), digest=digest)
 
     def raw_up(chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         return str(sum(len(c) for c in chunks)).encode()
@@ -70,6 +77,16 @@ def serve(kit_dir: str, port: int, mb: int) -> None:
         ),
         "Down": grpc.unary_stream_rpc_method_handler(
             down, request_deserializer=admin_pb2.JobRequest.FromString, response_serializer=wire.serialize
+        ),
+        "UpNoDigest": grpc.stream_unary_rpc_method_handler(
+            functools.partial(up, digest=False),
+            request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+            response_serializer=common_pb2.Ack.SerializeToString,
+        ),
+        "DownNoDigest": grpc.unary_stream_rpc_method_handler(
+            functools.partial(down, digest=False),
+            request_deserializer=admin_pb2.JobRequest.FromString,
+            response_serializer=wire.serialize,
         ),
     }
     server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
@@ -137,6 +154,7 @@ def main() -> int:
 
     size = args.mb << 20
     payload = os.urandom(size)
+    times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         project = provision_project(Path(tmp), n_sites=1)
         server = subprocess.Popen(
@@ -148,17 +166,36 @@ def main() -> int:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             kit = load_kit(project.admin_roles["project_admin"])
             with secure_channel(kit, project.admin_port) as channel:
-                up = channel.stream_unary(
-                    "/bench.Transfer/Up",
-                    request_serializer=wire.serialize,
-                    response_deserializer=common_pb2.Ack.FromString,
-                )
-                down = channel.unary_stream(
-                    "/bench.Transfer/Down",
-                    request_serializer=admin_pb2.JobRequest.SerializeToString,
-                    response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
-                )
-                expected = hashlib.sha256(payload).hexdigest()
+                def uploader(method: str, digest: bool) -> Callable[[], None]:
+                    call = channel.stream_unary(
+                        f"/bench.Transfer/{method}",
+                        request_serializer=wire.serialize,
+                        response_deserializer=common_pb2.Ack.FromString,
+                    )
+                    header = admin_pb2.UploadHeader(size=size)
+
+                    def run() -> None:
+                        sent = transfer.frames(admin_pb2.UploadFrame, header, transfer.split(payload), digest=digest)
+                        assert call(sent, timeout=300).message == str(size), "upload arrived damaged"
+
+                    return run
+
+                def downloader(method: str, digest: bool) -> Callable[[], None]:
+                    call = channel.unary_stream(
+                        f"/bench.Transfer/{method}",
+                        request_serializer=admin_pb2.JobRequest.SerializeToString,
+                        response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
+                    )
+                    verify = None if digest else lambda header: False
+
+                    def run() -> None:
+                        sink = transfer.Chunks()
+                        frames = call(admin_pb2.JobRequest(), timeout=300)
+                        transfer.receive(frames, sink, max_size=size, what="download", verify=verify)
+                        assert sink.tell() == size, "download arrived short"
+
+                    return run
+
                 same = lambda data: data  # noqa: E731
                 raw_up = channel.stream_unary(
                     "/bench.Transfer/RawUp", request_serializer=same, response_deserializer=same
@@ -166,27 +203,21 @@ def main() -> int:
                 raw_down = channel.unary_stream(
                     "/bench.Transfer/RawDown", request_serializer=same, response_deserializer=same
                 )
-                up_times, down_times, raw_up_times, raw_down_times = [], [], [], []
+                runs = {
+                    "upload, size only (plaintext models and updates)": uploader("UpNoDigest", False),
+                    "download, size only (plaintext global models)": downloader("DownNoDigest", False),
+                    "upload, SHA-256 checked (job packages, ciphertexts)": uploader("Up", True),
+                    "download, SHA-256 checked": downloader("Down", True),
+                    "gRPC + TLS alone, up (1 MB messages, no framing)": lambda: raw_up(
+                        (bytes(c) for c in transfer.split(payload)), timeout=300
+                    ),
+                    "gRPC + TLS alone, down": lambda: sum(len(c) for c in raw_down(b"", timeout=300)),
+                }
                 for _ in range(args.repeat):
-                    start = time.perf_counter()
-                    ack = up(
-                        transfer.frames(
-                            admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=size), transfer.split(payload)
-                        ),
-                        timeout=300,
-                    )
-                    up_times.append(time.perf_counter() - start)
-                    assert ack.message == expected, "upload arrived damaged"
-                    start = time.perf_counter()
-                    sink = transfer.Chunks()
-                    transfer.receive(down(admin_pb2.JobRequest(), timeout=300), sink, max_size=size, what="download")
-                    down_times.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    raw_up((bytes(c) for c in transfer.split(payload)), timeout=300)
-                    raw_up_times.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    sum(len(c) for c in raw_down(b"", timeout=300))
-                    raw_down_times.append(time.perf_counter() - start)
+                    for name, run in runs.items():
+                        start = time.perf_counter()
+                        run()
+                        times.setdefault(name, []).append(time.perf_counter() - start)
         finally:
             server.terminate()
             server.wait(10)
@@ -194,19 +225,8 @@ def main() -> int:
     rate = lambda seconds: size / seconds / 1e6  # noqa: E731
     print(f"payload {args.mb} MB, best of {args.repeat}, {os.cpu_count()} cores")
     print(f"  plain TCP socket copy (the limit): {rate(plain):8.0f} MB/s")
-    print(
-        f"  fedgrid upload   (mTLS + chunks + SHA-256): {rate(min(up_times)):8.0f} MB/s   "
-        f"ratio {plain / min(up_times):.2f}"
-    )
-    print(
-        f"  fedgrid download (mTLS + chunks + SHA-256): {rate(min(down_times)):8.0f} MB/s   "
-        f"ratio {plain / min(down_times):.2f}"
-    )
-    print(
-        f"  for scale, gRPC + TLS alone (1 MB messages, no framing, no digest): up {rate(min(raw_up_times)):.0f} MB/s"
-        f" (ratio {plain / min(raw_up_times):.2f}), down {rate(min(raw_down_times)):.0f} MB/s"
-        f" (ratio {plain / min(raw_down_times):.2f})"
-    )
+    for name, seconds in times.items():
+        print(f"  {name:<52} {rate(min(seconds)):8.0f} MB/s   ratio {plain / min(seconds):.2f}")
     return 0
 
 

@@ -284,6 +284,7 @@ class SiteDaemon:
                 warm.kill()
         command = [sys.executable, "-m", "fedclient.worker", "--kit", str(self.kit.path), "--job-id", job_id]
         command += ["--job-dir", str(job_dir), "--app", app, "--threads", str(threads)]
+        command += ["--nice", str(self.settings.worker_nice)]
         with open(job_dir / "log.txt", "ab") as log_file:
             process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir
@@ -310,7 +311,7 @@ class SiteDaemon:
                 return
             with open(self.workspace / "warm_worker.log", "ab") as log_file:
                 self._warm = subprocess.Popen(
-                    [sys.executable, "-m", "fedclient.worker", "--wait"],
+                    [sys.executable, "-m", "fedclient.worker", "--wait", "--nice", str(self.settings.worker_nice)],
                     stdin=subprocess.PIPE,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

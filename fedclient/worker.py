@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-dir", type=Path)
     parser.add_argument("--app")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nice", type=int, default=0, help="lower this worker's CPU priority by this much")
     parser.add_argument("--log", type=Path, help="with --wait: the job's log file, for stdout and stderr")
     args = parser.parse_args(argv)
     _die_with_parent()
+    os.nice(max(0, args.nice))  # first, so that every thread started later inherits it
     setup_logging(os.environ.get("FEDGRID_LOG_LEVEL", "INFO"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

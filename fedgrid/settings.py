@@ -55,6 +55,9 @@ class SiteSettings:
     """Memory this site offers to jobs, in GB; 0 = all of the machine's memory."""
     prestart_worker: bool = True
     """Keep one job worker started ahead (torch imported), so that a job's first round starts sooner."""
+    worker_nice: int = dataclasses.field(default=5, metadata={"max": 19})
+    """Niceness of job workers (0-19): training yields the CPU to the site daemon, a server on the same
+    machine and the machine's other work; 0 runs it at the daemon's priority."""
     share_job_logs: bool = True
     """Send each job's log to the server at the job's end, so it is in the job's result folder."""
     data_root: str = ""
@@ -100,5 +103,7 @@ def load_settings(cls: type[T], path: Path) -> T:
             raise ConfigError(f"{path}: setting {key!r} must be {expected.__name__}, got {value!r}")
         if expected in (int, float) and value < 0:
             raise ConfigError(f"{path}: setting {key!r} must not be negative, got {value!r}")
+        if "max" in fields[key].metadata and value > fields[key].metadata["max"]:
+            raise ConfigError(f"{path}: setting {key!r} must be at most {fields[key].metadata['max']}, got {value!r}")
         values[key] = value
     return cls(**values)

@@ -178,6 +178,11 @@ class Assembler:
         return self.header
 
     @property
+    def hashing(self) -> bool:
+        """Whether this stream's data is being hashed (known once the header arrived)."""
+        return self._digest is not None
+
+    @property
     def sha256(self) -> bytes | None:
         """The digest of what arrived, or None for a stream received without verifying one."""
         return None if self._digest is None else self._digest.digest()

@@ -561,11 +561,11 @@ class JobRuntime:
                     await run.upload_slots.acquire(site, None)
                 run.upload_slots.start(site)
             async for frame in frames_in:
-                if frame.WhichOneof("kind") == "data":
+                if frame.WhichOneof("kind") == "data" and (assembler.hashing or not spool.in_memory):
                     # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
                     await asyncio.to_thread(assembler.feed, frame)
                 else:
-                    assembler.feed(frame)
+                    assembler.feed(frame)  # (keeping a chunk in memory costs less than a thread hop)
             assembler.finish()
         except BaseException as exc:
             spool.discard()
@@ -659,6 +659,10 @@ class Spool:
             Spool._in_memory += expected
             self._reserved = expected
             self._memory = Chunks()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
 
     def write(self, data: bytes | memoryview) -> int:
         if self._memory is not None:

@@ -30,6 +30,16 @@ def test_weighted_mean_weights_by_sample_count() -> None:
     assert mean.total_weight == 4.0 and mean.count == 2
 
 
+def test_half_precision_updates_are_weighted_in_float64_and_do_not_overflow() -> None:
+    layout = {"h": np.zeros(3, np.float16)}
+    mean = WeightedMean(tensors.layout_of(layout))
+    mean.add({"h": np.full(3, 60000.0, np.float16)}, 1000.0, "a")
+    mean.add({"h": np.full(3, 59968.0, np.float16)}, 3000.0, "b")
+    result = mean.result()["h"]
+    assert result.dtype == np.float16
+    np.testing.assert_array_equal(result, np.float16(59976.0))
+
+
 @pytest.mark.parametrize(
     ("update", "weight", "message"),
     [

@@ -129,12 +129,17 @@ def _workers_started_ahead(daemon_pid: int) -> list[int]:
     return sorted(found)
 
 
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def test_a_job_runs_in_the_worker_started_ahead_and_the_next_one_is_started_after(
     project: ProvisionedProject, federation: Federation, tmp_path: Path
 ) -> None:
     site = project.sites[0]
     daemon = federation.pid(site)
     ahead = wait_until(lambda: _workers_started_ahead(daemon), what="a worker started ahead at site-1")
+    wait_until(lambda: _niceness(ahead[0]) == 5, what="the worker's niceness set to worker_nice (5) as it starts")
     with federation.session() as session:
         job_id = submit(session, recipe("ahead", rounds=2), tmp_path)
         assert wait_job(session, job_id).status == "FINISHED:COMPLETED"
@@ -153,6 +158,9 @@ def test_two_jobs_run_at_the_same_time_and_both_finish(federation: Federation, t
     site_log = log_text(federation.project.sites[1])
     cold = [job for job in (first, second) if f"job {job}: worker started (pid" in site_log]
     assert len(cold) == 1, "one job takes the worker started ahead, the other gets a worker of its own"
+    with federation.session() as session:
+        for job in (first, second):
+            assert "training script of site-2 running at niceness 5" in session.job_log(job, "site-2", 0)
     assert two.start_time < one.end_time and one.start_time < two.end_time, "the jobs did not overlap"
 
 

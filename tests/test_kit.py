@@ -34,6 +34,7 @@ from fedgrid.certs import (
 from fedgrid.errors import ConfigError, IdentityError, KitError, TamperedError
 from fedgrid.kit import load_kit
 from fedgrid.roster import load_roster, sign_roster
+from fedgrid.settings import SiteSettings, load_settings
 from fedgrid.signing import PrivateKey, manifest_of, sign_bytes, sign_manifest, verify_bytes, verify_manifest
 from provision.ca import KEY_TYPES, cert_pem, create_root_ca, generate_key, issue_certificate
 
@@ -172,6 +173,23 @@ def test_local_settings_may_change(site_kit: Path) -> None:
     (site_kit / "workspace").mkdir()
     (site_kit / "log.txt").write_text("log\n")
     assert load_kit(site_kit).name == "site-1"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"worker_nice": 20}, "setting 'worker_nice' must be at most 19, got 20"),
+        ({"worker_nice": -1}, "setting 'worker_nice' must not be negative"),
+        ({"worker_nice": "5"}, "setting 'worker_nice' must be int"),
+        ({"nice": 5}, "unknown setting 'nice'"),
+    ],
+)
+def test_bad_local_settings_are_refused_naming_the_file(site_kit: Path, settings: dict, message: str) -> None:
+    path = site_kit / "local/site.json"
+    path.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(SiteSettings, path)
+    assert str(caught.value).startswith(f"{path}: {message}")
 
 
 def test_key_of_another_participant_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:

@@ -2,6 +2,7 @@
 site slow (a straggler), crash, or hang, so that tests can watch the server handle it."""
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ args = parser.parse_args()
 
 api.init()
 site = api.get_site_name()
+print(f"training script of {site} running at niceness {os.nice(0)}", flush=True)
 rng = np.random.default_rng(abs(hash(site)) % 2**32)
 x = torch.from_numpy(rng.normal(size=(args.samples, 8)).astype(np.float32))
 y = (x.sum(dim=1, keepdim=True) > 0).float()
