@@ -41,6 +41,7 @@ import os
 import pstats
 import runpy
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -550,7 +551,7 @@ def report(args: argparse.Namespace, m: Measured) -> None:
     last_round = max(job.rounds)
     last = job.rounds[last_round]
     # Each round's evaluation rides on the next round's task, so a round is best measured from one
-    # dispatch to the next; the "dispatch -> evaluation metrics in" span overlaps the next round.
+    # dispatch to the next (the job's records stop at the aggregate and leave out the dispatch).
     median = statistics.median(cadence) if cadence else statistics.median(reported)
     print()
     print(
@@ -573,7 +574,7 @@ def report(args: argparse.Namespace, m: Measured) -> None:
     print(f"seconds per round, rounds 2..{len(rounds) - 1} (dispatch -> next dispatch, everything):")
     print(f"  {summary(cadence)}")
     print(
-        f"  (dispatch -> the round's evaluation metrics in, which ride on the next round's task: {summary(reported)})"
+        f"  (the job's own round records, dispatch -> aggregate: {summary(reported)})"
     )
     print(
         f"last round done -> FINISHED:      {m.final.end_time - last.done:6.2f} s   (as the admin saw it: "
@@ -672,6 +673,7 @@ def main() -> int:
         return 0
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 is warm-up)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a kill stops the federation it started
     return run(args)
 
 

@@ -85,7 +85,8 @@ class Finished:
 
     round: int
     model: Model
-    started: float
+    seconds: float
+    """From sending the round's task to its aggregate: the evaluation rides on the next round."""
     asked: int
     answered: int
     moved: int
@@ -175,7 +176,8 @@ class FedAvg:
             trained = await self._round(train, sites, evaluation, previous, outcome)
             if trained is None:
                 break
-            previous = Finished(round_no, trained[0], started, len(sites), trained[1], trained[2])
+            seconds = time.monotonic() - started
+            previous = Finished(round_no, trained[0], seconds, len(sites), trained[1], trained[2])
             model = previous.model
             state = self._state(model, round_no, outcome)
             await self._saving.start(asyncio.to_thread(self._checkpoint, model, state))
@@ -319,7 +321,7 @@ class FedAvg:
             round=finished.round,
             sites_asked=finished.asked,
             sites_answered=finished.answered,
-            seconds=time.monotonic() - finished.started,
+            seconds=finished.seconds,
             metrics=metrics,
             bytes_moved=finished.moved,
         )

@@ -238,7 +238,8 @@ class JobRun:
     async def _on_round(self, record: RoundRecord) -> None:
         if self.slot_bytes:
             memory.trim()  # large models: hand the round's freed payload buffers back to the system
-        self.ctx.store.add_round(self.job_id, record)
+        # Off the event loop: the commit waits for the disk (fsync), and rounds and uploads go on meanwhile.
+        await asyncio.to_thread(self.ctx.store.add_round, self.job_id, record)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
         self.log.info(
             "round %d/%d done in %.2f s: %d/%d sites answered, %s",

@@ -105,17 +105,18 @@ def _saved_and_loaded(arrays: dict, tmp_path: Path, load_file: object) -> dict:
 
 
 async def _site(board: TaskBoard, name: str, tmp: Path, value: float, samples: int, slow_rounds: set[int]) -> None:
-    """A site as fedclient.api plays it: evaluate what a task brings if asked, then train on it."""
+    """A site as fedclient.api plays it: evaluate what a task brings if asked, then train on it; the
+    evaluation's answer arrives with the training result."""
     last = ""
     while True:
         task = await board.next_task(name, last, timeout=5)
         if task is None or task.kind == "end":
             return
         last = task.task_id
-        if task.evaluate_task_id:
-            board.deliver(Result(name, task.evaluate_task_id, samples, {"accuracy": value / 10}, "", None))
         if task.round in slow_rounds:
             await asyncio.sleep(0.6)
+        if task.evaluate_task_id:
+            board.deliver(Result(name, task.evaluate_task_id, samples, {"accuracy": value / 10}, "", None))
         if task.kind == "evaluate":
             result = Result(name, task.task_id, samples, {"accuracy": value / 10}, "", None)
         else:
@@ -165,6 +166,12 @@ def test_fedavg_rounds_weighted_result_checkpoints_and_best_model(tmp_path: Path
     assert outcome.final_metrics["accuracy"] == pytest.approx(0.325)
     assert (tmp_path / "checkpoint" / "global_model.safetensors").exists()
     assert outcome.best_model is not None and outcome.best_model.exists()
+
+
+def test_a_rounds_seconds_end_at_its_aggregate_not_at_its_evaluation(tmp_path: Path) -> None:
+    """Round 1's evaluation arrives with round 2's updates: a slow round 2 must not count in round 1."""
+    _outcome, rounds = _run(tmp_path, ServerConfig(num_rounds=3, min_clients=1), {"a": (1.0, 100, {2})})
+    assert rounds[0].seconds < 0.5 <= rounds[1].seconds
 
 
 def test_straggler_is_dropped_after_round_timeout(tmp_path: Path) -> None:

@@ -164,6 +164,18 @@ def test_two_jobs_run_at_the_same_time_and_both_finish(federation: Federation, t
     assert two.start_time < one.end_time and one.start_time < two.end_time, "the jobs did not overlap"
 
 
+def test_an_evaluation_answered_by_a_script_that_then_ends_still_counts(federation: Federation, tmp_path: Path) -> None:
+    """The answer to an evaluation waits to travel with the training result; if the script ends
+    before it trains, the worker sends the answer on its own."""
+    args = "--stop_site site-3 --stop_after_evaluating 1"
+    with federation.session() as session:
+        job_id = submit(session, recipe("stops", rounds=3, min_clients=2, args=args), tmp_path)
+        assert wait_job(session, job_id).status == "FINISHED:COMPLETED"
+        server_log = session.job_log(job_id, "server", 0)
+    assert "round 1: global model evaluated by 3 sites" in server_log
+    assert "round 2: global model evaluated by 2 sites" in server_log
+
+
 def test_abort_mid_round_stops_the_job_on_server_and_sites(
     project: ProvisionedProject, federation: Federation, tmp_path: Path
 ) -> None:

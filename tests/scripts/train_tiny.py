@@ -1,5 +1,5 @@
 """A tiny training script for the job tests: a linear model on random data, plus switches that make one
-site slow (a straggler), crash, or hang, so that tests can watch the server handle it."""
+site slow (a straggler), crash, hang, or end early, so that tests can watch the server handle it."""
 
 import argparse
 import os
@@ -17,6 +17,8 @@ parser.add_argument("--slow_seconds", type=float, default=0.0)
 parser.add_argument("--crash_site", default="")
 parser.add_argument("--crash_round", type=int, default=1)
 parser.add_argument("--step_seconds", type=float, default=0.0)
+parser.add_argument("--stop_site", default="")
+parser.add_argument("--stop_after_evaluating", type=int, default=0)
 parser.add_argument("--tracking", action="store_true")
 args = parser.parse_args()
 
@@ -42,6 +44,8 @@ while api.is_running():
         if writer is not None:
             writer.add_scalar("val_accuracy", accuracy, task.current_round)
         api.send(metrics={"accuracy": accuracy, "loss": loss}, num_samples=args.samples)
+        if site == args.stop_site and task.current_round == args.stop_after_evaluating:
+            break  # the training that came with this evaluation is never done
         continue
     if site == args.crash_site and task.current_round == args.crash_round:
         raise RuntimeError(f"deliberate failure at {site} in round {task.current_round}")
