@@ -83,17 +83,17 @@ def frames(
     does not verify one (its trailer then carries the size only).
     """
     yield frame_cls(header=header)  # type: ignore[call-arg]
-    digest = None if sha256 or not digest else hashlib.sha256()
+    hasher = None if sha256 or not digest else hashlib.sha256()
     size = 0
     for piece in pieces:
         for chunk in split(piece):
             if not chunk:
                 continue
-            if digest is not None:
-                digest.update(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             size += len(chunk)
             yield encode_data(chunk)
-    final = (sha256 or b"") if digest is None else digest.digest()
+    final = (sha256 or b"") if hasher is None else hasher.digest()
     yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
 
 
