@@ -176,7 +176,7 @@ def main() -> int:
 
                     def run() -> None:
                         sent = transfer.frames(admin_pb2.UploadFrame, header, transfer.split(payload), digest=digest)
-                        assert call(sent, timeout=300).message == str(size), "upload arrived damaged"
+                        assert call(sent, timeout=300).message == str(size), "upload arrived short"
 
                     return run
 
