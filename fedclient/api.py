@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from fedgrid import tensors, transfer, wire
 from fedgrid.errors import FedgridError, StateError, TransferError
 from fedgrid.jobspec import SERVER_CONFIG, load_job
 from fedgrid.kit import Kit, load_kit
+from fedgrid.lane import Lane, LaneError
 from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings, settings_to_dict
 from fedgrid.tls import secure_channel
 from fedgrid.v1 import federation_pb2 as fpb
@@ -52,6 +54,9 @@ ENV_JOB_ID = "FEDGRID_JOB_ID"
 ENV_JOB_DIR = "FEDGRID_JOB_DIR"
 RETRY_FOR = 120.0
 """Seconds the worker keeps retrying while the server is unreachable before it gives up."""
+LANE_RETRY = 60.0
+"""Seconds a worker whose data lane failed stays on gRPC before it tries the lane again (doubling
+with every failure in a row, up to an hour)."""
 
 
 @dataclass
@@ -114,6 +119,28 @@ class _Worker:
         """The answer to an evaluation that rides on a training task: it goes with the training result."""
         self.seq = 0
         self.pending_events: list[fpb.Event] = []
+        self.lane: Lane | None = None
+        self.lane_retry_at = 0.0
+        self.lane_failures = 0
+
+    # -- the data lane (fedgrid/lane.py): tasks and results over a TLS socket when the kit names a data port
+    def _lane(self) -> Lane | None:
+        if not self.settings.data_lane or self.kit.data_port is None or time.monotonic() < self.lane_retry_at:
+            return None
+        if self.lane is None:
+            try:
+                self.lane = Lane(self.kit, self.kit.data_port)
+            except (OSError, ssl.SSLError) as exc:
+                self._lane_failed(f"cannot connect to {self.kit.server_host}:{self.kit.data_port} ({exc})")
+        return self.lane
+
+    def _lane_failed(self, problem: object) -> None:
+        wait = min(LANE_RETRY * 2**self.lane_failures, 3600.0)
+        self.lane_failures += 1
+        log.warning("data lane: %s; going on over gRPC, trying the lane again in %.0f s", problem, wait)
+        if self.lane is not None:
+            self.lane.close()
+        self.lane, self.lane_retry_at = None, time.monotonic() + wait
 
     # -- calls with retry: the server may restart under a running job
     def _retry(self, what: str, call: Any) -> Any:
@@ -179,11 +206,22 @@ class _Worker:
 
     def _get_task(self) -> tuple[fpb.TaskHeader, bytes]:
         request = fpb.TaskRequest(job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id)
+        lane = self._lane()
+        if lane is not None:
+            try:
+                task = self._assemble(lane.task(request))
+                self.lane_failures = 0
+                return task
+            except (LaneError, OSError, ssl.SSLError) as exc:
+                self._lane_failed(exc)
+        return self._assemble(self.stub.GetTask(request))
+
+    def _assemble(self, frames: Iterator[Any]) -> tuple[fpb.TaskHeader, bytes]:
         buffer = transfer.Chunks()
         assembler = transfer.Assembler(
             buffer, max_size=1 << 34, what="task", verify=lambda h: transfer.digest_checked(h.payload_format)
         )
-        for frame in self.stub.GetTask(request):
+        for frame in frames:
             assembler.feed(frame)
         header = assembler.finish()
         checked = assembler.sha256 is not None and header.payload_format and not header.payload_cached
@@ -300,6 +338,13 @@ class _Worker:
                     log.info("waiting for an upload slot for %s", task.task_id)
             digest = transfer.digest_checked(payload_format)
             stream = lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest)  # noqa: E731
+            lane = self._lane()
+            if lane is not None:
+                try:
+                    lane.submit(stream())
+                    return
+                except (LaneError, OSError, ssl.SSLError) as exc:
+                    self._lane_failed(exc)
             self._retry("send", lambda: self.stub.SubmitResult(stream()))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
@@ -455,6 +500,8 @@ def _shutdown() -> None:
     if _worker is not None:
         _worker.flush_evaluation()
         _worker.flush_events()
+        if _worker.lane is not None:
+            _worker.lane.close()
         _worker.channel.close()
 
 

@@ -114,6 +114,8 @@ class Kit:
     server_host: str
     fed_port: int
     admin_port: int
+    data_port: int | None
+    """The data lane's port (fedgrid/lane.py); None in kits provisioned before it existed."""
     root_ca_path: Path
     cert_path: Path
     key_path: Path
@@ -192,11 +194,13 @@ def _check_config(config: Any, what: str) -> None:
     if config["role"] is not None and not isinstance(config["role"], str):
         raise _config_error(what, "'role' must be a string or null")
     server = config["server"]
-    if not isinstance(server, dict) or set(server) != {"name", "host", "fed_port", "admin_port"}:
-        raise _config_error(what, "'server' must have exactly name, host, fed_port, admin_port")
+    keys = {"name", "host", "fed_port", "admin_port"}
+    if not isinstance(server, dict) or not keys <= set(server) <= keys | {"data_port"}:
+        raise _config_error(what, "'server' must have exactly name, host, fed_port, admin_port (and data_port)")
     if not isinstance(server["name"], str) or not isinstance(server["host"], str) or not server["host"]:
         raise _config_error(what, "server name and host must be strings")
-    if not _is_port(server["fed_port"]) or not _is_port(server["admin_port"]):
+    ports = [server["fed_port"], server["admin_port"], server.get("data_port", 1)]
+    if not all(_is_port(port) for port in ports):
         raise _config_error(what, "server ports must be integers from 1 to 65535")
     he = config["he"]
     if not isinstance(he, dict) or not isinstance(he.get("enabled"), bool):
@@ -312,6 +316,7 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
         server_host=server["host"],
         fed_port=server["fed_port"],
         admin_port=server["admin_port"],
+        data_port=server.get("data_port"),
         root_ca_path=root_ca_path,
         cert_path=cert_path,
         key_path=key_path,

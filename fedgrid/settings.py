@@ -37,6 +37,9 @@ class ServerSettings:
     """Audit: keep every update the server received (as it arrived) in the job folder's uploads/."""
     tracking_uri: str = ""
     """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
+    data_lane: bool = True
+    """Listen on the kit's data port for job workers' models and updates (fedgrid/lane.py); false
+    leaves the port closed and every worker on gRPC."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class SiteSettings:
     """Send each job's log to the server at the job's end, so it is in the job's result folder."""
     data_root: str = ""
     """Where this site's data lives; handed to training scripts as `fedclient.api.get_site_config()`."""
+    data_lane: bool = True
+    """Fetch models and send updates over the server's data port (fedgrid/lane.py); false keeps this
+    site's workers on the federation port alone (gRPC), e.g. when a firewall lets only that port out."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The server daemon assembled: two mTLS ports (federation, admin), the health service, the runtime."""
+"""The server daemon assembled: the mTLS ports (federation, admin, data lane), the health service, the runtime."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from fedgrid.v1 import admin_pb2, federation_pb2
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService
 from fedserver.jobstore import JobStore
+from fedserver.lane import DataLane
 from fedserver.peers import PeerAuthority
 from fedserver.registry import SiteRegistry
 from fedserver.runtime import JobRuntime
@@ -62,6 +63,7 @@ class ServerApp:
             tracking_factory=self._tracking_factory(),
         )
         self._servers: list[grpc.aio.Server] = []
+        self.lane: DataLane | None = None
 
     def _tracking_factory(self) -> object | None:
         try:
@@ -115,21 +117,27 @@ class ServerApp:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         self._bind(federation, self.kit.fed_port, "federation")
         self._bind(admin, self.kit.admin_port, "admin")
+        if self.kit.data_port is not None and self.settings.data_lane:
+            self.lane = DataLane(self.kit, self.peers, self.runtime, asyncio.get_running_loop())
+            self.lane.start(self.kit.data_port)
         await self.runtime.start()
         for server in (federation, admin):
             await server.start()
             self._servers.append(server)
         log.info(
-            "server %s of project %s serving: federation port %d, admin port %d (workspace %s)",
+            "server %s of project %s serving: federation port %d, admin port %d, data port %s (workspace %s)",
             self.kit.name,
             self.kit.project,
             self.kit.fed_port,
             self.kit.admin_port,
+            self.kit.data_port if self.lane is not None else "closed (data_lane is off or the kit has none)",
             self.workspace,
         )
 
     async def stop(self) -> None:
         log.info("server stopping")
+        if self.lane is not None:
+            self.lane.stop()
         await self.runtime.stop()
         await asyncio.gather(*(server.stop(grace=2.0) for server in self._servers))
         self.store.close()

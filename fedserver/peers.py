@@ -83,19 +83,21 @@ class PeerAuthority:
 
     def identify(self, context: grpc.aio.ServicerContext, port: str, method: str) -> Identity:
         """The caller's identity, or IdentityError (logged) when it does not belong on `port`."""
-        address = peer_address(context)
         auth = context.auth_context()
         pems = auth.get("x509_pem_cert") or []
-        if not pems:
+        return self.identify_certificate(pems[0] if pems else b"", peer_address(context), port, method)
+
+    def identify_certificate(self, pem: bytes, address: str, port: str, method: str) -> Identity:
+        """The identity in `pem`, a certificate the TLS handshake has verified; IdentityError (logged)
+        when it does not belong on `port`."""
+        if not pem:
             self._refuse(address, method, "?", "no client certificate")
-        pem = pems[0]
         identity = self._cache.get(pem)
         if identity is None:
             try:
                 identity = identity_from_cert(x509.load_pem_x509_certificate(pem))
             except (FedgridError, ValueError) as exc:
-                cn = (auth.get("x509_common_name") or [b"?"])[0].decode(errors="replace")
-                self._refuse(address, method, cn, f"not a fedgrid participant certificate ({exc})")
+                self._refuse(address, method, "?", f"not a fedgrid participant certificate ({exc})")
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[pem] = identity

@@ -7,7 +7,7 @@ description: optional text
 certificate: {validity_days: 365, key_type: ecdsa-p256}      # optional
 he: {enabled: false}                                          # optional; other keys go to fedgrid.he
 participants:
-  - {name: server1, type: server, org: nvidia, host: localhost, fed_port: 8002, admin_port: 8003}
+  - {name: server1, type: server, org: nvidia, host: localhost, fed_port: 8002, admin_port: 8003, data_port: 8004}
   - {name: site-1, type: client, org: hospital-a}
   - {name: admin@nvidia.com, type: admin, org: nvidia, role: project_admin}
 ```
@@ -42,11 +42,18 @@ TOP_KEYS = ("api_version", "name", "description", "certificate", "he", "particip
 REQUIRED_TOP_KEYS = ("api_version", "name", "participants")
 CERTIFICATE_KEYS = ("validity_days", "key_type")
 PARTICIPANT_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("name", "type", "org", "host", "fed_port", "admin_port"),
+    "server": ("name", "type", "org", "host", "fed_port", "admin_port", "data_port"),
     "client": ("name", "type", "org"),
     "admin": ("name", "type", "org", "role"),
 }
-_ONLY_FOR = {"host": "the server", "fed_port": "the server", "admin_port": "the server", "role": "admins"}
+OPTIONAL_KEYS = ("data_port",)
+_ONLY_FOR = {
+    "host": "the server",
+    "fed_port": "the server",
+    "admin_port": "the server",
+    "data_port": "the server",
+    "role": "admins",
+}
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 63 characters"
 
@@ -61,6 +68,8 @@ class Participant:
     host: str | None = None
     fed_port: int | None = None
     admin_port: int | None = None
+    data_port: int | None = None
+    """The data lane (fedgrid/lane.py); admin_port + 1 when the project file leaves it out."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +220,7 @@ def _parse_participant(entry: Any, index: int, where: str) -> Participant:
                 _fail(at, f"key {key!r} is only for {_ONLY_FOR[key]}; allowed for a {kind}: {', '.join(allowed)}")
             _fail(at, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
     for key in allowed:
-        if key not in entry:
+        if key not in entry and key not in OPTIONAL_KEYS:
             _fail(at, f"missing key {key!r}")
     if not valid_name(name, kind):
         if kind == "admin":
@@ -231,15 +240,17 @@ def _parse_participant(entry: Any, index: int, where: str) -> Participant:
     host = entry["host"]
     if not isinstance(host, str) or not valid_host(host):
         _fail(at, f"host must be a DNS name or an IP address, got {host!r}")
-    for key in ("fed_port", "admin_port"):
-        port = entry[key]
+    ports = {"fed_port": entry["fed_port"], "admin_port": entry["admin_port"]}
+    ports["data_port"] = entry.get("data_port", ports["admin_port"] + 1 if _is_int(ports["admin_port"]) else None)
+    if "data_port" not in entry and ports["data_port"] == 65536:
+        _fail(at, "data_port is admin_port + 1 when left out, and 65536 is not a port: set data_port")
+    for key, port in ports.items():
         if not _is_int(port) or not 1 <= port <= 65535:
             _fail(at, f"{key} must be an integer from 1 to 65535, got {port!r}")
-    if entry["fed_port"] == entry["admin_port"]:
-        _fail(at, f"fed_port and admin_port must differ, both are {entry['fed_port']}")
-    return Participant(
-        name=name, type=kind, org=org, host=host, fed_port=entry["fed_port"], admin_port=entry["admin_port"]
-    )
+    for first, second in (("fed_port", "admin_port"), ("fed_port", "data_port"), ("admin_port", "data_port")):
+        if ports[first] == ports[second]:
+            _fail(at, f"{first} and {second} must differ, both are {ports[first]}")
+    return Participant(name=name, type=kind, org=org, host=host, **ports)
 
 
 def parse_project(data: Any, where: str = "project.yml") -> Project:

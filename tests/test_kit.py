@@ -211,6 +211,31 @@ def test_config_that_disagrees_with_the_certificate_is_refused(
         load_kit(site_kit)
 
 
+def test_a_kit_from_before_the_data_port_loads_without_a_lane(
+    site_kit: Path, provisioned_project: ProvisionedProject
+) -> None:
+    assert load_kit(site_kit).data_port == provisioned_project.data_port
+    config_path = site_kit / "startup/config.json"
+    config = json.loads(config_path.read_text())
+    del config["server"]["data_port"]
+    config_path.write_text(json.dumps(config))
+    resign(site_kit, provisioned_project)
+    assert load_kit(site_kit).data_port is None
+
+
+@pytest.mark.parametrize("value", [0, 70000, "8004", True])
+def test_a_bad_data_port_in_a_kit_is_refused(
+    site_kit: Path, provisioned_project: ProvisionedProject, value: object
+) -> None:
+    config_path = site_kit / "startup/config.json"
+    config = json.loads(config_path.read_text())
+    config["server"]["data_port"] = value
+    config_path.write_text(json.dumps(config))
+    resign(site_kit, provisioned_project)
+    with pytest.raises(KitError, match=r"config.json: server ports must be integers from 1 to 65535"):
+        load_kit(site_kit)
+
+
 def test_roster_of_another_project_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:
     other_key, _ = create_root_ca("test_project")
     roster = json.loads((site_kit / "startup/roster.json").read_text())

@@ -138,10 +138,11 @@ def test_every_kit_loads_and_matches_its_participant(provisioned_project: Provis
     project = provisioned_project
     server = load_kit(project.server, expect_type="server")
     assert (server.name, server.type, server.org, server.role) == ("server", "server", "org-a", None)
-    assert (server.server_host, server.fed_port, server.admin_port) == (
+    assert (server.server_host, server.fed_port, server.admin_port, server.data_port) == (
         "127.0.0.1",
         project.fed_port,
         project.admin_port,
+        project.data_port,
     )
     assert server.roster.version == 1
     assert [m.name for m in server.roster.participants] == [k.name for k in project.kits]
@@ -174,6 +175,7 @@ def test_local_settings_and_config_content(provisioned_project: ProvisionedProje
             "host": "127.0.0.1",
             "fed_port": project.fed_port,
             "admin_port": project.admin_port,
+            "data_port": project.data_port,
         },
         "he": {"enabled": False, "context": None},
     }
@@ -374,6 +376,16 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
         _set("server", fed_port=9000, admin_port=9000),
         ("'server' (#1)", "fed_port and admin_port must differ"),
     ),
+    "data port on the admin port": (
+        _set("server", fed_port=9000, admin_port=9001, data_port=9001),
+        ("'server' (#1)", "admin_port and data_port must differ"),
+    ),
+    "default data port taken": (
+        _set("server", fed_port=9001, admin_port=9000),
+        ("'server' (#1)", "fed_port and data_port must differ, both are 9001"),
+    ),
+    "data port not int": (_set("server", data_port="8004"), ("'server' (#1)", "data_port", "'8004'")),
+    "data port on a site": (_set("site-1", data_port=8004), ("'site-1' (#2)", "'data_port' is only for the server")),
     "validity zero": (_cert(validity_days=0), ("certificate.validity_days", "got 0")),
     "validity too long": (_cert(validity_days=3651), ("certificate.validity_days", "3651")),
     "validity text": (_cert(validity_days="1y"), ("certificate.validity_days", "'1y'")),
@@ -460,11 +472,13 @@ def test_workspace_examples_are_valid(tmp_path: Path) -> None:
 
     example = load_project(REPO / "workspaces/project.yml")
     assert example.name == "example_project"
-    assert (example.server.name, example.server.host, example.server.fed_port, example.server.admin_port) == (
+    server = example.server
+    assert (server.name, server.host, server.fed_port, server.admin_port, server.data_port) == (
         "server1",
         "localhost",
         8002,
         8003,
+        8004,
     )
     assert [c.name for c in example.clients] == ["site-1", "site-2", "site-3", "site-4"]
     assert [(a.name, a.role) for a in example.admins] == [("admin@nvidia.com", "project_admin")]
@@ -472,6 +486,7 @@ def test_workspace_examples_are_valid(tmp_path: Path) -> None:
     secure = load_project(REPO / "workspaces/secure_project.yml")
     assert secure.name == "secure_project"
     assert (secure.server.fed_port, secure.server.admin_port) == (8102, 8103)
+    assert secure.server.data_port == 8104, "without data_port in the file, the data lane takes admin_port + 1"
     assert [c.name for c in secure.clients] == [f"site-{i}" for i in range(1, 9)]
     assert len({c.org for c in secure.clients}) > 1
     assert {a.role for a in secure.admins} == {"project_admin", "org_admin", "lead", "member"}
