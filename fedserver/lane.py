@@ -47,6 +47,14 @@ def server_context(kit: Kit) -> ssl.SSLContext:
     return context
 
 
+def keepalive(sock: socket.socket) -> None:
+    """Probe an idle connection after a minute, so that a worker that vanished is noticed in about two."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 async def _frames(queue: asyncio.Queue) -> AsyncIterator[Any]:
     while True:
         for frame in await queue.get():
@@ -107,23 +115,23 @@ class DataLane:
 
     def _serve(self, raw: socket.socket, address: tuple[Any, ...]) -> None:
         where = f"{address[0]}:{address[1]}"
-        with self.lock:
-            self.connections.add(raw)
         try:
             raw.settimeout(lane.HANDSHAKE_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            try:
-                sock = self.context.wrap_socket(raw, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("data lane: TLS handshake with %s failed: %s", where, exc)
-                return
-            with sock:
-                self._converse(sock, where)
+            keepalive(raw)
+            sock = self.context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("data lane: TLS handshake with %s failed: %s", where, exc)
+            raw.close()
+            return
+        with self.lock:
+            self.connections.add(sock)
+        try:
+            self._converse(sock, where)
         finally:
             with self.lock:
-                self.connections.discard(raw)
-            raw.close()
+                self.connections.discard(sock)
+            sock.close()
 
     def _converse(self, sock: ssl.SSLSocket, where: str) -> None:
         der = sock.getpeercert(binary_form=True)
@@ -134,7 +142,7 @@ class DataLane:
             lane.send(sock, lane.ERROR, lane.error_body(exc, "DataLane"))
             return
         log.info("data lane: %s connected from %s", site, where)
-        sock.settimeout(None)  # a worker may train for hours between two messages; TCP keepalive finds the dead
+        sock.settimeout(None)  # a worker may train for hours between two messages; keepalive finds the dead
         try:
             while not self.stopping:
                 kind, body = lane.receive(sock)
