@@ -222,7 +222,9 @@ def main() -> int:
             with secure_channel(kit, project.admin_port) as channel, lane as lane:
 
                 def lane_up() -> None:
-                    sent = transfer.frames(fpb.ResultFrame, fpb.ResultHeader(), transfer.split(payload), digest=False)
+                    sent = transfer.frames(
+                        fpb.ResultFrame, fpb.ResultHeader(), transfer.split(payload), digest=False, raw_data=True
+                    )
                     assert lane.submit(sent) == str(size), "upload arrived short"
 
                 def lane_down() -> None:

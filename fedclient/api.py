@@ -194,10 +194,24 @@ class _Worker:
         return None
 
     def _hand_out(self, header: fpb.TaskHeader, task_id: str, kind: str, round_no: int) -> FLModel:
-        """The current model as the script's task (a fresh copy: the cache stays as received)."""
+        """The current model as the script's task.
+
+        An evaluation whose training half follows gets a copy, so that the training half gets the model
+        as received whatever the script did to the first. The last hand-out of a model gets the arrays
+        themselves, and the worker forgets them: a server that sends the same model again sends it whole.
+        """
         self.task = Pending(task_id=task_id, kind=kind, upload_slot=header.upload_slot and kind != "evaluate")
+        arrays = self.cached_arrays
+        if kind == "evaluate" and self.next_train is not None:
+            params = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
+        else:
+            self.cached_sha256, self.cached_arrays = b"", {}
+            params = {
+                name: torch.from_numpy(array if array.flags.writeable else array.copy())
+                for name, array in arrays.items()
+            }
         return FLModel(
-            params={name: torch.from_numpy(array.copy()) for name, array in self.cached_arrays.items()},
+            params=params,
             current_round=round_no,
             total_rounds=header.total_rounds,
             kind=kind,
@@ -337,11 +351,13 @@ class _Worker:
                 while not self._retry("upload slot", lambda: self.stub.UploadSlot(slot)).granted:
                     log.info("waiting for an upload slot for %s", task.task_id)
             digest = transfer.digest_checked(payload_format)
-            stream = lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest)  # noqa: E731
+            stream = lambda raw=False: transfer.frames(  # noqa: E731
+                fpb.ResultFrame, header, pieces(), digest=digest, raw_data=raw
+            )
             lane = self._lane()
             if lane is not None:
                 try:
-                    lane.submit(stream())
+                    lane.submit(stream(True))
                     return
                 except (LaneError, OSError, ssl.SSLError) as exc:
                     self._lane_failed(exc)

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from fedgrid import errors, wire
@@ -69,9 +70,9 @@ def send(sock: ssl.SSLSocket, kind: bytes, body: bytes | Message) -> None:
         sock.sendall(data)
 
 
-def _read_exactly(sock: ssl.SSLSocket, size: int, first: bool = False) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
+def _read_exactly(sock: ssl.SSLSocket, size: int, first: bool = False) -> memoryview:
+    # Not a bytearray: every byte is overwritten, so zero-filling a megabyte first would be wasted.
+    view, got = memoryview(np.empty(size, dtype=np.uint8)), 0
     while got < size:
         n = sock.recv_into(view[got:], size - got)
         if not n:
@@ -79,10 +80,10 @@ def _read_exactly(sock: ssl.SSLSocket, size: int, first: bool = False) -> bytear
                 raise Closed("the peer closed the data lane")
             raise LaneError(f"the connection closed after {got} of {size} bytes")
         got += n
-    return buffer
+    return view
 
 
-def receive(sock: ssl.SSLSocket, limit: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bytes | bytearray]:
+def receive(sock: ssl.SSLSocket, limit: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bytes | memoryview]:
     """The next message as (kind, body); a closed connection or a malformed prefix raises LaneError."""
     head = _read_exactly(sock, PREFIX.size, first=True)
     kind, size = PREFIX.unpack(bytes(head))
@@ -102,7 +103,7 @@ def error_body(exc: BaseException, where: str) -> bytes:
     return json.dumps({"code": code.name, "error": name, "message": message}).encode()
 
 
-def error_from_body(body: bytes | bytearray, what: str) -> errors.FedgridError:
+def error_from_body(body: bytes | memoryview, what: str) -> errors.FedgridError:
     try:
         data = json.loads(bytes(body))
         code = grpc.StatusCode[str(data["code"])]
@@ -111,11 +112,11 @@ def error_from_body(body: bytes | bytearray, what: str) -> errors.FedgridError:
         return LaneError(f"{what}: the server refused with an unreadable error")
 
 
-def parse(parser: Any, body: bytes | bytearray, what: str) -> Any:
+def parse(parser: Any, body: bytes | memoryview, what: str) -> Any:
     try:
         # A data frame is read in place (a view of `body`); any other frame is a small protobuf message.
         return parser(body if body[:1] == wire.DATA_TAG else bytes(body))
-    except DecodeError as exc:
+    except (DecodeError, TypeError, ValueError) as exc:
         raise LaneError(f"{what}: not a valid frame ({exc})") from None
 
 
@@ -162,10 +163,19 @@ class Lane:
             if frame.WhichOneof("kind") == "trailer":
                 return
 
-    def submit(self, frames: Iterable[Message | bytes]) -> str:
-        """SubmitResult over the lane: send every frame, then wait for the server's answer."""
+    def submit(self, frames: Iterable[Message | bytes | memoryview]) -> str:
+        """SubmitResult over the lane: send every frame, then wait for the server's answer.
+
+        A memoryview is a chunk of data (`transfer.frames(..., raw_data=True)`): its data frame's tag and
+        length go out in front of it, and the chunk itself is never copied.
+        """
         for frame in frames:
-            send(self.sock, RESULT, frame)
+            if isinstance(frame, memoryview):
+                head = wire.DATA_TAG + wire.varint(len(frame))
+                self.sock.sendall(PREFIX.pack(RESULT, len(head) + len(frame)) + head)
+                self.sock.sendall(frame)
+            else:
+                send(self.sock, RESULT, frame)
         kind, body = receive(self.sock)
         if kind == ERROR:
             raise error_from_body(body, "send")

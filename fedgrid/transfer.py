@@ -73,14 +73,16 @@ def frames(
     pieces: Iterable[bytes | memoryview],
     sha256: bytes | None = None,
     digest: bool = True,
-) -> Iterator[F | bytes]:
+    raw_data: bool = False,
+) -> Iterator[F | bytes | memoryview]:
     """Header frame, one data frame per CHUNK_SIZE of the pieces, then the trailer.
 
     Data frames come out already serialized (see `fedgrid.wire`); send them with the stubs and
     handlers of `fedgrid.wire`. `pieces` may be a generator that produces bytes while earlier frames
     are already on the wire (encryption overlapping upload). Pass `sha256` when the digest of the
     payload is already known, to skip hashing it again, or `digest=False` for a stream whose receiver
-    does not verify one (its trailer then carries the size only).
+    does not verify one (its trailer then carries the size only). `raw_data=True` yields each chunk
+    as it is, for a sender that writes the data frame's few header bytes itself (the data lane).
     """
     yield frame_cls(header=header)  # type: ignore[call-arg]
     hasher = None if sha256 or not digest else hashlib.sha256()
@@ -92,7 +94,7 @@ def frames(
             if hasher is not None:
                 hasher.update(chunk)
             size += len(chunk)
-            yield encode_data(chunk)
+            yield chunk if raw_data else encode_data(chunk)
     final = (sha256 or b"") if hasher is None else hasher.digest()
     yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
 

@@ -178,7 +178,7 @@ class DataLane:
             log.error("%s (data lane) from %s failed", method, site, exc_info=exc)
         lane.send(sock, lane.ERROR, lane.error_body(exc, method))
 
-    def _task(self, sock: ssl.SSLSocket, site: str, body: bytes | bytearray) -> None:
+    def _task(self, sock: ssl.SSLSocket, site: str, body: bytes | memoryview) -> None:
         try:
             request = fpb.TaskRequest.FromString(bytes(body))
         except DecodeError as exc:
@@ -193,7 +193,7 @@ class DataLane:
         for frame in frames:
             lane.send(sock, lane.FRAME, frame)
 
-    def _result(self, sock: ssl.SSLSocket, site: str, body: bytes | bytearray) -> None:
+    def _result(self, sock: ssl.SSLSocket, site: str, body: bytes | memoryview) -> None:
         queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         outcome = self._run(self.runtime.receive_result(site, _frames(queue)))
         try:

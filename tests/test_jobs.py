@@ -176,6 +176,15 @@ def test_an_evaluation_answered_by_a_script_that_then_ends_still_counts(federati
     assert "round 2: global model evaluated by 2 sites" in server_log
 
 
+def test_what_a_script_does_to_an_evaluations_tensors_does_not_reach_its_training_half(
+    federation: Federation, tmp_path: Path
+) -> None:
+    with federation.session() as session:
+        job_id = submit(session, recipe("scribble", rounds=3, args="--scribble"), tmp_path)
+        info = wait_job(session, job_id)
+        assert info.status == "FINISHED:COMPLETED", info.error
+
+
 def test_abort_mid_round_stops_the_job_on_server_and_sites(
     project: ProvisionedProject, federation: Federation, tmp_path: Path
 ) -> None:

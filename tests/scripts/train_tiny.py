@@ -20,6 +20,7 @@ parser.add_argument("--step_seconds", type=float, default=0.0)
 parser.add_argument("--stop_site", default="")
 parser.add_argument("--stop_after_evaluating", type=int, default=0)
 parser.add_argument("--tracking", action="store_true")
+parser.add_argument("--scribble", action="store_true", help="zero each evaluation's tensors after using them")
 args = parser.parse_args()
 
 api.init()
@@ -31,6 +32,7 @@ y = (x.sum(dim=1, keepdim=True) > 0).float()
 model = torch.nn.Linear(8, 1)
 writer = api.SummaryWriter() if args.tracking else None
 torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()  # warm up autograd before round 1
+evaluated: list[torch.Tensor] | None = None
 
 while api.is_running():
     task = api.receive()
@@ -41,12 +43,20 @@ while api.is_running():
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).item()
         accuracy = ((model(x) > 0).float() == y).float().mean().item()
     if task.is_evaluate:
+        if args.scribble:
+            evaluated = [tensor.clone() for tensor in task.params.values()]
+            for tensor in task.params.values():
+                tensor.zero_()
         if writer is not None:
             writer.add_scalar("val_accuracy", accuracy, task.current_round)
         api.send(metrics={"accuracy": accuracy, "loss": loss}, num_samples=args.samples)
         if site == args.stop_site and task.current_round == args.stop_after_evaluating:
             break  # the training that came with this evaluation is never done
         continue
+    if evaluated is not None:
+        if not all(torch.equal(a, b) for a, b in zip(evaluated, task.params.values(), strict=True)):
+            raise RuntimeError("the training half of a task got the model as its evaluation left it")
+        evaluated = None
     if site == args.crash_site and task.current_round == args.crash_round:
         raise RuntimeError(f"deliberate failure at {site} in round {task.current_round}")
     if site == args.slow_site:
