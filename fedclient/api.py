@@ -134,6 +134,13 @@ class _Worker:
                 self._lane_failed(f"cannot connect to {self.kit.server_host}:{self.kit.data_port} ({exc})")
         return self.lane
 
+    def _drop_lane(self) -> None:
+        """Close the lane after an error that is not the lane's: it may have stopped mid-message, so the
+        next call connects afresh."""
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+
     def _lane_failed(self, problem: object) -> None:
         wait = min(LANE_RETRY * 2**self.lane_failures, 3600.0)
         self.lane_failures += 1
@@ -228,6 +235,9 @@ class _Worker:
                 return task
             except (LaneError, OSError, ssl.SSLError) as exc:
                 self._lane_failed(exc)
+            except BaseException:
+                self._drop_lane()
+                raise
         return self._assemble(self.stub.GetTask(request))
 
     def _assemble(self, frames: Iterator[Any]) -> tuple[fpb.TaskHeader, bytes]:
@@ -361,6 +371,9 @@ class _Worker:
                     return
                 except (LaneError, OSError, ssl.SSLError) as exc:
                     self._lane_failed(exc)
+                except BaseException:
+                    self._drop_lane()
+                    raise
             self._retry("send", lambda: self.stub.SubmitResult(stream()))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
