@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
-from federation import Federation, log_text, running, set_local
+from federation import Federation, log_text, running, set_local, wait_until
 
 from fedgrid import lane
 from fedgrid.errors import IdentityError, NotFoundError, StateError
@@ -121,7 +121,7 @@ def test_a_certificate_of_another_ca_fails_the_handshake(
         with connect(project, stranger.sites[0], trust=project.server) as sock:
             lane.send(sock, lane.TASK, fpb.TaskRequest(job_id="x"))
             lane.receive(sock)
-    assert "data lane: TLS handshake with" in log_text(project.server)
+    wait_until(lambda: "data lane: TLS handshake with" in log_text(project.server), 10, "the refusal in the server log")
     assert_lane_serves(project)
 
 
