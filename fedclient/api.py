@@ -145,9 +145,8 @@ class _Worker:
         wait = min(LANE_RETRY * 2**self.lane_failures, 3600.0)
         self.lane_failures += 1
         log.warning("data lane: %s; going on over gRPC, trying the lane again in %.0f s", problem, wait)
-        if self.lane is not None:
-            self.lane.close()
-        self.lane, self.lane_retry_at = None, time.monotonic() + wait
+        self._drop_lane()
+        self.lane_retry_at = time.monotonic() + wait
 
     # -- calls with retry: the server may restart under a running job
     def _retry(self, what: str, call: Any) -> Any:
@@ -529,8 +528,7 @@ def _shutdown() -> None:
     if _worker is not None:
         _worker.flush_evaluation()
         _worker.flush_events()
-        if _worker.lane is not None:
-            _worker.lane.close()
+        _worker._drop_lane()
         _worker.channel.close()
 
 

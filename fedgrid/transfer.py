@@ -116,8 +116,6 @@ class Chunks:
         return self.size
 
     def getvalue(self) -> bytes:
-        if len(self._parts) == 1 and isinstance(self._parts[0], bytes):
-            return self._parts[0]
         value = b"".join(self._parts)
         self._parts = [value]
         return value
