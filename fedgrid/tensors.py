@@ -20,6 +20,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file as st_load_file
 
 from fedgrid.errors import PayloadError
+from fedgrid.files import write_atomic
 
 FORMAT = "safetensors"
 ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
@@ -93,10 +94,8 @@ def decode(data: bytes, what: str = "tensor set") -> Arrays:
 
 
 def save_file(arrays: Mapping[str, np.ndarray], path: Path) -> None:
-    """Write named arrays to a .safetensors file (atomically: temp file then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encode(arrays))
-    tmp.replace(path)
+    """Write named arrays to a .safetensors file, whole or not at all."""
+    write_atomic(path, encode(arrays))
 
 
 def load_file(path: Path, what: str | None = None) -> Arrays:

@@ -29,6 +29,7 @@ import numpy as np
 
 from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
+from fedgrid.files import write_atomic
 from fedgrid.jobspec import ServerConfig
 from fedserver.aggregation import WeightedMean, weighted_metrics
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
@@ -347,7 +348,7 @@ class FedAvg:
 
     async def _keep(self, record: RoundRecord, best: Model | None) -> None:
         if best is not None:
-            await asyncio.to_thread(_write, self.result_dir / "best_model.safetensors", best.data)
+            await asyncio.to_thread(write_atomic, self.result_dir / "best_model.safetensors", best.data)
         await self.on_round(record)
 
     def _server_step(self, averaged: bytes) -> bytes:
@@ -369,7 +370,7 @@ class FedAvg:
     def _dispose(self, item: Result, task: Task) -> None:
         if self.keep_dir is not None and item.has_payload:
             self.keep_dir.mkdir(parents=True, exist_ok=True)
-            _write(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}", item.read())
+            write_atomic(self.keep_dir / f"{task.task_id}-{item.site}.{item.payload_format or 'bin'}", item.read())
         item.discard()
 
     def _improved(self, metrics: dict[str, float], best: float | None) -> bool:
@@ -393,14 +394,14 @@ class FedAvg:
     def _checkpoint(self, model: Model, state: dict[str, object]) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
-        _write(self.checkpoint_dir / f"global_model.{suffix}", model.data)
-        _write(self.checkpoint_dir / "state.json", json.dumps(state, indent=2).encode())
+        write_atomic(self.checkpoint_dir / f"global_model.{suffix}", model.data)
+        write_atomic(self.checkpoint_dir / "state.json", json.dumps(state, indent=2).encode())
 
     async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
         final_path = self.result_dir / "final_model.safetensors"
         best_path = self.result_dir / "best_model.safetensors"
         if final.payload_format == tensors.FORMAT:
-            await asyncio.to_thread(_write, final_path, final.data)
+            await asyncio.to_thread(write_atomic, final_path, final.data)
             return final_path, best_path if best_path.exists() else None
         if self.release_model is None:
             raise StateError("encrypted job without a release policy: no site may upload the final model")
@@ -408,7 +409,7 @@ class FedAvg:
         if best is not None and best is not final:
             await self.release_model(best, "best")
         elif best is final:
-            await asyncio.to_thread(_write, best_path, final_path.read_bytes())
+            await asyncio.to_thread(write_atomic, best_path, final_path.read_bytes())
         return final_path, best_path if best_path.exists() else None
 
 
@@ -431,14 +432,6 @@ class Background:
         task, self._task = self._task, None
         if task is not None:
             await task
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 class PlainAggregator:

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from fedgrid.certs import Identity, identity_from_cert
 from fedgrid.errors import FedgridError, IdentityError
+from fedgrid.files import write_atomic
 from fedgrid.roster import Roster, load_roster
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ class PeerAuthority:
         added = sorted({m.name for m in roster.participants} - {m.name for m in self.roster.participants})
         removed = sorted({m.name for m in self.roster.participants} - {m.name for m in roster.participants})
         self.roster = roster
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self._state_file)
+        write_atomic(self._state_file, data)
         log.info(
             "adopted roster version %d presented by %s (added: %s; removed: %s)",
             roster.version,

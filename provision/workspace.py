@@ -30,6 +30,7 @@ from cryptography import x509
 
 from fedgrid.certs import key_matches_cert, load_cert, load_private_key, verify_root_ca
 from fedgrid.errors import ConfigError, FedgridError, IdentityError
+from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.signing import PrivateKey
 from provision.builders import HEMaterial
 from provision.ca import cert_pem, write_private_key
@@ -160,11 +161,7 @@ class ProjectWorkspace:
         """Keep the HE contexts beside the root CA; the secret one 0600 like every key."""
         secret, public = self.he_paths
         for path, data in ((secret, material.secret_context), (public, material.public_context)):
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data, mode=0o600)
 
     def save_state(self, state: State, *, new_ca: bool) -> None:
         """Write the CA (first run only) and the roster version (atomically, every run)."""
@@ -173,6 +170,4 @@ class ProjectWorkspace:
             os.chmod(self.state_dir, 0o700)
             write_private_key(self.ca_key_path, state.ca_key)
             self.ca_cert_path.write_bytes(cert_pem(state.ca_cert))
-        tmp = self.state_file.with_name(STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps({"project": self.project, "roster_version": state.roster_version}) + "\n")
-        os.replace(tmp, self.state_file)
+        write_json_atomic(self.state_file, {"project": self.project, "roster_version": state.roster_version})

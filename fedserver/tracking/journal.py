@@ -18,11 +18,12 @@ tracker confirmed the records, and is replaced atomically (write, then rename).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from fedgrid.files import write_atomic
 
 METRIC, PARAMS, TEXT, ARTIFACT = "metric", "params", "text", "artifact"
 
@@ -189,8 +190,5 @@ class Watermarks:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Replace `path` with `data` so a reader (or a restart) sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace `path` with `data` (sorted keys, so equal states give equal files)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
