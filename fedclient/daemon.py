@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from fedgrid import __version__, jobspec, wire
+from fedgrid import __version__, jobspec
 from fedgrid.certs import identity_from_cert, verify_issued_by
 from fedgrid.errors import FedgridError, IdentityError, StateError
 from fedgrid.grpc_errors import error_from_rpc
@@ -33,6 +33,7 @@ from fedgrid.settings import SiteSettings
 from fedgrid.tls import secure_channel
 from fedgrid.transfer import Chunks, receive
 from fedgrid.v1 import federation_pb2 as fpb
+from fedgrid.v1 import federation_pb2_grpc
 
 log = logging.getLogger("fedclient")
 
@@ -79,7 +80,7 @@ class SiteDaemon:
         self.workspace = kit.workspace_dir
         (self.workspace / "jobs").mkdir(parents=True, exist_ok=True)
         self.channel = secure_channel(kit, kit.fed_port)
-        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.jobs: dict[str, JobProcess] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()

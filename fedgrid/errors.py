@@ -9,9 +9,11 @@
     ├── IdentityError            a certificate is not a participant's, or is used on the wrong port
     ├── AuthorizationError       the caller's role may not run this command
     ├── TransferError            a streamed payload is truncated, oversized or fails its digest
+    │   └── FrameError           bytes on a stream that are not a message of the expected type
     ├── PayloadError             a received tensor set or ciphertext does not match what was expected
     ├── NotFoundError            a job, site or file that was asked for does not exist
     ├── StateError               the request is valid but not now (delete a running job, ...)
+    ├── LimitError               the caller holds as many streams as it may, or went silent on one
     └── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
 
 Library code raises these; only the `__main__` modules turn them into exit codes
@@ -57,6 +59,10 @@ class TransferError(FedgridError):
     """A streamed payload was truncated, too large, or failed its digest check."""
 
 
+class FrameError(TransferError):
+    """Bytes on a stream that do not parse as the message the method expects."""
+
+
 class PayloadError(FedgridError):
     """A tensor set or ciphertext does not match the expected layout."""
 
@@ -67,6 +73,10 @@ class NotFoundError(FedgridError):
 
 class StateError(FedgridError):
     """The request is valid, but not in the current state."""
+
+
+class LimitError(FedgridError):
+    """The caller reached a per-identity limit (streams held) or a stream's deadline passed."""
 
 
 class EncryptionError(FedgridError):

@@ -13,10 +13,12 @@ STATUS_OF: list[tuple[type[errors.FedgridError], grpc.StatusCode]] = [
     (errors.AuthorizationError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StateError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.TransferError, grpc.StatusCode.DATA_LOSS),
+    (errors.LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.EncryptionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FrameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.TransferError, grpc.StatusCode.DATA_LOSS),
     (errors.KitError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 

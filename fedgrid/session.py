@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import grpc
 
-from fedgrid import jobspec, wire
+from fedgrid import jobspec
 from fedgrid.errors import FedgridError, JobSpecError, StateError
 from fedgrid.grpc_errors import UnreachableError, error_from_rpc
 from fedgrid.kit import Kit, load_kit
@@ -43,6 +43,7 @@ from fedgrid.settings import ADMIN_SETTINGS_FILE, AdminSettings, load_settings
 from fedgrid.tls import secure_channel
 from fedgrid.transfer import Chunks, frames, receive, split
 from fedgrid.v1 import admin_pb2 as apb
+from fedgrid.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
 TIMEOUT = 30.0
@@ -57,7 +58,7 @@ class Session:
         self.settings = load_settings(AdminSettings, self.kit.local_dir / ADMIN_SETTINGS_FILE)
         self.timeout = timeout
         self.channel = secure_channel(self.kit, self.kit.admin_port)
-        self.stub = wire.stub(self.channel, apb.DESCRIPTOR.services_by_name["Admin"])
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
         hello = self._call(lambda: self.stub.Hello(apb.HelloRequest(roster=self.kit.roster_bytes), timeout=timeout))
         self.name, self.org, self.role = hello.name, hello.org, hello.role
         self.project, self.server_name = hello.project, hello.server_name

@@ -40,6 +40,11 @@ class ServerSettings:
     data_lane: bool = True
     """Listen on the kit's data port for job workers' models and updates (fedgrid/lane.py); false
     leaves the port closed and every worker on gRPC."""
+    stream_idle_timeout: float = 120.0
+    """Seconds the server waits for the next message on a stream (a job worker's, a job upload) before it
+    closes it; job workers ping well within it while they train."""
+    max_streams_per_identity: int = 32
+    """Long-lived streams (job workers, command streams, job watches) one participant may hold at once."""
 
 
 @dataclass(frozen=True)

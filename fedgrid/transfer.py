@@ -1,10 +1,11 @@
-"""Streaming large payloads over gRPC: a header, data chunks, and a trailer with size and SHA-256.
+"""Streaming large payloads over gRPC: frames that carry a header, data and a trailer with size and SHA-256.
 
-Models, encrypted updates, job packages and results can be far larger than gRPC's default 4 MB
-message limit, so they never travel as one message. Every streamed message type in `proto/` has the
-same shape (`oneof kind { header; data; trailer }`); the helpers here work for all of them.
+Models, encrypted updates, job packages and results can be far larger than one gRPC message, so they
+travel as a sequence of frames. Every frame type in `proto/` has the same three fields (`header`,
+`data`, `trailer`): the first frame carries the header, the last one the trailer, and data may ride
+on any of them, so a payload of one chunk (the 2.7 MB MLP) is a single message.
 The receiver checks the running size against a limit while the bytes arrive (a peer cannot make the
-server buffer more than it allows) and checks size and digest at the end before anything is used.
+other end buffer more than it allows) and checks size and digest at the end before anything is used.
 
 TLS already authenticates every byte on the wire, so the digest is not what stops an attacker in
 transit; it names a payload. Streams whose digest nobody relies on (plaintext models and updates, the
@@ -21,30 +22,25 @@ from typing import Any, BinaryIO, TypeVar
 from fedgrid import tensors
 from fedgrid.errors import TransferError
 from fedgrid.v1 import common_pb2
-from fedgrid.wire import encode_data
 
-CHUNK_SIZE = 1 << 20
-"""Bytes per data frame: what one stream holds in flight at each end (bench/aggregation_memory.py)."""
+CHUNK_SIZE = 2 << 20
+"""Bytes of data per frame: a 2.7 MB model is two messages, and a stream in flight holds a few MB at
+each end however large the model (bench/transfer.py, bench/aggregation_memory.py)."""
 
 MAX_MESSAGE_BYTES = 8 << 20
-"""gRPC message limit set on every channel and server: comfortably above one chunk plus headers."""
+"""gRPC message limit set on every channel and server: comfortably above one chunk plus a header."""
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Detect a dead peer on idle long-poll streams without application pings.
+    # Detect a dead peer on idle long-lived streams without application pings.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-]
-
-SERVER_OPTIONS = [
-    *GRPC_OPTIONS,
-    # Let clients keep idle long polls and watch streams alive with the pings above (gRPC's default
-    # policy answers a ping more often than every 5 minutes with GOAWAY "too_many_pings").
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
+    # A restarted server is found again within 2 s of being back, with gRPC's own reconnect backoff.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 F = TypeVar("F")
@@ -60,8 +56,11 @@ def digest_checked(payload_format: str) -> bool:
     return payload_format != tensors.FORMAT
 
 
-def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
-    """Cut a buffer into chunk-sized views (no copies)."""
+def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes | memoryview]:
+    """Cut a buffer into chunk-sized views (no copies; a buffer of one chunk comes back as it is)."""
+    if len(data) <= chunk_size:
+        yield data
+        return
     view = memoryview(data)
     for start in range(0, len(view), chunk_size):
         yield view[start : start + chunk_size]
@@ -73,20 +72,20 @@ def frames(
     pieces: Iterable[bytes | memoryview],
     sha256: bytes | None = None,
     digest: bool = True,
-    raw_data: bool = False,
-) -> Iterator[F | bytes | memoryview]:
-    """Header frame, one data frame per CHUNK_SIZE of the pieces, then the trailer.
+) -> Iterator[F]:
+    """The frames of a payload: the header rides on the first, the trailer on the last, each carries
+    at most CHUNK_SIZE of data.
 
-    Data frames come out already serialized (see `fedgrid.wire`); send them with the stubs and
-    handlers of `fedgrid.wire`. `pieces` may be a generator that produces bytes while earlier frames
-    are already on the wire (encryption overlapping upload). Pass `sha256` when the digest of the
-    payload is already known, to skip hashing it again, or `digest=False` for a stream whose receiver
-    does not verify one (its trailer then carries the size only). `raw_data=True` yields each chunk
-    as it is, for a sender that writes the data frame's few header bytes itself (the data lane).
+    `pieces` may be a generator that produces bytes while earlier frames are already on the wire
+    (encryption overlapping upload). Pass `sha256` when the digest of the payload is already known, to
+    skip hashing it again, or `digest=False` for a stream whose receiver does not verify one (its
+    trailer then carries the size only).
     """
-    yield frame_cls(header=header)  # type: ignore[call-arg]
     hasher = None if sha256 or not digest else hashlib.sha256()
     size = 0
+    waiting: bytes | memoryview | None = None
+    """A chunk held back until the next one shows it is not the last (the last carries the trailer)."""
+    first = True
     for piece in pieces:
         for chunk in split(piece):
             if not chunk:
@@ -94,9 +93,24 @@ def frames(
             if hasher is not None:
                 hasher.update(chunk)
             size += len(chunk)
-            yield chunk if raw_data else encode_data(chunk)
+            if waiting is not None:
+                yield _frame(frame_cls, header if first else None, waiting, None)
+                first = False
+            waiting = chunk
     final = (sha256 or b"") if hasher is None else hasher.digest()
-    yield frame_cls(trailer=common_pb2.Trailer(size=size, sha256=final))  # type: ignore[call-arg]
+    trailer = common_pb2.Trailer(size=size, sha256=final)
+    yield _frame(frame_cls, header if first else None, waiting, trailer)
+
+
+def _frame(frame_cls: type[F], header: Any, data: bytes | memoryview | None, trailer: Any) -> F:
+    fields: dict[str, Any] = {}
+    if header is not None:
+        fields["header"] = header
+    if data is not None:
+        fields["data"] = data if isinstance(data, bytes) else bytes(data)
+    if trailer is not None:
+        fields["trailer"] = trailer
+    return frame_cls(**fields)
 
 
 class Chunks:
@@ -124,10 +138,10 @@ class Chunks:
 class Assembler:
     """Checks a stream of frames and writes the data to a sink.
 
-    Feed it every frame in order, then call `finish()`. Any deviation (no header first, a second
-    header, data after the trailer, too many bytes, a wrong size or digest) raises TransferError
-    naming `what` was being received. `verify(header)` says whether this stream's digest is hashed
-    and checked (default: always).
+    Feed it every frame in order until `done`, then call `finish()`. Any deviation (no header first, a
+    second header, data after the trailer, too many bytes, a wrong size or digest) raises TransferError
+    naming `what` was being received. `verify(header)` says whether this stream's digest is hashed and
+    checked (default: always).
     """
 
     def __init__(
@@ -142,30 +156,32 @@ class Assembler:
         self._digest: Any = None
         self._trailer: common_pb2.Trailer | None = None
 
+    @property
+    def done(self) -> bool:
+        """True once the trailer arrived: the stream's payload is complete."""
+        return self._trailer is not None
+
     def feed(self, frame: Any) -> None:
-        kind = frame.WhichOneof("kind")
         if self._trailer is not None:
             raise TransferError(f"{self.what}: frame after the trailer")
-        if kind == "header":
+        if frame.HasField("header"):
             if self.header is not None:
                 raise TransferError(f"{self.what}: second header in one stream")
             self.header = frame.header
             if self.verify is None or self.verify(self.header):
                 self._digest = hashlib.sha256()
-            return
-        if self.header is None:
+        elif self.header is None:
             raise TransferError(f"{self.what}: stream does not start with a header")
-        if kind == "data":
-            self.size += len(frame.data)
+        data = frame.data
+        if data:
+            self.size += len(data)
             if self.size > self.max_size:
                 raise TransferError(f"{self.what}: more than the allowed {self.max_size / 1e6:.1f} MB; refused")
             if self._digest is not None:
-                self._digest.update(frame.data)
-            self.sink.write(frame.data)
-        elif kind == "trailer":
+                self._digest.update(data)
+            self.sink.write(data)
+        if frame.HasField("trailer"):
             self._trailer = frame.trailer
-        else:
-            raise TransferError(f"{self.what}: empty frame")
 
     def finish(self) -> Any:
         """Return the header once the trailer matched what arrived."""

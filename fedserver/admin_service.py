@@ -1,6 +1,6 @@
-"""The admin port's servicer: identify the admin from its certificate, then call the runtime.
+"""The admin port's servicer: identify the admin from its certificate, then call `AdminOps`.
 
-Authorization (which role may do what) is checked inside the runtime against the policy, so the
+Authorization (which role may do what) is checked inside `AdminOps` against the policy, so the
 Session API, the console and job.py all meet the same rules.
 """
 
@@ -24,21 +24,32 @@ from fedgrid.serde import (
 )
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import admin_pb2_grpc, common_pb2
+from fedserver import limits
+from fedserver.admin_ops import AdminOps
 from fedserver.peers import PeerAuthority, peer_address
 from fedserver.registry import SiteRegistry
 from fedserver.rpc import rpc
-from fedserver.runtime import JobRuntime
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, *, peers: PeerAuthority, registry: SiteRegistry, runtime: JobRuntime, server_name: str, started: float
+        self,
+        *,
+        peers: PeerAuthority,
+        registry: SiteRegistry,
+        ops: AdminOps,
+        server_name: str,
+        started: float,
+        quota: limits.StreamQuota,
+        idle_timeout: float,
     ) -> None:
         self.peers = peers
         self.registry = registry
-        self.runtime = runtime
+        self.ops = ops
         self.server_name = server_name
         self.started = started
+        self.quota = quota
+        self.idle_timeout = idle_timeout
 
     def identify(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         return self.peers.identify(context, "admin", method)
@@ -65,16 +76,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def CheckStatus(
         self, request: apb.StatusRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.StatusReply:
-        self.runtime.policy.check(self.runtime._caller(caller), "check_status")
+        self.ops.check(caller, "check_status")
         if request.target == "server":
-            jobs = self.runtime.store.list(include_finished=False)
+            jobs = self.ops.store.list(include_finished=False)
             status = ServerStatus(
                 name=self.server_name,
                 project=self.peers.project,
                 started=self.started,
                 uptime=time.time() - self.started,
                 sites_alive=len(self.registry.alive()),
-                sites_known=len(self.runtime.known_sites()),
+                sites_known=len(self.peers.site_names()),
                 jobs_running=sum(1 for j in jobs if j.status == "RUNNING"),
                 jobs_queued=sum(1 for j in jobs if j.status == "SUBMITTED"),
                 version=__version__,
@@ -83,11 +94,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if request.target not in ("client", "site"):
             raise ConfigError(f"check_status: target must be 'server' or 'client', not {request.target!r}")
         wanted = set(request.names)
-        unknown = wanted - self.runtime.known_sites() - {s.name for s in self.registry.sites()}
+        known = self.peers.site_names()
+        unknown = wanted - known - {s.name for s in self.registry.sites()}
         if unknown:
-            raise NotFoundError(
-                f"unknown site {', '.join(sorted(unknown))}; known: {', '.join(sorted(self.runtime.known_sites()))}"
-            )
+            raise NotFoundError(f"unknown site {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         sites = []
         seen = set()
         for site in self.registry.sites():
@@ -124,14 +134,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[apb.UploadFrame], context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.SubmitReply:
         cert_pem = context.auth_context()["x509_pem_cert"][0]
-        record = await self.runtime.submit(caller, cert_pem, request_iterator)
+        record = await self.ops.submit(caller, cert_pem, limits.messages(context, self.idle_timeout, "job upload"))
         return apb.SubmitReply(job_id=record.job_id, name=record.name)
 
     @rpc
     async def ListJobs(
         self, request: apb.ListJobsRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.ListJobsReply:
-        jobs = self.runtime.list_jobs(
+        jobs = self.ops.list_jobs(
             caller, include_finished=request.all, name_prefix=request.name_prefix, limit=request.max
         )
         return apb.ListJobsReply(jobs=[job_info_to_proto(j) for j in jobs])
@@ -140,44 +150,45 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ShowJob(
         self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.JobDetail:
-        return job_detail_to_proto(self.runtime.show_job(caller, request.job_id))
+        return job_detail_to_proto(self.ops.show_job(caller, request.job_id))
 
     @rpc
     async def AbortJob(
         self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> common_pb2.Ack:
-        return common_pb2.Ack(message=await self.runtime.abort(caller, request.job_id))
+        return common_pb2.Ack(message=await self.ops.abort(caller, request.job_id))
 
     @rpc
     async def DeleteJob(
         self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> common_pb2.Ack:
-        return common_pb2.Ack(message=self.runtime.delete(caller, request.job_id))
+        return common_pb2.Ack(message=self.ops.delete(caller, request.job_id))
 
     @rpc
     async def CloneJob(
         self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.SubmitReply:
-        record = await self.runtime.clone(caller, request.job_id)
+        record = await self.ops.clone(caller, request.job_id)
         return apb.SubmitReply(job_id=record.job_id, name=record.name)
 
     @rpc
     async def DownloadJob(
         self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> AsyncIterator[apb.DownloadFrame]:
-        for frame in self.runtime.download_frames(caller, request.job_id):
+        for frame in self.ops.download_frames(caller, request.job_id):
             yield frame
 
     @rpc
     async def JobLog(
         self, request: apb.JobLogRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.JobLogReply:
-        text, path = self.runtime.job_log(caller, request.job_id, request.source, request.lines)
+        text, path = self.ops.job_log(caller, request.job_id, request.source, request.lines)
         return apb.JobLogReply(text=text, path=path)
 
     @rpc
     async def WatchJob(
         self, request: apb.WatchJobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> AsyncIterator[apb.JobEvent]:
-        async for event in self.runtime.watch(caller, request.job_id, request.from_round):
-            yield event
+        with self.quota.hold(caller.name, "WatchJob"):
+            async for event in self.ops.watch(caller, request.job_id, request.from_round):
+                yield event

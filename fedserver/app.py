@@ -1,4 +1,4 @@
-"""The server daemon assembled: the mTLS ports (federation, admin, data lane), the health service, the runtime."""
+"""The server daemon assembled: the two mTLS ports (federation, admin), the health service, the scheduler."""
 
 from __future__ import annotations
 
@@ -11,21 +11,22 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedgrid import wire
 from fedgrid.errors import ConfigError
 from fedgrid.kit import Kit
 from fedgrid.policy import POLICY_FILE, Policy
 from fedgrid.settings import SERVER_SETTINGS_FILE, ServerSettings, load_settings
 from fedgrid.tls import server_credentials
-from fedgrid.transfer import SERVER_OPTIONS
-from fedgrid.v1 import admin_pb2, federation_pb2
+from fedgrid.v1 import admin_pb2_grpc, federation_pb2_grpc
+from fedserver.admin_ops import AdminOps
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService
+from fedserver.jobrun import RunContext
 from fedserver.jobstore import JobStore
-from fedserver.lane import DataLane
+from fedserver.limits import SERVER_OPTIONS, StreamQuota
 from fedserver.peers import PeerAuthority
 from fedserver.registry import SiteRegistry
-from fedserver.runtime import JobRuntime
+from fedserver.scheduler import Scheduler
+from fedserver.watchers import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,27 @@ class ServerApp:
         )
         he_context = kit.he.context_path.read_bytes() if kit.he.enabled and kit.he.context_path else None
         self.store = JobStore(self.workspace)
-        self.runtime = JobRuntime(
+        watchers = Watchers()
+        ctx = RunContext(
             store=self.store,
             registry=self.registry,
+            watchers=watchers,
+            he_context=he_context,
+            tracking_factory=self._tracking_factory(),
+            keep_uploads=self.settings.keep_uploads,
+        )
+        self.scheduler = Scheduler(store=self.store, registry=self.registry, settings=self.settings, ctx=ctx)
+        self.ops = AdminOps(
+            store=self.store,
+            scheduler=self.scheduler,
             peers=self.peers,
             policy=self.policy,
             settings=self.settings,
-            ca_cert=kit.ca_cert,
+            watchers=watchers,
             he_context=he_context,
-            tracking_factory=self._tracking_factory(),
         )
+        self.quota = StreamQuota(self.settings.max_streams_per_identity)
         self._servers: list[grpc.aio.Server] = []
-        self.lane: DataLane | None = None
 
     def _tracking_factory(self) -> object | None:
         try:
@@ -93,52 +103,52 @@ class ServerApp:
         health_servicer = health.aio.HealthServicer()
         for service in ("", *SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        idle = self.settings.stream_idle_timeout
         federation = grpc.aio.server(options=SERVER_OPTIONS)
-        wire.add_servicer(
-            federation,
+        federation_pb2_grpc.add_FederationServicer_to_server(
             FederationService(
-                peers=self.peers, registry=self.registry, runtime=self.runtime, server_name=self.kit.name
+                peers=self.peers,
+                registry=self.registry,
+                scheduler=self.scheduler,
+                server_name=self.kit.name,
+                quota=self.quota,
+                idle_timeout=idle,
             ),
-            federation_pb2.DESCRIPTOR.services_by_name["Federation"],
+            federation,
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, federation)
         admin = grpc.aio.server(options=SERVER_OPTIONS)
-        wire.add_servicer(
-            admin,
+        admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(
                 peers=self.peers,
                 registry=self.registry,
-                runtime=self.runtime,
+                ops=self.ops,
                 server_name=self.kit.name,
                 started=self.started,
+                quota=self.quota,
+                idle_timeout=idle,
             ),
-            admin_pb2.DESCRIPTOR.services_by_name["Admin"],
+            admin,
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         self._bind(federation, self.kit.fed_port, "federation")
         self._bind(admin, self.kit.admin_port, "admin")
-        if self.kit.data_port is not None and self.settings.data_lane:
-            self.lane = DataLane(self.kit, self.peers, self.runtime, asyncio.get_running_loop())
-            self.lane.start(self.kit.data_port)
-        await self.runtime.start()
+        await self.scheduler.start()
         for server in (federation, admin):
             await server.start()
             self._servers.append(server)
         log.info(
-            "server %s of project %s serving: federation port %d, admin port %d, data port %s (workspace %s)",
+            "server %s of project %s serving: federation port %d, admin port %d (workspace %s)",
             self.kit.name,
             self.kit.project,
             self.kit.fed_port,
             self.kit.admin_port,
-            self.kit.data_port if self.lane is not None else "closed (data_lane is off or the kit has none)",
             self.workspace,
         )
 
     async def stop(self) -> None:
         log.info("server stopping")
-        if self.lane is not None:
-            self.lane.stop()
-        await self.runtime.stop()
+        await self.scheduler.stop()
         await asyncio.gather(*(server.stop(grace=2.0) for server in self._servers))
         self.store.close()
 

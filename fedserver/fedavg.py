@@ -31,9 +31,9 @@ from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
 from fedgrid.files import write_atomic
 from fedgrid.jobspec import ServerConfig
+from fedgrid.serde import RoundInfo
 from fedserver.aggregation import WeightedMean, weighted_metrics
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
-from fedserver.jobstore import RoundRecord
 
 
 class RoundFailed(FedgridError):
@@ -53,7 +53,7 @@ class Aggregator(Protocol):
 
 @dataclass
 class Outcome:
-    rounds: list[RoundRecord] = field(default_factory=list)
+    rounds: list[RoundInfo] = field(default_factory=list)
     evaluated: list[Model] = field(default_factory=list)
     """The models whose evaluation was recorded, in order: the last is the final model."""
     best: Model | None = None
@@ -104,7 +104,7 @@ class FedAvg:
         result_dir: Path,
         checkpoint_dir: Path,
         log: logging.Logger,
-        on_round: Callable[[RoundRecord], Awaitable[None]],
+        on_round: Callable[[RoundInfo], Awaitable[None]],
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
         keep_dir: Path | None = None,
     ) -> None:
@@ -318,7 +318,7 @@ class FedAvg:
             len(scores),
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics",
         )
-        record = RoundRecord(
+        record = RoundInfo(
             round=finished.round,
             sites_asked=finished.asked,
             sites_answered=finished.answered,
@@ -346,7 +346,7 @@ class FedAvg:
             return True
         return False
 
-    async def _keep(self, record: RoundRecord, best: Model | None) -> None:
+    async def _keep(self, record: RoundInfo, best: Model | None) -> None:
         if best is not None:
             await asyncio.to_thread(write_atomic, self.result_dir / "best_model.safetensors", best.data)
         await self.on_round(record)

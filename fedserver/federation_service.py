@@ -4,29 +4,39 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from fedgrid.certs import Identity
 from fedgrid.v1 import common_pb2, federation_pb2_grpc
 from fedgrid.v1 import federation_pb2 as fpb
+from fedserver.limits import StreamQuota
 from fedserver.peers import PeerAuthority, peer_address
 from fedserver.registry import SiteRegistry
 from fedserver.rpc import rpc
-
-if TYPE_CHECKING:
-    from fedserver.runtime import JobRuntime
+from fedserver.scheduler import Scheduler
+from fedserver.worker_io import WorkerStream
 
 log = logging.getLogger(__name__)
 
 
 class FederationService(federation_pb2_grpc.FederationServicer):
-    def __init__(self, *, peers: PeerAuthority, registry: SiteRegistry, runtime: JobRuntime, server_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        peers: PeerAuthority,
+        registry: SiteRegistry,
+        scheduler: Scheduler,
+        server_name: str,
+        quota: StreamQuota,
+        idle_timeout: float,
+    ) -> None:
         self.peers = peers
         self.registry = registry
-        self.runtime = runtime
+        self.scheduler = scheduler
         self.server_name = server_name
+        self.quota = quota
+        self.idle_timeout = idle_timeout
 
     def identify(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         return self.peers.identify(context, "federation", method)
@@ -49,7 +59,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             memory_gb=request.memory_gb,
             running_jobs=list(request.running_jobs),
         )
-        self.runtime.site_registered(caller.name, list(request.running_jobs))
+        self.scheduler.site_registered(caller.name, list(request.running_jobs))
         return fpb.RegisterReply(
             session_id=site.session_id,
             heartbeat_interval=self.registry.heartbeat_interval,
@@ -68,47 +78,27 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     async def Commands(
         self, request: fpb.CommandsRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> AsyncIterator[fpb.Command]:
-        async for command in self.registry.commands(caller.name, request.session_id):
-            yield command
+        with self.quota.hold(caller.name, "Commands"):
+            async for command in self.registry.commands(caller.name, request.session_id):
+                yield command
 
     @rpc
     async def FetchJob(
         self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity
     ) -> AsyncIterator[fpb.JobFrame]:
-        for frame in self.runtime.job_package_frames(request.job_id, caller.name):
+        for frame in self.scheduler.run_for(request.job_id, caller.name).package_frames():
             yield frame
 
     @rpc
     async def ReportJob(
         self, request: fpb.JobReport, context: grpc.aio.ServicerContext, caller: Identity
     ) -> common_pb2.Ack:
-        await self.runtime.site_report(caller.name, request)
+        self.scheduler.site_report(caller.name, request)
         return common_pb2.Ack()
 
     @rpc
-    async def GetTask(
-        self, request: fpb.TaskRequest, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> AsyncIterator[fpb.TaskFrame]:
-        frames = await self.runtime.next_task(caller.name, request)
-        for frame in frames:
-            yield frame
-
-    @rpc
-    async def UploadSlot(
-        self, request: fpb.UploadSlotRequest, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> fpb.UploadSlotReply:
-        return fpb.UploadSlotReply(granted=await self.runtime.upload_slot(caller.name, request))
-
-    @rpc
-    async def SubmitResult(
-        self, request_iterator: AsyncIterator[fpb.ResultFrame], context: grpc.aio.ServicerContext, caller: Identity
-    ) -> common_pb2.Ack:
-        message = await self.runtime.receive_result(caller.name, request_iterator)
-        return common_pb2.Ack(message=message)
-
-    @rpc
-    async def SendEvents(
-        self, request: fpb.EventBatch, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> common_pb2.Ack:
-        message = self.runtime.receive_events(caller.name, request)
-        return common_pb2.Ack(message=message)
+    async def Work(
+        self, request_iterator: AsyncIterator[fpb.WorkerMessage], context: grpc.aio.ServicerContext, caller: Identity
+    ) -> None:
+        with self.quota.hold(caller.name, "Work"):
+            await WorkerStream(self.scheduler, caller.name, context, self.idle_timeout).serve()

@@ -8,23 +8,27 @@ their logs are collected, and the result folder is written.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedgrid import tensors
 from fedgrid.errors import FedgridError, StateError
+from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
+from fedgrid.serde import RoundInfo
+from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory, results
 from fedserver.fedavg import Aggregator, FedAvg, Model, Outcome, PlainAggregator
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
-from fedserver.jobstore import JobStore, RoundRecord
+from fedserver.jobstore import JobStore
 from fedserver.registry import SiteRegistry
+from fedserver.spool import Spool
 from fedserver.watchers import Watchers
 
 START_TIMEOUT = 120.0
@@ -37,6 +41,10 @@ SLOT_MIN_BYTES = 8 << 20
 """Updates from this size on need an upload slot; smaller ones are cheaper to take than to schedule."""
 ABORT_TIMEOUT = 6.0
 """Seconds to wait for the sites to confirm an abort (the whole abort stays under 10 s)."""
+PACKAGE = "package.zip"
+MANIFEST = "manifest.json"
+SUBMITTER_CERT = "submitter.pem"
+"""The signed job package as submitted, kept beside the unpacked job folder (see fedserver/admin_ops.py)."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,12 @@ class JobRun:
         self.job_dir = ctx.store.job_dir(job_id)
         self.result_dir = self.job_dir / "result"
         self.result_dir.mkdir(exist_ok=True)
-        self.tmp_dir = self.job_dir / "tmp"
-        self.tmp_dir.mkdir(exist_ok=True)
+        self._tmp_dir = self.job_dir / "tmp"
+        self._tmp_dir.mkdir(exist_ok=True)
         self.log = job_logger(job_id, self.job_dir / "log.txt")
         self.sites = sorted(sites)
         self.board = TaskBoard(job_id, self.sites)
-        self.site_states: dict[str, str] = {}
+        self._site_states: dict[str, str] = {}
         self._started: dict[str, asyncio.Future[str]] = {}
         self._ended: dict[str, asyncio.Future[str]] = {}
         self._fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -83,12 +91,13 @@ class JobRun:
         self.tracking = None
         self.layout: tensors.Layout = {}
         self.model_bytes = 0
-        self.package_frames: list[fpb.JobFrame | bytes] | None = None
-        self.task_frames: dict[str, list[fpb.TaskFrame | bytes]] = {}
-        self.upload_slots = UploadSlots(UPLOAD_SLOTS)
-        self.slot_bytes = 0
+        self._package: list[fpb.JobFrame] | None = None
+        """The signed job package's frames, built once and sent to every site that fetches the job."""
+        self._task_messages: dict[str, list[fpb.ServerMessage]] = {}
+        """The current task's messages, built once and sent to every worker."""
+        self._upload_slots = UploadSlots(UPLOAD_SLOTS)
+        self._slot_bytes = 0
         """Expected size of an update from which sites must ask for an upload slot first."""
-        """The frames of the current task, built once and sent to every site."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,7 +167,7 @@ class JobRun:
         data = tensors.encode(arrays)
         self.model_bytes = len(data)
         expected = self.model_bytes * (8 if self.spec.server.encryption != "none" else 1)
-        self.slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
+        self._slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
         self.log.info("initial model: %d tensors, %.2f MB", len(arrays), len(data) / 1e6)
         return Model.of(tensors.FORMAT, data)
 
@@ -235,8 +244,8 @@ class JobRun:
             return EncryptedAggregator(self.ctx.he_context, self.layout)
         return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
 
-    async def _on_round(self, record: RoundRecord) -> None:
-        if self.slot_bytes:
+    async def _on_round(self, record: RoundInfo) -> None:
+        if self._slot_bytes:
             memory.trim()  # large models: hand the round's freed payload buffers back to the system
         # Off the event loop: the commit waits for the disk (fsync), and rounds and uploads go on meanwhile.
         await asyncio.to_thread(self.ctx.store.add_round, self.job_id, record)
@@ -287,7 +296,7 @@ class JobRun:
                 arrays = tensors.decode(data, what=f"{which} model released by {site}")
                 tensors.check_layout(arrays, self.layout, f"{which} model released by {site}")
                 target = self.result_dir / f"{which}_model.safetensors"
-                target.write_bytes(data)
+                await asyncio.to_thread(write_atomic, target, data)
                 self.log.info("%s model decrypted and uploaded by %s", which, site)
                 return target
         raise StateError(f"{site} did not upload the decrypted {which} model")
@@ -313,6 +322,125 @@ class JobRun:
         for site in active:
             if not self._ended[site].done():
                 self._set_state(site, "no final report")
+
+    # ------------------------------------------------------------------ what sites and workers ask
+
+    def is_running_at(self, site: str) -> bool:
+        """True when `site` reported its worker started and it has not ended or left."""
+        return self._site_states.get(site) == "running"
+
+    def active_sites(self) -> list[str]:
+        return self.board.active_sites()
+
+    def tracking_pending(self) -> bool:
+        """True when tracking events of this job still wait for a tracker that was down."""
+        return self.tracking is not None and not self.tracking.report.complete
+
+    def package_frames(self) -> list[fpb.JobFrame]:
+        """The signed job package, framed once and shared by every site that fetches it."""
+        if self._package is None:
+            package = (self.job_dir / PACKAGE).read_bytes()
+            header = fpb.JobHeader(
+                job_id=self.job_id,
+                signed_manifest=(self.job_dir / MANIFEST).read_bytes(),
+                submitter_cert=(self.job_dir / SUBMITTER_CERT).read_bytes(),
+                size=len(package),
+            )
+            self._package = list(frames(fpb.JobFrame, header, (package,)))
+        return self._package
+
+    async def next_task(self, site: str, last_task_id: str) -> Task:
+        """The site's next task, as soon as there is one (the END task once the job is over)."""
+        self.board.mark_ready(site)
+        task = await self.board.next_task(site, last_task_id, None)
+        assert task is not None  # no timeout given
+        return task
+
+    def task_messages(self, task: Task, cached_sha256: bytes) -> list[fpb.ServerMessage]:
+        """The messages of a task: built once per task and sent as the same objects to every worker;
+        just the header when the worker already holds the payload."""
+        header = fpb.TaskHeader(
+            job_id=self.job_id,
+            task_id=task.task_id,
+            kind=task.kind,
+            round=task.round,
+            total_rounds=task.total_rounds,
+            payload_format=task.payload_format,
+            payload_sha256=task.sha256,
+            payload_size=len(task.payload),
+            total_weight=task.total_weight,
+            upload_slot=bool(self._slot_bytes) and task.kind in ("train", "release"),
+            evaluate_task_id=task.evaluate_task_id,
+            evaluate_round=task.evaluate_round,
+        )
+        if not task.payload or (cached_sha256 and cached_sha256 == task.sha256):
+            header.payload_cached = bool(task.payload)
+            return [fpb.ServerMessage(task=frame) for frame in frames(fpb.TaskFrame, header, ())]
+        cache = self._task_messages
+        if task.task_id not in cache:
+            cache.clear()
+            cache[task.task_id] = [
+                fpb.ServerMessage(task=frame)
+                for frame in frames(fpb.TaskFrame, header, (task.payload,), sha256=task.sha256)
+            ]
+        return cache[task.task_id]
+
+    def accepts(self, site: str, task_id: str) -> bool:
+        """True when `site` was asked for `task_id` and has not answered it yet."""
+        return self.board.accepts(site, task_id)
+
+    def deliver(self, result: Result) -> bool:
+        """Hand the controller a result; False (the caller drops it) when its round closed."""
+        return self.board.deliver(result)
+
+    def deliver_evaluation(self, site: str, evaluation: fpb.Evaluation) -> None:
+        """Hand the controller the evaluation a site answered inside its training result."""
+        result = Result(
+            site=site,
+            task_id=evaluation.task_id,
+            num_samples=evaluation.num_samples,
+            metrics=dict(evaluation.metrics),
+            payload_format="",
+            path=None,
+        )
+        if not self.board.deliver(result):
+            self.log.warning("%s: evaluation %s arrived after its round closed; dropped", site, evaluation.task_id)
+
+    @property
+    def upload_limit(self) -> int:
+        """The largest result payload a site may send (a ciphertext is several times the model)."""
+        return max(64 << 20, 32 * self.model_bytes)
+
+    def new_spool(self, site: str, payload_format: str) -> Spool:
+        return Spool(self._tmp_dir, prefix=f"{site}-", expected=self.model_bytes if payload_format else 0)
+
+    def needs_upload_slot(self, payload_format: str) -> bool:
+        return bool(self._slot_bytes) and bool(payload_format)
+
+    async def upload_slot(self, site: str, task_id: str) -> None:
+        """Wait until `site` may upload its result of `task_id` (a few large uploads at a time)."""
+        if not self.board.accepts(site, task_id):
+            raise StateError(f"task {task_id} is no longer open (late result dropped)")
+        await self._upload_slots.acquire(site, None)
+
+    @contextlib.asynccontextmanager
+    async def uploading(self, site: str, payload_format: str) -> AsyncIterator[None]:
+        """Hold `site`'s upload slot while its large result streams in (taking one if it has none)."""
+        if not self.needs_upload_slot(payload_format):
+            yield
+            return
+        if not self._upload_slots.holds(site):
+            await self._upload_slots.acquire(site, None)
+        self._upload_slots.start(site)
+        try:
+            yield
+        finally:
+            await self._upload_slots.release(site)
+
+    def receive_events(self, site: str, events: Sequence[object]) -> str:
+        if self.tracking is None:
+            return "no tracking configured for this job; events ignored"
+        return self.tracking.site_events(site, events)
 
     # ------------------------------------------------------------------ site events
 
@@ -361,7 +489,7 @@ class JobRun:
         _resolve(self._ended.get(site), "left")
 
     def _set_state(self, site: str, state: str) -> None:
-        self.site_states[site] = state
+        self._site_states[site] = state
         self.ctx.store.set_site_state(self.job_id, site, state)
 
     # ------------------------------------------------------------------ tracking and results
@@ -390,8 +518,7 @@ class JobRun:
         results.plot_metrics(self.result_dir, rounds, title=f"{self.spec.name} ({self.job_id[:8]})")
         if self.tracking is not None:
             self._close_tracking(status)
-        summary = self._summary(status, error, outcome)
-        (self.result_dir / "result.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json_atomic(self.result_dir / "result.json", self._summary(status, error, outcome))
         for handler in self.log.handlers:
             handler.flush()
         log_file = self.job_dir / "log.txt"
@@ -413,7 +540,7 @@ class JobRun:
             "best_value": outcome.best_value,
             "key_metric": self.spec.server.key_metric,
             "model_bytes": self.model_bytes,
-            "sites": self.site_states,
+            "sites": self._site_states,
         }
         if self.tracking is not None:
             summary["tracking"] = self.tracking.report.as_dict()

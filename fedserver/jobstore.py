@@ -14,11 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedgrid.errors import NotFoundError, StateError
+from fedgrid.serde import JobInfo, RoundInfo
 
 SUBMITTED = "SUBMITTED"
 RUNNING = "RUNNING"
@@ -66,43 +67,11 @@ CREATE TABLE IF NOT EXISTS site_states (
 
 
 @dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    name: str
-    status: str
-    submitter: str
-    submitter_org: str
-    submit_time: float
-    start_time: float
-    end_time: float
-    current_round: int
-    num_rounds: int
-    error: str
-    meta: dict[str, Any]
-    sites: list[str]
-    encrypted: bool
-    cloned_from: str
-    result: dict[str, Any]
+class JobRecord(JobInfo):
+    """A job as the store keeps it: what admins see of it (`JobInfo`), its meta.json and its result summary."""
 
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-    @property
-    def duration(self) -> float:
-        if not self.start_time:
-            return 0.0
-        return (self.end_time or time.time()) - self.start_time
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    sites_asked: int
-    sites_answered: int
-    seconds: float
-    metrics: dict[str, float]
-    bytes_moved: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
 
 
 class JobStore:
@@ -235,7 +204,7 @@ class JobStore:
         with self._tx() as db:
             db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = ?", (*args, job_id))  # noqa: S608 - keys checked above
 
-    def add_round(self, job_id: str, record: RoundRecord) -> None:
+    def add_round(self, job_id: str, record: RoundInfo) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?)",
@@ -251,17 +220,17 @@ class JobStore:
             )
             db.execute("UPDATE jobs SET current_round = ? WHERE job_id = ?", (record.round, job_id))
 
-    def rounds(self, job_id: str) -> list[RoundRecord]:
+    def rounds(self, job_id: str) -> list[RoundInfo]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? ORDER BY round", (job_id,)).fetchall()
         return [
-            RoundRecord(
-                r["round"],
-                r["sites_asked"],
-                r["sites_answered"],
-                r["seconds"],
-                json.loads(r["metrics_json"]),
-                r["bytes_moved"],
+            RoundInfo(
+                round=r["round"],
+                sites_answered=r["sites_answered"],
+                sites_asked=r["sites_asked"],
+                seconds=r["seconds"],
+                metrics=json.loads(r["metrics_json"]),
+                bytes_moved=r["bytes_moved"],
             )
             for r in rows
         ]
@@ -330,7 +299,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         num_rounds=row["num_rounds"],
         error=row["error"],
         meta=json.loads(row["meta_json"]),
-        sites=json.loads(row["sites_json"]),
+        sites=tuple(json.loads(row["sites_json"])),
         encrypted=bool(row["encrypted"]),
         cloned_from=row["cloned_from"],
         result=json.loads(row["result_json"]),

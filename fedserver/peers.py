@@ -80,6 +80,10 @@ class PeerAuthority:
             ", ".join(removed) or "none",
         )
 
+    def site_names(self) -> set[str]:
+        """The sites the roster lists."""
+        return {m.name for m in self.roster.participants if m.type == "client"}
+
     def identify(self, context: grpc.aio.ServicerContext, port: str, method: str) -> Identity:
         """The caller's identity, or IdentityError (logged) when it does not belong on `port`."""
         auth = context.auth_context()

@@ -1,15 +1,21 @@
-"""The files of a job's result folder that summarize its rounds: metrics as JSON and CSV, and a plot."""
+"""A job's result as admins get it: the metrics files and plot of its result folder, the downloadable zip,
+and its logs."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
+import zipfile
 from pathlib import Path
 
-from fedserver.jobstore import RoundRecord
+from fedgrid import jobspec
+from fedgrid.errors import NotFoundError
+from fedgrid.serde import JobInfo, RoundInfo
 
 
-def write_metrics(result_dir: Path, rounds: list[RoundRecord]) -> None:
+def write_metrics(result_dir: Path, rounds: list[RoundInfo]) -> None:
     """metrics.json (a list of rounds) and metrics.csv (one row per round, one column per metric)."""
     rows = [
         {
@@ -31,7 +37,7 @@ def write_metrics(result_dir: Path, rounds: list[RoundRecord]) -> None:
         writer.writerows(rows)
 
 
-def plot_metrics(result_dir: Path, rounds: list[RoundRecord], title: str) -> Path | None:
+def plot_metrics(result_dir: Path, rounds: list[RoundInfo], title: str) -> Path | None:
     """metrics.png: accuracy (left) and loss (right) of the global model by round."""
     if not rounds:
         return None
@@ -61,4 +67,31 @@ def plot_metrics(result_dir: Path, rounds: list[RoundRecord], title: str) -> Pat
     path = result_dir / "metrics.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def zip_result(job_dir: Path, info: JobInfo) -> bytes:
+    """The downloadable result: the result folder, the job's meta.json and its record (job_info.json)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted((job_dir / "result").rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(job_dir / "result").as_posix())
+        meta = job_dir / "job" / jobspec.META_FILE
+        if meta.exists():
+            archive.write(meta, f"job/{jobspec.META_FILE}")
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(JobInfo)}
+        archive.writestr("job_info.json", json.dumps(fields, indent=2))
+    return buffer.getvalue()
+
+
+def log_path(job_dir: Path, info: JobInfo, source: str) -> Path:
+    """The server's log of a job ("" or "server"), or a site's as the site sent it at the job's end."""
+    if not source or source == "server":
+        return job_dir / "log.txt"
+    if source not in info.sites:
+        raise NotFoundError(f"{source} is not a site of job {info.job_id} (sites: {', '.join(info.sites)})")
+    path = job_dir / "result" / "sites" / source / "log.txt"
+    if not path.exists():
+        raise NotFoundError(f"{source} has not sent its log of job {info.job_id} yet (sites send it when the job ends)")
     return path

@@ -5,30 +5,30 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from fedserver.jobstore import RoundRecord
+from fedgrid.serde import RoundInfo
 
 
 class Watchers:
     """Fan-out of per-job events to every open WatchJob stream."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, set[asyncio.Queue[tuple[str, RoundRecord | None]]]] = defaultdict(set)
+        self._queues: dict[str, set[asyncio.Queue[tuple[str, RoundInfo | None]]]] = defaultdict(set)
 
-    def subscribe(self, job_id: str) -> asyncio.Queue[tuple[str, RoundRecord | None]]:
-        queue: asyncio.Queue[tuple[str, RoundRecord | None]] = asyncio.Queue()
+    def subscribe(self, job_id: str) -> asyncio.Queue[tuple[str, RoundInfo | None]]:
+        queue: asyncio.Queue[tuple[str, RoundInfo | None]] = asyncio.Queue()
         self._queues[job_id].add(queue)
         return queue
 
-    def unsubscribe(self, job_id: str, queue: asyncio.Queue[tuple[str, RoundRecord | None]]) -> None:
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue[tuple[str, RoundInfo | None]]) -> None:
         self._queues[job_id].discard(queue)
         if not self._queues[job_id]:
             del self._queues[job_id]
 
-    def _put(self, job_id: str, event: tuple[str, RoundRecord | None]) -> None:
+    def _put(self, job_id: str, event: tuple[str, RoundInfo | None]) -> None:
         for queue in self._queues.get(job_id, ()):
             queue.put_nowait(event)
 
-    async def round(self, job_id: str, record: RoundRecord) -> None:
+    async def round(self, job_id: str, record: RoundInfo) -> None:
         self._put(job_id, ("round", record))
 
     async def status(self, job_id: str) -> None:

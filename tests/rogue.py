@@ -1,21 +1,24 @@
 """A misbehaving site for tests: it speaks the real protocol over mutual TLS with a real site kit,
 but answers training tasks with whatever payload the test chooses (another context's ciphertexts,
-corrupted bytes, ...), so that the server's refusals can be watched end to end. It plays both the
-site daemon (register, heartbeat, commands, job reports) and the job worker (tasks, results)."""
+corrupted bytes, ...), so that the server's refusals can be watched end to end. It plays the site
+daemon (register, heartbeat, commands, job reports) with the generated stub, and the job worker with
+the real worker stream of `fedclient.work_stream`, choosing only what it sends."""
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from fedgrid import transfer, wire
+from fedclient.work_stream import WorkStream
+from fedgrid import transfer
+from fedgrid.errors import FedgridError
 from fedgrid.kit import load_kit
 from fedgrid.tls import secure_channel
 from fedgrid.v1 import federation_pb2 as fpb
+from fedgrid.v1 import federation_pb2_grpc
 
 Answer = Callable[[fpb.TaskHeader, bytes], tuple[str, bytes]]
 """(task header, task payload) -> (payload format, payload bytes) for a training task."""
@@ -27,7 +30,7 @@ class RogueSite:
         self.answer = answer
         self.samples = samples
         self.channel = secure_channel(self.kit, self.kit.fed_port)
-        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.stop = threading.Event()
         self.answered: list[str] = []
         self._commands: grpc.Future | None = None
@@ -66,38 +69,40 @@ class RogueSite:
             pass
 
     def _work(self, job_id: str) -> None:
+        stream = WorkStream(self.kit, job_id)
         last = ""
-        while not self.stop.is_set():
-            buffer = io.BytesIO()
-            try:
-                request = fpb.TaskRequest(job_id=job_id, last_task_id=last)
-                header = transfer.receive(self.stub.GetTask(request), buffer, max_size=1 << 30, what="task")
-            except grpc.RpcError:
-                return
-            if header.kind == "idle":
-                continue
-            if header.kind == "end":
-                self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"))
-                return
-            last = header.task_id
-            if header.evaluate_task_id:
-                scored = fpb.ResultHeader(
-                    job_id=job_id, task_id=header.evaluate_task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
-                )
-                self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, scored, []))
-            if header.kind == "train":
-                fmt, payload = self.answer(header, buffer.getvalue())
-                result = fpb.ResultHeader(
-                    job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=self.samples
-                )
-                pieces = [payload]
-            else:
-                result = fpb.ResultHeader(
-                    job_id=job_id, task_id=header.task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
-                )
-                pieces = []
-            try:
-                self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, pieces))
-                self.answered.append(header.task_id)
-            except grpc.RpcError:
-                pass
+        try:
+            while not self.stop.is_set():
+                header, payload = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=last))
+                if header.kind == "end":
+                    self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"))
+                    return
+                last = header.task_id
+                if header.evaluate_task_id:
+                    scored = fpb.ResultHeader(
+                        job_id=job_id,
+                        task_id=header.evaluate_task_id,
+                        num_samples=self.samples,
+                        metrics={"accuracy": 0.5},
+                    )
+                    stream.result(lambda scored=scored: transfer.frames(fpb.ResultFrame, scored, []))
+                if header.kind == "train":
+                    fmt, data = self.answer(header, payload)
+                    result = fpb.ResultHeader(
+                        job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=self.samples
+                    )
+                    pieces = [data]
+                else:
+                    result = fpb.ResultHeader(
+                        job_id=job_id, task_id=header.task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
+                    )
+                    pieces = []
+                try:
+                    stream.result(lambda result=result, pieces=pieces: transfer.frames(fpb.ResultFrame, result, pieces))
+                    self.answered.append(header.task_id)
+                except FedgridError:
+                    pass
+        except (FedgridError, grpc.RpcError):
+            return
+        finally:
+            stream.close()

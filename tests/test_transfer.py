@@ -13,7 +13,7 @@ import grpc
 import pytest
 from conftest import ProvisionedProject
 
-from fedgrid import transfer, wire
+from fedgrid import transfer
 from fedgrid.errors import TransferError
 from fedgrid.kit import load_kit
 from fedgrid.tls import secure_channel, server_credentials
@@ -33,16 +33,18 @@ class Harness:
         handlers = {
             "Up": grpc.stream_unary_rpc_method_handler(
                 self.up,
-                request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+                request_deserializer=admin_pb2.UploadFrame.FromString,
                 response_serializer=common_pb2.Ack.SerializeToString,
             ),
             "UpUnverified": grpc.stream_unary_rpc_method_handler(
                 self.up_unverified,
-                request_deserializer=wire.frame_parser(admin_pb2.UploadFrame),
+                request_deserializer=admin_pb2.UploadFrame.FromString,
                 response_serializer=common_pb2.Ack.SerializeToString,
             ),
             "Down": grpc.unary_stream_rpc_method_handler(
-                self.down, request_deserializer=admin_pb2.JobRequest.FromString, response_serializer=wire.serialize
+                self.down,
+                request_deserializer=admin_pb2.JobRequest.FromString,
+                response_serializer=admin_pb2.DownloadFrame.SerializeToString,
             ),
         }
         self.server = grpc.server(futures.ThreadPoolExecutor(4), options=transfer.GRPC_OPTIONS)
@@ -79,7 +81,7 @@ class Harness:
     def upload(self, frames: Iterator[admin_pb2.UploadFrame], method: str = "Up") -> common_pb2.Ack:
         call = self.channel.stream_unary(
             f"/test.Transfer/{method}",
-            request_serializer=wire.serialize,
+            request_serializer=admin_pb2.UploadFrame.SerializeToString,
             response_deserializer=common_pb2.Ack.FromString,
         )
         return call(frames, timeout=120)
@@ -109,7 +111,7 @@ def test_100_mb_download_arrives_whole(harness: Harness) -> None:
     call = harness.channel.unary_stream(
         "/test.Transfer/Down",
         request_serializer=admin_pb2.JobRequest.SerializeToString,
-        response_deserializer=wire.frame_parser(admin_pb2.DownloadFrame),
+        response_deserializer=admin_pb2.DownloadFrame.FromString,
     )
     sink = io.BytesIO()
     header = transfer.receive(call(admin_pb2.JobRequest(), timeout=120), sink, max_size=100 * MB, what="download")
@@ -153,13 +155,14 @@ def test_bad_streams_are_refused_with_a_clear_message(harness: Harness, frames: 
 def test_a_stream_without_digest_is_taken_only_by_a_receiver_that_does_not_check_one(harness: Harness) -> None:
     data = os.urandom(3 * MB + 5)
 
-    def frames(size: int | None = None) -> Iterator[admin_pb2.UploadFrame | bytes]:
+    def frames(size: int | None = None) -> Iterator[admin_pb2.UploadFrame]:
         sent = transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [data], digest=False)
         if size is None:
             return sent
-        *body, trailer = list(sent)
-        assert not trailer.trailer.sha256
-        return iter([*body, admin_pb2.UploadFrame(trailer=common_pb2.Trailer(size=size))])
+        *body, last = list(sent)
+        assert last.HasField("trailer") and not last.trailer.sha256
+        last.trailer.size = size
+        return iter([*body, last])
 
     assert harness.upload(frames(), "UpUnverified").message == str(len(data))
     assert harness.received["sha256"] == hashlib.sha256(data).hexdigest()
@@ -169,3 +172,19 @@ def test_a_stream_without_digest_is_taken_only_by_a_receiver_that_does_not_check
     with pytest.raises(grpc.RpcError) as err:
         harness.upload(frames(len(data) - 1), "UpUnverified")
     assert "announces" in err.value.details()
+
+
+def test_a_payload_of_one_chunk_is_one_message_and_a_larger_one_is_cut_in_chunks() -> None:
+    small = list(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(size=3), [b"abc"]))
+    assert len(small) == 1
+    assert small[0].HasField("header") and small[0].data == b"abc" and small[0].trailer.size == 3
+    empty = list(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), []))
+    assert len(empty) == 1 and empty[0].HasField("header") and empty[0].HasField("trailer")
+    data = os.urandom(transfer.CHUNK_SIZE + 1)
+    large = list(transfer.frames(admin_pb2.UploadFrame, admin_pb2.UploadHeader(), [data]))
+    assert [len(f.data) for f in large] == [transfer.CHUNK_SIZE, 1]
+    assert large[0].HasField("header") and not large[0].HasField("trailer")
+    assert large[1].HasField("trailer") and not large[1].HasField("header")
+    sink = io.BytesIO()
+    transfer.receive(iter(large), sink, max_size=len(data), what="test")
+    assert sink.getvalue() == data

@@ -123,6 +123,50 @@ class JobReport(_message.Message):
     log: bytes
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., log: _Optional[bytes] = ...) -> None: ...
 
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "next_task", "upload_slot", "result", "events", "ping")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    hello: WorkerHello
+    next_task: TaskRequest
+    upload_slot: UploadSlotRequest
+    result: ResultFrame
+    events: EventBatch
+    ping: Ping
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., next_task: _Optional[_Union[TaskRequest, _Mapping]] = ..., upload_slot: _Optional[_Union[UploadSlotRequest, _Mapping]] = ..., result: _Optional[_Union[ResultFrame, _Mapping]] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+
+class WorkerHello(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerMessage(_message.Message):
+    __slots__ = ("task", "reply")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    task: TaskFrame
+    reply: Reply
+    def __init__(self, task: _Optional[_Union[TaskFrame, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ...) -> None: ...
+
+class Reply(_message.Message):
+    __slots__ = ("message", "error", "idle_timeout")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    error: str
+    idle_timeout: float
+    def __init__(self, message: _Optional[str] = ..., error: _Optional[str] = ..., idle_timeout: _Optional[float] = ...) -> None: ...
+
 class TaskRequest(_message.Message):
     __slots__ = ("job_id", "cached_sha256", "last_task_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -182,12 +226,6 @@ class UploadSlotRequest(_message.Message):
     job_id: str
     task_id: str
     def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
-
-class UploadSlotReply(_message.Message):
-    __slots__ = ("granted",)
-    GRANTED_FIELD_NUMBER: _ClassVar[int]
-    granted: bool
-    def __init__(self, granted: _Optional[bool] = ...) -> None: ...
 
 class ResultFrame(_message.Message):
     __slots__ = ("header", "data", "trailer")

@@ -60,25 +60,10 @@ class FederationStub:
                 request_serializer=fedgrid_dot_v1_dot_federation__pb2.JobReport.SerializeToString,
                 response_deserializer=fedgrid_dot_v1_dot_common__pb2.Ack.FromString,
                 _registered_method=True)
-        self.GetTask = channel.unary_stream(
-                '/fedgrid.v1.Federation/GetTask',
-                request_serializer=fedgrid_dot_v1_dot_federation__pb2.TaskRequest.SerializeToString,
-                response_deserializer=fedgrid_dot_v1_dot_federation__pb2.TaskFrame.FromString,
-                _registered_method=True)
-        self.UploadSlot = channel.unary_unary(
-                '/fedgrid.v1.Federation/UploadSlot',
-                request_serializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.SerializeToString,
-                response_deserializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.FromString,
-                _registered_method=True)
-        self.SubmitResult = channel.stream_unary(
-                '/fedgrid.v1.Federation/SubmitResult',
-                request_serializer=fedgrid_dot_v1_dot_federation__pb2.ResultFrame.SerializeToString,
-                response_deserializer=fedgrid_dot_v1_dot_common__pb2.Ack.FromString,
-                _registered_method=True)
-        self.SendEvents = channel.unary_unary(
-                '/fedgrid.v1.Federation/SendEvents',
-                request_serializer=fedgrid_dot_v1_dot_federation__pb2.EventBatch.SerializeToString,
-                response_deserializer=fedgrid_dot_v1_dot_common__pb2.Ack.FromString,
+        self.Work = channel.stream_stream(
+                '/fedgrid.v1.Federation/Work',
+                request_serializer=fedgrid_dot_v1_dot_federation__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=fedgrid_dot_v1_dot_federation__pb2.ServerMessage.FromString,
                 _registered_method=True)
 
 
@@ -119,30 +104,11 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetTask(self, request, context):
-        """Job worker: the next task of a job, answered as soon as one exists (long poll, no polling interval).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def UploadSlot(self, request, context):
-        """Job worker: wait for a turn to upload a large result (TaskHeader.upload_slot), answered as soon as
-        one of the job's upload slots is free, so that many sites answering at once queue at their end.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SubmitResult(self, request_iterator, context):
-        """Job worker: the result of a task (weights or ciphertexts, sample count, metrics).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SendEvents(self, request, context):
-        """Job worker: tracking events (scalars, params, text) in batches.
+    def Work(self, request_iterator, context):
+        """Job worker: one stream for the whole job. The worker sends one request at a time (a hello, the next
+        task, an upload slot, a result, tracking events) and reads the server's answer before it sends the
+        next; pings may come at any time and are not answered. Tasks and results travel as frames on it,
+        so a round costs no new call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,25 +142,10 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=fedgrid_dot_v1_dot_federation__pb2.JobReport.FromString,
                     response_serializer=fedgrid_dot_v1_dot_common__pb2.Ack.SerializeToString,
             ),
-            'GetTask': grpc.unary_stream_rpc_method_handler(
-                    servicer.GetTask,
-                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.TaskRequest.FromString,
-                    response_serializer=fedgrid_dot_v1_dot_federation__pb2.TaskFrame.SerializeToString,
-            ),
-            'UploadSlot': grpc.unary_unary_rpc_method_handler(
-                    servicer.UploadSlot,
-                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.FromString,
-                    response_serializer=fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.SerializeToString,
-            ),
-            'SubmitResult': grpc.stream_unary_rpc_method_handler(
-                    servicer.SubmitResult,
-                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.ResultFrame.FromString,
-                    response_serializer=fedgrid_dot_v1_dot_common__pb2.Ack.SerializeToString,
-            ),
-            'SendEvents': grpc.unary_unary_rpc_method_handler(
-                    servicer.SendEvents,
-                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.EventBatch.FromString,
-                    response_serializer=fedgrid_dot_v1_dot_common__pb2.Ack.SerializeToString,
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=fedgrid_dot_v1_dot_federation__pb2.WorkerMessage.FromString,
+                    response_serializer=fedgrid_dot_v1_dot_federation__pb2.ServerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -343,7 +294,7 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
-    def GetTask(request,
+    def Work(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -353,93 +304,12 @@ class Federation:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/fedgrid.v1.Federation/GetTask',
-            fedgrid_dot_v1_dot_federation__pb2.TaskRequest.SerializeToString,
-            fedgrid_dot_v1_dot_federation__pb2.TaskFrame.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UploadSlot(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/fedgrid.v1.Federation/UploadSlot',
-            fedgrid_dot_v1_dot_federation__pb2.UploadSlotRequest.SerializeToString,
-            fedgrid_dot_v1_dot_federation__pb2.UploadSlotReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SubmitResult(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/fedgrid.v1.Federation/SubmitResult',
-            fedgrid_dot_v1_dot_federation__pb2.ResultFrame.SerializeToString,
-            fedgrid_dot_v1_dot_common__pb2.Ack.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SendEvents(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/fedgrid.v1.Federation/SendEvents',
-            fedgrid_dot_v1_dot_federation__pb2.EventBatch.SerializeToString,
-            fedgrid_dot_v1_dot_common__pb2.Ack.FromString,
+            '/fedgrid.v1.Federation/Work',
+            fedgrid_dot_v1_dot_federation__pb2.WorkerMessage.SerializeToString,
+            fedgrid_dot_v1_dot_federation__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,

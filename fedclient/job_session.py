@@ -1,0 +1,309 @@
+"""What a job worker holds for its job: the stream to the server, the task in hand, the model it received.
+
+`fedclient.api` is the training script's view; this is the machinery behind it:
+- a training task that brings an evaluation is handed out twice, first as the evaluation (a copy of
+  the model, so the script may change it), then as the training (the arrays as received);
+- the evaluation's answer is held and rides on the training result, one request less per round;
+- with encryption on, a received model is decrypted and an update is encrypted (scaled by its sample
+  count) while it streams out; only global models this worker decrypted itself may be released;
+- tracking events are batched and travel on the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedclient.work_stream import WorkStream
+from fedgrid import tensors, transfer
+from fedgrid.errors import FedgridError, StateError, TransferError
+from fedgrid.jobspec import load_job
+from fedgrid.kit import Kit
+from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings
+from fedgrid.v1 import federation_pb2 as fpb
+
+log = logging.getLogger("fedclient.api")
+
+EVENT_BATCH = 200
+"""Tracking events buffered before they are sent (they also go with every result)."""
+
+
+@dataclass
+class FLModel:
+    """A task from the server: the global model's tensors and where the job stands."""
+
+    params: dict[str, torch.Tensor]
+    current_round: int
+    total_rounds: int
+    kind: str
+    job_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_train(self) -> bool:
+        return self.kind == "train"
+
+    @property
+    def is_evaluate(self) -> bool:
+        return self.kind == "evaluate"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The task the script holds: what its send() answers."""
+
+    task_id: str
+    kind: str
+    upload_slot: bool = False
+
+
+class JobSession:
+    """The connection of one job worker to the server, made once by `fedclient.api.init()`."""
+
+    def __init__(self, kit: Kit, job_id: str, job_dir: Path) -> None:
+        self.kit = kit
+        self.job_id = job_id
+        self.job_dir = job_dir
+        self.settings = load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE)
+        spec = load_job(job_dir / "job")
+        self.encrypted = spec.server.encryption == "ckks"
+        self.he = None
+        if self.encrypted:
+            from fedgrid import he
+
+            if not kit.he.enabled or kit.he.context_path is None:
+                raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
+            self.he = he.HEContext.load(kit.he.context_path.read_bytes(), expect_secret_key=True)
+        self.stream = WorkStream(kit, job_id)
+        self.running = True
+        self.task: Pending | None = None
+        self.next_train: fpb.TaskHeader | None = None
+        self.last_task_id = ""
+        self.cached_sha256 = b""
+        self.cached_arrays: dict[str, np.ndarray] = {}
+        self.decrypted: set[bytes] = set()
+        """Digests of the global models this worker decrypted as tasks: the only ones it may release."""
+        self.held: fpb.Evaluation | None = None
+        """The answer to an evaluation that rides on a training task: it goes with the training result."""
+        self.seq = 0
+        self.pending_events: list[fpb.Event] = []
+
+    # ------------------------------------------------------------------ tasks
+
+    def receive(self) -> FLModel | None:
+        if self.task is not None:
+            # The script moved on without answering: answer for it, so the server does not wait.
+            log.warning("the training script did not answer %s; answering it with no result", self.task.task_id)
+            self._answer(self.task, {}, 0.0, {})
+        if self.next_train is not None:
+            # Second half of a training task that brought an evaluation first: same model, no network.
+            header, self.next_train = self.next_train, None
+            return self._hand_out(header, header.task_id, header.kind, header.round)
+        while self.running:
+            request = fpb.TaskRequest(
+                job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id
+            )
+            header, payload = self.stream.task(request)
+            if header.kind == "end":
+                self.running = False
+                log.info("job over: %s", header.reason or "the server ended it")
+                return None
+            if header.kind == "release" and header.payload_sha256 not in self.decrypted:
+                self.last_task_id = header.task_id
+                log.warning("refusing to release %s: it is not a global model this site decrypted", header.task_id)
+                continue
+            arrays = self._decode(header, payload)
+            self.last_task_id = header.task_id
+            if header.kind == "release":
+                log.info("releasing the decrypted %s model to the server (the job's release policy)", header.task_id)
+                self._send(Pending(header.task_id, "release", header.upload_slot), arrays, 0.0, {}, plaintext=True)
+                continue
+            if header.payload_format == "ckks":
+                self.decrypted.add(header.payload_sha256)
+            if header.kind == "train" and header.evaluate_task_id:
+                self.next_train = header
+                return self._hand_out(header, header.evaluate_task_id, "evaluate", header.evaluate_round)
+            return self._hand_out(header, header.task_id, header.kind, header.round)
+        return None
+
+    def _hand_out(self, header: fpb.TaskHeader, task_id: str, kind: str, round_no: int) -> FLModel:
+        """The current model as the script's task.
+
+        An evaluation whose training half follows gets a copy, so that the training half gets the model
+        as received whatever the script did to the first. The last hand-out of a model gets the arrays
+        themselves, and the worker forgets them: a server that sends the same model again sends it whole.
+        """
+        self.task = Pending(task_id=task_id, kind=kind, upload_slot=header.upload_slot and kind != "evaluate")
+        arrays = self.cached_arrays
+        if kind == "evaluate" and self.next_train is not None:
+            params = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
+        else:
+            self.cached_sha256, self.cached_arrays = b"", {}
+            params = {
+                name: torch.from_numpy(array if array.flags.writeable else array.copy())
+                for name, array in arrays.items()
+            }
+        return FLModel(
+            params=params, current_round=round_no, total_rounds=header.total_rounds, kind=kind, job_id=self.job_id
+        )
+
+    def _decode(self, header: fpb.TaskHeader, payload: bytes) -> dict[str, np.ndarray]:
+        if not header.payload_format:
+            return {}
+        if header.payload_cached:
+            if header.payload_sha256 != self.cached_sha256:
+                raise TransferError("the server referred to a cached model this worker does not hold")
+            return self.cached_arrays
+        if header.payload_format == tensors.FORMAT:
+            arrays = tensors.decode(payload, what=f"global model of {header.task_id}")
+        elif header.payload_format == "ckks":
+            if self.he is None:
+                raise StateError("received an encrypted model but this job is not encrypted at this site")
+            from fedgrid import he
+
+            started = time.perf_counter()
+            arrays = he.decrypt_mean(self.he, payload, what=f"global model of {header.task_id}")
+            log.info(
+                "decrypted the global model of %s (%.1f MB) in %.3f s",
+                header.task_id,
+                len(payload) / 1e6,
+                time.perf_counter() - started,
+            )
+        else:
+            raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
+        tensors.check_finite(arrays, f"global model of {header.task_id}")
+        self.cached_sha256, self.cached_arrays = header.payload_sha256, arrays
+        return arrays
+
+    # ------------------------------------------------------------------ results
+
+    def send(self, params: Mapping[str, Any] | None, num_samples: float, metrics: Mapping[str, float]) -> None:
+        if self.task is None:
+            raise StateError("send() without a task: call receive() first")
+        if self.task.kind == "evaluate" and self.next_train is not None:
+            # The training half of the same task follows: its result carries this answer, one request less.
+            self.held = fpb.Evaluation(task_id=self.task.task_id, num_samples=num_samples, metrics=_clean(metrics))
+            self.task = None
+            return
+        arrays = to_numpy(params) if params is not None else {}
+        self._answer(self.task, arrays, num_samples, metrics)
+
+    def flush_evaluation(self) -> None:
+        """Send a held evaluation answer on its own (the script ended before it trained)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            try:
+                self._send(Pending(held.task_id, "evaluate"), {}, held.num_samples, dict(held.metrics), True)
+            except FedgridError as exc:
+                log.warning("the answer to %s was not delivered: %s", held.task_id, exc)
+
+    def _answer(
+        self, task: Pending, arrays: dict[str, np.ndarray], num_samples: float, metrics: Mapping[str, float]
+    ) -> None:
+        self.task = None
+        self._send(task, arrays, num_samples, metrics, plaintext=False)
+
+    def _send(
+        self,
+        task: Pending,
+        arrays: dict[str, np.ndarray],
+        num_samples: float,
+        metrics: Mapping[str, float],
+        plaintext: bool,
+    ) -> None:
+        self.flush_events()
+        if arrays and self.encrypted and not plaintext:
+            payload_format = "ckks"
+            pieces = lambda: self._encrypted(task.task_id, arrays, num_samples)  # noqa: E731
+        elif arrays:
+            payload_format = tensors.FORMAT
+            encoded = tensors.encode(arrays)
+            pieces = lambda: (encoded,)  # noqa: E731
+        else:
+            payload_format = ""
+            pieces = lambda: ()  # noqa: E731
+        header = fpb.ResultHeader(
+            job_id=self.job_id,
+            task_id=task.task_id,
+            payload_format=payload_format,
+            num_samples=num_samples,
+            metrics=_clean(metrics),
+            evaluation=self.held,
+        )
+        self.held = None
+        digest = transfer.digest_checked(payload_format)
+        try:
+            if task.upload_slot and payload_format:
+                self.stream.upload_slot(task.task_id)
+            self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
+        except StateError as exc:
+            log.warning("the server did not take the result of %s: %s", task.task_id, exc)
+
+    def _encrypted(self, task_id: str, arrays: dict[str, np.ndarray], weight: float) -> Iterator[bytes]:
+        """The encrypted update, piece by piece, so that each ciphertext goes out while the next is made."""
+        from fedgrid import he
+
+        started, size = time.perf_counter(), 0
+        for piece in he.encrypt_update(self.he, arrays, weight=weight):
+            size += len(piece)
+            yield piece
+        log.info(
+            "encrypted and sent the update of %s (%.1f MB) in %.3f s",
+            task_id,
+            size / 1e6,
+            time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------------ tracking events
+
+    def add_event(self, event: fpb.Event) -> None:
+        self.seq += 1
+        event.seq = self.seq
+        self.pending_events.append(event)
+        if len(self.pending_events) >= EVENT_BATCH:
+            self.flush_events()
+
+    def flush_events(self) -> None:
+        while self.pending_events:
+            batch, rest = self.pending_events[:500], self.pending_events[500:]
+            try:
+                self.stream.events(fpb.EventBatch(job_id=self.job_id, events=batch))
+            except FedgridError as exc:
+                log.warning("tracking events not delivered: %s", exc)
+            self.pending_events = rest
+
+    def close(self) -> None:
+        """At the script's end: deliver what is held, then end the stream."""
+        self.flush_evaluation()
+        self.flush_events()
+        self.stream.close()
+
+
+def _clean(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The metrics that are numbers, as floats; the others are left out with a warning."""
+    clean = {}
+    for key, value in (metrics or {}).items():
+        try:
+            clean[str(key)] = float(value)
+        except (TypeError, ValueError):
+            log.warning("metric %r is not a number (%r); not sent", key, value)
+    return clean
+
+
+def to_numpy(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state dict (torch tensors or numpy arrays) as contiguous numpy arrays on the CPU."""
+    if isinstance(params, FLModel):
+        params = params.params
+    out = {}
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        out[str(name)] = np.ascontiguousarray(value)
+    return out

@@ -1,0 +1,195 @@
+"""A job worker's one stream to the server (`Work`): tasks out, results and tracking events in.
+
+A worker opens the stream once for its whole job and sends one request at a time: `hello` (which job),
+`next_task` (answered with the task's frames the moment the controller has a task for this site),
+`upload_slot` (answered when one of the job's upload slots is free), a result's frames (answered once
+its trailer arrived), `events`; `ping`s keep a stream alive while its worker trains. A request the
+server refuses for a reason that leaves the stream in step (a late result, a job that ended) is answered
+with a reply naming the error, and the stream goes on. A stream that breaks the protocol (an unknown or
+unparsable message, a result over its size limit or cut short, silence past the idle deadline) is closed
+with a status that says why; what it had sent of a result is discarded; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from fedgrid.errors import FedgridError, FrameError, StateError, TransferError
+from fedgrid.transfer import Assembler, digest_checked
+from fedgrid.v1 import federation_pb2 as fpb
+from fedserver import limits
+from fedserver.grid import Result
+from fedserver.tracking.events import TrackingEvent
+
+if TYPE_CHECKING:
+    from fedserver.jobrun import JobRun
+    from fedserver.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStream:
+    """Serves one worker's Work stream on behalf of `site`, until the worker closes it."""
+
+    def __init__(self, scheduler: Scheduler, site: str, context: grpc.aio.ServicerContext, idle_timeout: float) -> None:
+        self.scheduler = scheduler
+        self.site = site
+        self.context = context
+        self.idle_timeout = idle_timeout
+        self.job_id = ""
+
+    async def serve(self) -> None:
+        hello = await self._read("hello")
+        if hello is None:
+            return
+        if hello.WhichOneof("kind") != "hello":
+            raise FrameError(f"Work stream of {self.site}: the first message must be a hello")
+        self.job_id = hello.hello.job_id
+        await self._reply(fpb.Reply(idle_timeout=self.idle_timeout))
+        while (message := await self._read("request")) is not None:
+            kind = message.WhichOneof("kind")
+            if kind == "ping":
+                continue
+            try:
+                if kind == "next_task":
+                    await self._task(message.next_task)
+                elif kind == "upload_slot":
+                    await self._run().upload_slot(self.site, message.upload_slot.task_id)
+                    await self._reply(fpb.Reply(message="granted"))
+                elif kind == "result":
+                    await self._reply(fpb.Reply(message=await self._result(message.result)))
+                elif kind == "events":
+                    await self._reply(fpb.Reply(message=self._events(message.events)))
+                else:
+                    raise FrameError(f"Work stream of {self.site}: unexpected message {kind or '(empty)'!r}")
+            except (TransferError, asyncio.CancelledError):
+                raise
+            except FedgridError as exc:
+                # Refused, but the stream is still in step: say why and go on.
+                await self._reply(fpb.Reply(error=type(exc).__name__, message=str(exc)))
+
+    async def _read(self, what: str) -> fpb.WorkerMessage | None:
+        return await limits.read(self.context, self.idle_timeout, f"Work stream of {self.site}, {what}")
+
+    async def _reply(self, reply: fpb.Reply) -> None:
+        await self.context.write(fpb.ServerMessage(reply=reply))
+
+    def _run(self) -> JobRun:
+        return self.scheduler.run_for(self.job_id, self.site)
+
+    async def _task(self, request: fpb.TaskRequest) -> None:
+        run = self.scheduler.runs.get(self.job_id)
+        if run is None:
+            messages = self.scheduler.end_messages(self.job_id)
+        else:
+            if self.site not in run.sites:
+                raise StateError(f"{self.site} is not a site of job {self.job_id}")
+            task = await run.next_task(self.site, request.last_task_id)
+            messages = run.task_messages(task, request.cached_sha256)
+        for message in messages:
+            await self.context.write(message)
+
+    async def _result(self, first: fpb.ResultFrame) -> str:
+        """Receive a result whose first frame is `first`; read its other frames from the stream."""
+        if not first.HasField("header"):
+            raise FrameError(f"result from {self.site} does not start with a header")
+        header = first.header
+        run = self._run()
+        if header.HasField("evaluation"):
+            run.deliver_evaluation(self.site, header.evaluation)
+        open_task = run.accepts(self.site, header.task_id)
+        spool = run.new_spool(self.site, header.payload_format) if open_task else _Discard()
+        assembler = Assembler(
+            spool,  # type: ignore[arg-type]
+            max_size=run.upload_limit,
+            what=f"result of {header.task_id} from {self.site}",
+            verify=lambda h: digest_checked(h.payload_format),
+        )
+        try:
+            async with run.uploading(self.site, header.payload_format if open_task else ""):
+                frame = first
+                while True:
+                    if frame.data and (assembler.hashing or not spool.in_memory):
+                        # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
+                        await asyncio.to_thread(assembler.feed, frame)
+                    else:
+                        assembler.feed(frame)
+                    if assembler.done:
+                        break
+                    frame = await self._next_result_frame(header.task_id)
+            assembler.finish()
+        except BaseException as exc:
+            spool.discard()
+            if isinstance(exc, FedgridError):
+                run.log.warning("%s: result refused: %s", self.site, exc)
+            raise
+        if not open_task:
+            run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
+            raise StateError(f"task {header.task_id} is no longer open (late result dropped)")
+        path, data, release = spool.payload()
+        result = Result(
+            site=self.site,
+            task_id=header.task_id,
+            num_samples=header.num_samples,
+            metrics=dict(header.metrics),
+            payload_format=header.payload_format,
+            path=path,
+            size=assembler.size,
+            data=data,
+            on_discard=release,
+        )
+        if not run.deliver(result):
+            result.discard()
+            run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
+            return "late: dropped"
+        return "accepted"
+
+    async def _next_result_frame(self, task_id: str) -> fpb.ResultFrame:
+        message = await self._read(f"result of {task_id}")
+        if message is None:
+            raise TransferError(f"result of {task_id} from {self.site}: the stream ended before its trailer")
+        if message.WhichOneof("kind") == "ping":
+            return fpb.ResultFrame()
+        if message.WhichOneof("kind") != "result":
+            raise FrameError(
+                f"result of {task_id} from {self.site}: a {message.WhichOneof('kind') or 'empty'} message "
+                "arrived before the result's trailer"
+            )
+        if message.result.HasField("header"):
+            raise TransferError(f"result of {task_id} from {self.site}: second header in one stream")
+        return message.result
+
+    def _events(self, batch: fpb.EventBatch) -> str:
+        if batch.job_id and batch.job_id != self.job_id:
+            raise StateError(f"events for job {batch.job_id} on the stream of job {self.job_id}")
+        events = [
+            TrackingEvent(
+                site=self.site,
+                seq=e.seq,
+                kind=e.kind,
+                tag=e.tag,
+                value=e.value,
+                step=e.step,
+                wall_time=e.wall_time,
+                text=e.text,
+                params=dict(e.params),
+            )
+            for e in batch.events
+        ]
+        return self._run().receive_events(self.site, events)
+
+
+class _Discard:
+    """The sink of a late result: its bytes are read (to keep the stream in step) and dropped."""
+
+    in_memory = True
+
+    def write(self, data: bytes | memoryview) -> int:
+        return len(data)
+
+    def discard(self) -> None:
+        pass
