@@ -30,7 +30,7 @@ def trained(model: dict[str, np.ndarray], shift: float, round_no: int) -> dict[s
 
 
 def main() -> None:
-    from fedclient import api
+    from fedclient import api  # here, so that tests/replay.py loads `trained` without a job worker
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--site", action="append", default=[])
