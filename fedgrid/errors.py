@@ -12,7 +12,9 @@
     ├── PayloadError             a received tensor set or ciphertext does not match what was expected
     ├── NotFoundError            a job, site or file that was asked for does not exist
     ├── StateError               the request is valid but not now (delete a running job, ...)
-    └── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
+    ├── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
+    └── PrivacyError             a secure-aggregation or key-wrapping step refused: too few shares, a wrapped
+                                 key that is not for this site or job, a forged or altered message
 
 Library code raises these; only the `__main__` modules turn them into exit codes
 (see `fedgrid.exit_codes`), and only the gRPC servicers turn them into status codes.
@@ -71,3 +73,7 @@ class StateError(FedgridError):
 
 class EncryptionError(FedgridError):
     """A homomorphic-encryption context or ciphertext is unusable."""
+
+
+class PrivacyError(FedgridError):
+    """A secure-aggregation or key-wrapping step cannot go on without giving up what it protects."""
