@@ -40,7 +40,9 @@ Threat model and what the guarantee rests on:
   difference is zero, so the global model keeps its values; anything a site sends besides its update
   (sample counts, metrics) is outside the guarantee; the noise comes from numpy's generator seeded from
   the operating system, not a cryptographic source, and floating-point Gaussian samples are not exactly
-  Gaussian in their lowest bits.
+  Gaussian in their lowest bits. Under SecAgg+ each site's noisy difference is quantized before the sum;
+  the accountant treats the noise as continuous, which holds only up to that rounding (Kairouz, Liu and
+  Steinke, ICML 2021, account for it exactly with the distributed discrete Gaussian).
 """
 
 from __future__ import annotations
