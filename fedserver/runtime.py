@@ -43,6 +43,7 @@ from fedserver.jobrun import JobRun, RunContext
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.peers import PeerAuthority
 from fedserver.registry import SiteRegistry
+from fedserver.tracking.factory import check_installed
 from fedserver.watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,7 @@ class JobRuntime:
         jobspec.verify_signature(job_dir, signed_manifest, x509.load_pem_x509_certificate(cert_pem), identity.name)
         spec = jobspec.load_job(job_dir, known_sites=self.known_sites())
         self._check_encryption(spec)
+        check_installed(spec)
         (staged / PACKAGE).write_bytes(package)
         (staged / MANIFEST).write_bytes(signed_manifest)
         (staged / SUBMITTER_CERT).write_bytes(cert_pem)
