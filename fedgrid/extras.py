@@ -40,7 +40,7 @@ def install_command(name: str) -> str:
 
 
 def missing(name: str) -> str:
-    """"" when extra `name` is installed, else which package is missing and the command that installs it."""
+    """Empty when extra `name` is installed, else which package is missing and the command that installs it."""
     if installed(name):
         return ""
     extra = EXTRAS[name]
