@@ -40,7 +40,8 @@ def check_installed(spec: JobSpec) -> None:
         if problem:
             raise JobSpecError(
                 f"{spec.server_app}/config/server.json: tracking {tracker.type!r} cannot run on this server: "
-                f"{problem} where the server runs, then restart it; or remove this tracker from the job"
+                f"{problem}; install it where the server runs and restart the server, "
+                "or remove this tracker from the job"
             )
 
 
