@@ -104,7 +104,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedgrid {name}: {command.unavailable}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     return _load(command.target)(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
