@@ -6,7 +6,7 @@ Both start from the same initial weights of the MLP 784-512-512-10 (seed 42) and
 optimizer (SGD, lr 0.01, momentum 0.9, batch 32) and the same input normalization.
 
 - Federated: a real federation on loopback (provisioned kits, server and site daemons started with
-  start.sh, mutual TLS) runs the example job `jobs/fedavg_fashion_mnist/train.py`, built with the
+  start.sh, mutual TLS) runs the example training script `fedgrid/examples/fashion_mnist_train.py`, built with the
   recipe API as `jobs/fedavg_fashion_mnist/job.py` builds it: --sites sites with an IID split of the
   60,000 training images (prepared with `prepare-data`, seed 42), --rounds FedAvg rounds of one local
   epoch each. After each round the sites evaluate the new global model on their shares of the test
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB_DIR = ROOT / "jobs" / "fedavg_fashion_mnist"
 LR, MOMENTUM, BATCH, SEED = 0.01, 0.9, 32, 42
 
 
@@ -77,6 +76,7 @@ def federated(args: argparse.Namespace, model: object, tmp: Path) -> Curve:
     from federation import Federation
 
     from fedgrid import tensors
+    from fedgrid.examples import FASHION_MNIST_TRAIN
     from fedgrid.jobcli import ensure_data
     from fedgrid.recipe import FedAvgRecipe
     from fedgrid.serde import JobInfo, RoundInfo
@@ -86,7 +86,7 @@ def federated(args: argparse.Namespace, model: object, tmp: Path) -> Curve:
     recipe = FedAvgRecipe(
         name="centralized_vs_federated",
         model=model,
-        train_script=JOB_DIR / "train.py",
+        train_script=FASHION_MNIST_TRAIN,
         train_args=[
             "--data_root",
             str(data_root),

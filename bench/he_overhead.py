@@ -31,6 +31,7 @@ def _floats(pattern: str, text: str) -> list[float]:
 def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encrypted: bool, out: Path) -> dict:
     import torch
 
+    from fedgrid.examples import FASHION_MNIST_TRAIN
     from fedgrid.models import build_model
     from fedgrid.recipe import FedAvgRecipe
 
@@ -38,7 +39,7 @@ def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encryp
     recipe = FedAvgRecipe(
         name=name,
         model=build_model("mlp"),
-        train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
+        train_script=FASHION_MNIST_TRAIN,
         train_args=["--data_root", str(data), "--max_samples", str(args.max_samples)],
         num_rounds=args.rounds,
         min_clients=args.sites,

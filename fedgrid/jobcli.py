@@ -1,6 +1,8 @@
 """What the example `jobs/*/job.py` scripts share: finding the admin kit, preparing data, progress lines.
 
-Kept in the package so each job.py stays a short, readable recipe.
+Kept in the package so each job.py stays a short, readable recipe. Nothing here depends on where fedgrid
+is installed: the training script ships in the package (`fedgrid.examples`), and the kits and the data
+are found in the current folder unless options name them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import time
 from pathlib import Path
 
 from fedgrid.errors import FedgridError
+from fedgrid.examples import FASHION_MNIST_TRAIN
 from fedgrid.exit_codes import ExitCode
 from fedgrid.recipe import FedAvgRecipe, ProdEnv
 from fedgrid.serde import RoundInfo
 
-REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORKSPACES = Path("workspaces")
+DEFAULT_DATA = Path("data")
 
 
 def newest_admin_kit(workspaces: Path) -> Path:
@@ -27,7 +31,8 @@ def newest_admin_kit(workspaces: Path) -> Path:
             if json.loads(config.read_text()).get("type") == "admin":
                 return config.parent.parent
     raise FedgridError(
-        f"no admin kit under {workspaces}: provision a project first (provision -p workspaces/project.yml)"
+        f"no admin kit under {workspaces}: provision a project there first "
+        f"(fedgrid provision -p project.yml -w {workspaces}), or name the kit with --startup_kit"
     )
 
 
@@ -44,20 +49,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--max_samples", type=int, default=0, help="train on at most this many samples per site (default 0: all)"
+    )
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="MLP 784-512-512-10 or McMahan's CNN")
     parser.add_argument(
         "--data_root",
         type=Path,
         default=None,
-        help="folder with one sub-folder per site (default data/fashion-mnist-<split>, made if missing)",
+        help="folder with one sub-folder per site (default: data/fashion-mnist-<split>-<n_clients> in the "
+        "current folder, made if missing)",
     )
     parser.add_argument(
         "--startup_kit",
         type=Path,
         default=None,
-        help="admin kit to submit with (default: the newest one under workspaces/)",
+        help="admin kit to submit with (default: the first admin kit of the newest project under --workspaces)",
     )
-    parser.add_argument("--workspaces", type=Path, default=REPO / "workspaces")
+    parser.add_argument(
+        "--workspaces",
+        type=Path,
+        default=DEFAULT_WORKSPACES,
+        help="where provision wrote the kits (default: workspaces/ in the current folder)",
+    )
     parser.add_argument(
         "--export_only",
         type=Path,
@@ -76,7 +90,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def ensure_data(args: argparse.Namespace) -> Path:
     """The data folder of this split; runs prepare-data for it when it does not exist yet."""
     split = "iid" if args.alpha <= 0 else f"dirichlet-{args.alpha:g}"
-    root = args.data_root or REPO / "data" / f"fashion-mnist-{split}-{args.n_clients}"
+    root = args.data_root or DEFAULT_DATA / f"fashion-mnist-{split}-{args.n_clients}"
     if (root / "summary.json").exists():
         return root.resolve()
     from fedgrid.data import prepare
@@ -93,11 +107,8 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return root.resolve()
 
 
-TRAIN_SCRIPT = REPO / "jobs" / "fedavg_fashion_mnist" / "train.py"
-
-
 def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object) -> FedAvgRecipe:
-    """The FedAvg recipe of the example jobs: the shared train.py on this split, with `args`' settings."""
+    """The FedAvg recipe of the example jobs: the packaged training script on this split, with `args`' settings."""
     from fedgrid.models import build_model
 
     data_root = ensure_data(args)
@@ -115,10 +126,12 @@ def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object)
         "--seed",
         str(args.seed),
     ]
+    if args.max_samples:
+        train_args += ["--max_samples", str(args.max_samples)]
     return FedAvgRecipe(
         name=name,
         model=build_model(args.model),
-        train_script=TRAIN_SCRIPT,
+        train_script=FASHION_MNIST_TRAIN,
         train_args=train_args,
         num_rounds=args.num_rounds,
         min_clients=args.n_clients,

@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("n", type=int, nargs="?", default=2, help="number of sites to start (default 2)")
-    parser.add_argument("--workspaces", type=Path, default=Path("workspaces"), help="where provision wrote the kits")
+    parser.add_argument(
+        "--workspaces",
+        type=Path,
+        default=Path("workspaces"),
+        help="where provision wrote the kits (default: workspaces/ in the current folder)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the sites to register")
     args = parser.parse_args(argv)
     if args.action == "start":

@@ -33,6 +33,7 @@ from fedserver.jobrun import MANIFEST, PACKAGE, SUBMITTER_CERT
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.peers import PeerAuthority
 from fedserver.scheduler import Scheduler
+from fedserver.tracking.factory import check_installed
 from fedserver.watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class AdminOps:
                 f"{spec.server_app}/config/server.json: encryption {spec.server.encryption!r} asked, but this "
                 "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
             )
+        check_installed(spec)
         write_atomic(staged / PACKAGE, package)
         write_atomic(staged / MANIFEST, signed_manifest)
         write_atomic(staged / SUBMITTER_CERT, cert_pem)

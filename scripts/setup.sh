@@ -2,12 +2,12 @@
 # Set up what fedgrid needs on this machine: a virtual environment in .venv with fedgrid installed
 # (torch==2.13.0 first: a loose torch pin would pull a CUDA build of several GB), and the
 # Fashion-MNIST data set from Debian when it is missing. Safe to run again: it only does what is missing.
-#   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, tensorboard)
+#   scripts/setup.sh          fedgrid with the tensorboard extra (everything a one-machine federation uses)
+#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-extras=""
+extras="[tensorboard]"
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 if ! command -v python3 >/dev/null; then

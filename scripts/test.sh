@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: set up (.venv, test tools, Fashion-MNIST), lint, then pytest.
+# The whole test suite, from a fresh clone: set up (.venv, test tools, Fashion-MNIST), lint, pytest, then
+# scripts/check_wheel.py (the wheel installed into a fresh environment outside the checkout runs a job).
 # Tests start real daemons from real startup kits over mutual TLS on loopback, a real mlflow server,
-# and real TenSEAL contexts. Extra arguments go to pytest (e.g. scripts/test.sh -k provision).
+# and real TenSEAL contexts. Extra arguments go to pytest and skip the wheel check
+# (e.g. scripts/test.sh -k provision).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -17,5 +19,9 @@ set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure here" >&2
   exit 1
+fi
+if [ "$#" -eq 0 ]; then
+  echo "== the wheel, installed outside the checkout (scripts/check_wheel.py)"
+  "$PY" scripts/check_wheel.py || { echo "the wheel check failed (see above)" >&2; exit 1; }
 fi
 exit "$rc"

@@ -10,11 +10,11 @@ from conftest import ProvisionedProject, provision_project
 from federation import Federation, running
 
 from fedgrid.data import prepare
+from fedgrid.examples import FASHION_MNIST_TRAIN
 from fedgrid.models import build_model
 from fedgrid.recipe import FedAvgRecipe
 from fedgrid.serde import JobInfo, RoundInfo
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 pytestmark = pytest.mark.skipif(
@@ -38,7 +38,7 @@ def test_two_rounds_on_real_fashion_mnist(federation: tuple[Federation, Provisio
     recipe = FedAvgRecipe(
         name="fmnist",
         model=build_model("mlp"),
-        train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
+        train_script=FASHION_MNIST_TRAIN,
         train_args=["--data_root", str(data), "--epochs", "1"],
         num_rounds=2,
         min_clients=2,

@@ -20,11 +20,11 @@ from rogue import RogueSite
 
 from fedgrid import he, jobspec, tensors
 from fedgrid.errors import EncryptionError, JobSpecError
+from fedgrid.examples import FASHION_MNIST_TRAIN
 from fedgrid.recipe import FedAvgRecipe
 from fedgrid.session import Session
 from fedgrid.v1 import federation_pb2 as fpb
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).parent / "scripts" / "train_tiny.py"
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -175,7 +175,7 @@ def test_encrypted_accuracy_matches_plain_on_fashion_mnist(federation: Federatio
         recipe = FedAvgRecipe(
             name=f"fmnist-{'he' if encrypted else 'plain'}",
             model=initial,
-            train_script=ROOT / "jobs" / "fedavg_fashion_mnist" / "train.py",
+            train_script=FASHION_MNIST_TRAIN,
             train_args=["--data_root", str(data), "--max_samples", "3000", "--seed", "7"],
             num_rounds=2,
             min_clients=2,

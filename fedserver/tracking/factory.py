@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedgrid import extras
+from fedgrid.errors import JobSpecError
 from fedserver.tracking.hub import JobTracking, TrackerConfig
 
 if TYPE_CHECKING:
@@ -29,6 +31,18 @@ def make_factory(*, default_mlflow_uri: str) -> Callable[..., JobTracking]:
         return tracking
 
     return build
+
+
+def check_installed(spec: JobSpec) -> None:
+    """Refuse, at submit, a job whose tracker needs an extra this server lacks: it would fail once running."""
+    for tracker in spec.server.tracking:
+        problem = extras.missing(tracker.type)
+        if problem:
+            raise JobSpecError(
+                f"{spec.server_app}/config/server.json: tracking {tracker.type!r} cannot run on this server: "
+                f"{problem}; install it where the server runs and restart the server, "
+                "or remove this tracker from the job"
+            )
 
 
 def job_params(spec: JobSpec, sites: Sequence[str]) -> dict[str, str | float | int]:

@@ -3,9 +3,10 @@
     ./start_fl.sh 4
     python jobs/fedavg_fashion_mnist/job.py --n_clients 4 --num_rounds 5 --alpha 1.0
 
-Prepares the data split if it is missing, builds the job with the recipe API (train.py beside this file
-is the sites' training script), submits it with the newest admin kit, prints one line per round and, at
-the end, where the downloaded result is.
+Prepares the data split if it is missing (in data/ of the current folder), builds the job with the recipe
+API (the sites' training script is fedgrid/examples/fashion_mnist_train.py, shipped in the package), submits
+it with the newest admin kit under workspaces/ of the current folder, prints one line per round and, at the
+end, where the downloaded result is.
 """
 
 import argparse
