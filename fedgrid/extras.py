@@ -39,8 +39,9 @@ def install_command(name: str) -> str:
 
 
 def missing(name: str) -> str:
-    """Empty when extra `name` is installed, else which package is missing and the command that installs it."""
-    if installed(name):
+    """Empty when `name` is not an extra or is installed, else which package is missing and the command
+    that installs it."""
+    if name not in EXTRAS or installed(name):
         return ""
     extra = EXTRAS[name]
     return f"{extra.purpose} needs the {extra.module} package, which is not installed ({install_command(name)})"
