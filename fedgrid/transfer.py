@@ -33,6 +33,10 @@ MAX_MESSAGE_BYTES = 8 << 20
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Receive at most this much ahead of what the application has read, per stream. gRPC's bandwidth
+    # probe would otherwise let a sender put ~16 MB in flight per stream, and a server writing a large
+    # model to 32 workers would hold that much for each (bench/aggregation_memory.py).
+    ("grpc.http2.lookahead_bytes", 4 << 20),
     # Detect a dead peer on idle long-lived streams without application pings.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

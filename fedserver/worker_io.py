@@ -76,7 +76,10 @@ class WorkerStream:
         return await limits.read(self.context, self.idle_timeout, f"Work stream of {self.site}, {what}")
 
     async def _reply(self, reply: fpb.Reply) -> None:
-        await self.context.write(fpb.ServerMessage(reply=reply))
+        await self._write(fpb.ServerMessage(reply=reply))
+
+    async def _write(self, message: fpb.ServerMessage) -> None:
+        await limits.write(self.context, message, self.idle_timeout, f"Work stream of {self.site}")
 
     def _run(self) -> JobRun:
         return self.scheduler.run_for(self.job_id, self.site)
@@ -84,14 +87,14 @@ class WorkerStream:
     async def _task(self, request: fpb.TaskRequest) -> None:
         run = self.scheduler.runs.get(self.job_id)
         if run is None:
-            messages = self.scheduler.end_messages(self.job_id)
-        else:
-            if self.site not in run.sites:
-                raise StateError(f"{self.site} is not a site of job {self.job_id}")
-            task = await run.next_task(self.site, request.last_task_id)
-            messages = run.task_messages(task, request.cached_sha256)
-        for message in messages:
-            await self.context.write(message)
+            for message in self.scheduler.end_messages(self.job_id):
+                await self._write(message)
+            return
+        if self.site not in run.sites:
+            raise StateError(f"{self.site} is not a site of job {self.job_id}")
+        task = await run.next_task(self.site, request.last_task_id)
+        async for message in run.task_messages(task, request.cached_sha256):
+            await self._write(message)
 
     async def _result(self, first: fpb.ResultFrame) -> str:
         """Receive a result whose first frame is `first`; read its other frames from the stream."""
