@@ -14,7 +14,9 @@
     ├── NotFoundError            a job, site or file that was asked for does not exist
     ├── StateError               the request is valid but not now (delete a running job, ...)
     ├── LimitError               the caller holds as many streams as it may, or went silent on one
-    └── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
+    ├── EncryptionError          a homomorphic-encryption context or ciphertext is unusable
+    └── PrivacyError             a secure-aggregation or key-wrapping step refused: too few shares, a wrapped
+                                 key that is not for this site or job, a forged or altered message
 
 Library code raises these; only the `__main__` modules turn them into exit codes
 (see `fedgrid.exit_codes`), and only the gRPC servicers turn them into status codes.
@@ -81,3 +83,7 @@ class LimitError(FedgridError):
 
 class EncryptionError(FedgridError):
     """A homomorphic-encryption context or ciphertext is unusable."""
+
+
+class PrivacyError(FedgridError):
+    """A secure-aggregation or key-wrapping step cannot go on without giving up what it protects."""

@@ -16,6 +16,8 @@ import pytest
 
 from fedgrid import he, tensors
 from fedgrid.errors import EncryptionError, PayloadError, ProjectFileError
+from fedgrid.he import ckks
+from fedgrid.he.stream import Reader, read_ciphertext, read_header
 
 SMALL = he.HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(56, 40))
 SHAPES = {"fc1.weight": (60, 70), "fc1.bias": (60,), "fc2.weight": (4, 60), "fc2.bias": (4,)}  # 4,504 values
@@ -178,12 +180,12 @@ def test_server_context_holds_no_secret_key(site_ctx: he.HEContext, server_ctx: 
     with pytest.raises(EncryptionError, match="cannot encrypt"):
         he.encrypt_update(server_ctx, make_update(0), 5.0)
     # Not just our guard: the server's context file holds no key SEAL could decrypt with.
-    reader = he._Reader([aggregate], "aggregate")
-    he._read_header(reader, server_ctx)
-    he._read_ciphertext(reader, server_ctx, 0)  # the ciphertexts load and add there, and that is all
-    assert server_ctx._decryptor is None and server_ctx._encryptor is None
+    reader = Reader([aggregate], "aggregate")
+    read_header(reader, server_ctx)
+    read_ciphertext(reader, server_ctx, 0)  # the ciphertexts load and add there, and that is all
+    assert server_ctx.engine.decryptor is None and server_ctx.engine.encryptor is None
     with pytest.raises(ValueError, match="secret key is not valid"):
-        he.seal.Decryptor(server_ctx._seal, he.seal.SecretKey())
+        ckks.seal.Decryptor(server_ctx.engine.context, ckks.seal.SecretKey())
 
 
 def test_server_refuses_a_context_file_with_a_secret_key() -> None:
@@ -269,10 +271,10 @@ def test_corrupted_ciphertexts_are_refused(site_ctx: he.HEContext, server_ctx: h
     with pytest.raises(PayloadError, match="ciphertext 0 is corrupt or not valid"):
         total.add(reframe([header, (b"C", foreign), second, (b"E", b"")]))
 
-    plain, rescaled = he.seal.Plaintext(), he.seal.Ciphertext()  # a valid ciphertext at another scale
-    site_ctx._encoder.encode([0.5] * SMALL.slots, 2.0**30, plain)
-    site_ctx._encryptor.encrypt_symmetric(plain, rescaled)
-    for odd in (he._Files.save(rescaled),):
+    plain, rescaled = ckks.seal.Plaintext(), ckks.seal.Ciphertext()  # a valid ciphertext at another scale
+    site_ctx.engine.encoder.encode([0.5] * SMALL.slots, 2.0**30, plain)
+    site_ctx.engine.encryptor.encrypt_symmetric(plain, rescaled)
+    for odd in (ckks.SealFiles.save(rescaled),):
         with pytest.raises(PayloadError, match="ciphertext 0 does not have the expected form"):
             total.add(reframe([header, (b"C", odd), second, (b"E", b"")]))
 

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -434,7 +433,10 @@ def test_job_waits_until_enough_sites_are_alive(
 ) -> None:
     with federation.session() as session:
         job_id = submit(session, recipe("too-big", rounds=1, min_clients=5), tmp_path)
-        time.sleep(1.5)
+        later = submit(session, recipe("after-too-big", rounds=1), tmp_path)
+        # The scheduler starts queued jobs in order: once the later one ran, it passed over this one.
+        wait_until(lambda: session.show_job(later).info.status.startswith("FINISHED"), 60, "the later job to end")
+        assert session.show_job(later).info.status == "FINISHED:COMPLETED"
         detail = session.show_job(job_id)
         assert detail.info.status == "SUBMITTED"
         assert "waiting for 5 sites" in detail.result["waiting"]

@@ -4,7 +4,6 @@ into a real `mlflow server` and into TensorBoard files, including MLflow going d
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,7 +136,8 @@ def test_without_a_uri_the_server_keeps_its_own_mlflow_store(
     with federation.session() as session:
         job_id = session.submit_job(tracked("embedded").export(tmp_path / "job"))
         assert session.wait(job_id).status == "FINISHED:COMPLETED"
+        # The job may end before its points are all in (tracking gets 10 s at the end); the rest follow.
+        wait_until(lambda: session.show_job(job_id).result["tracking"]["complete"], 120, "late delivery", every=1.0)
     store = project.server / "workspace" / "mlflow.db"
     assert store.exists()
-    time.sleep(0.1)
     assert_every_point_once(f"sqlite:///{store}", job_id)

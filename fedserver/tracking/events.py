@@ -140,7 +140,7 @@ class Refused:
 
 
 def check_event(event: TrackingEvent, limits: EventLimits, now: float) -> Checked | Refused:
-    """Judge one event on its own (site-level budgets and seq are the hub's business)."""
+    """Judge one event on its own (site-level budgets and seq are the intake's business)."""
     if event.kind not in KINDS:
         return Refused("unknown kind", f"unknown kind {shorten(str(event.kind))!r} (want {', '.join(KINDS)})")
     tag = event.tag if event.tag else ("text" if event.kind == "text" else "")

@@ -88,7 +88,7 @@ class Record:
 class RunJournal:
     """One run's records, appended by the server's event loop and read by the delivery threads.
 
-    Appends happen under the hub's lock; readers never take it: they read only below `committed`, a
+    Appends happen under the intake's lock; readers (the couriers) never take it: they read only below `committed`, a
     (count, size) pair replaced in one assignment after the bytes were flushed.
     """
 

@@ -10,7 +10,7 @@ Grouping by the `job_id` tag in the MLflow UI therefore shows one job's runs tog
 
 Why a replay cannot duplicate a point (MLflow 3.17):
 - Every point has a deterministic identity (key, timestamp, step, value), unique within its run (the
-  hub moves an exact repeat 1 ms on), and the same record always carries the same identity.
+  intake moves an exact repeat 1 ms on), and the same record always carries the same identity.
 - The SQL store's `metrics` table has exactly that identity (plus the run) as primary key, and
   `SqlAlchemyStore._log_metrics_once` answers an IntegrityError by inserting only the rows not yet
   present; so against `mlflow server` on a database, and against the embedded SQLite default, a
@@ -27,8 +27,8 @@ Why a replay cannot duplicate a point (MLflow 3.17):
 MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits up to 120 s
 for each, which would hold the delivery thread for minutes. MLflow reads these settings from the
 environment on every request and has no per-client knob, so this module sets short values with
-`os.environ.setdefault` (an operator's explicit setting wins) and does its own retrying with backoff
-in the hub. MLflow's usage telemetry is turned off the same way (a federation server should not
+`os.environ.setdefault` (an operator's explicit setting wins); the courier (`delivery`) retries with
+backoff instead. MLflow's usage telemetry is turned off the same way (a federation server should not
 send anything anywhere its operator did not configure), and so is its printing of run URLs to stdout.
 Nothing else in fedserver uses MLflow.
 """

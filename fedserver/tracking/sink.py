@@ -1,8 +1,8 @@
-"""What a tracking system must offer the hub: four calls, driven from one delivery thread per tracker.
+"""What a tracking system must offer: four calls, driven by one courier thread per tracker (`delivery`).
 
 The contract that makes delivery exactly-once:
 - `deliver` either returns (every record handled: written, or refused for good and counted) or raises
-  (nothing is known: the hub keeps the records and retries the same ones later, with `verify=True`).
+  (nothing is known: the courier keeps the records and retries the same ones later, with `verify=True`).
 - A sink must make a replay harmless: records carry deterministic identities, so re-sending what may
   already have arrived either overwrites the same thing or is filtered out when `verify` is set.
 """
@@ -39,13 +39,13 @@ class Delivery:
 
 
 class Sink(Protocol):
-    """One tracking system (MLflow, TensorBoard) as the delivery thread sees it."""
+    """One tracking system (MLflow, TensorBoard) as its courier sees it."""
 
     max_records: int
     """Records handed to one `deliver` call."""
 
     def open(self) -> None:
-        """Connect and prepare; raise if the system cannot be reached (the hub retries with backoff)."""
+        """Connect and prepare; raise if the system cannot be reached (the courier retries with backoff)."""
 
     def deliver(self, run: RunRef, records: Sequence[Record], *, verify: bool) -> Delivery:
         """Write `records` of `run` in order; with `verify`, skip what a lost earlier attempt already wrote."""
