@@ -5,8 +5,9 @@ the model, so the server's memory stays O(model) however many sites answer and h
 is (an update that waits in a file is read a block at a time, never whole). Every update is checked
 (names, shapes, dtypes, finite values, a positive bounded weight) in a first pass before it touches the
 mean: a bad one is refused whole. The mean is kept as a running mean, m += w/W·(x − m), in float32 for
-float16/float32 tensors (float64 for float64 and integer ones): it cannot overflow whatever the weights,
-and it needs one accumulator where a weighted sum and its total would need the same plus wider types.
+float16/float32 tensors (float64 for float64 and integer ones): it needs one accumulator where a weighted
+sum would need one of a wider type, and it cannot overflow: the weights only enter as w/W ≤ 1, and values
+are bounded by half the accumulator's range, so x − m stays finite.
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ class WeightedMean:
             if np.dtype(spec.dtype).kind != "f":
                 continue
             reference = clip.reference.blocks(name, BLOCK) if clip is not None else None
+            limit = np.finfo(accumulator_dtype(spec.dtype)).max / 2
             for block in source.blocks(name, BLOCK):
-                if not np.isfinite(block).all():
-                    raise PayloadError(f"{what}: tensor {name!r} contains NaN or infinite values")
+                if not (np.abs(block) <= limit).all():
+                    raise PayloadError(
+                        f"{what}: tensor {name!r} contains NaN, infinite or out-of-range values (beyond ±{limit:.3g})"
+                    )
                 if reference is not None:
                     difference = block.astype(np.float64) - next(reference)
                     squares += float(np.dot(difference, difference))

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,8 @@ from fedgrid.errors import FedgridError, StateError
 from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
-from fedgrid.tensor_file import TensorFile
-from fedgrid.transfer import CHUNK_SIZE, frames
+from fedgrid.tensor_file import BLOCK_BYTES, TensorFile
+from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory, results
 from fedserver.aggregation import Aggregator, PlainAggregator
@@ -236,6 +236,8 @@ class JobRun:
     async def _workflow(self, initial: Model) -> Outcome:
         await self._deploy()
         await self._wait_ready()
+        if self._slot_bytes:
+            memory.trim()  # large models: what deploying the package freed goes back before round 1
         workflow = FedAvg(
             config=self.spec.server,
             board=self.board,
@@ -359,7 +361,7 @@ class JobRun:
             size=self._package.size,
         )
         async with self._sending:
-            for frame in frames(fpb.JobFrame, header, self._package.chunks(CHUNK_SIZE), sha256=self._package.sha256):
+            for frame in frames(fpb.JobFrame, header, self._package.chunks(BLOCK_BYTES), sha256=self._package.sha256):
                 yield frame
 
     async def next_task(self, site: str, last_task_id: str) -> Task:
@@ -369,12 +371,13 @@ class JobRun:
         assert task is not None  # no timeout given
         return task
 
-    async def task_messages(self, task: Task, cached_sha256: bytes) -> AsyncIterator[fpb.ServerMessage]:
+    def task_messages(self, task: Task, cached_sha256: bytes) -> Iterator[fpb.ServerMessage]:
         """The messages of a task; just its header when the worker already holds the payload.
 
         A model in memory is framed once per task and the same messages go to every worker. A model on
-        disk is read a chunk at a time for each worker, to at most `SENDING` workers at once, so that
-        many workers fetching a large model cost a few chunks in flight each, not a copy each.
+        disk is read a chunk at a time for each worker, during that worker's `sending_turn`, and the
+        worker acknowledges it (`TaskHeader.acknowledge`), so that many workers fetching a large model
+        cost a few chunks in flight, not a copy each, however slowly they read.
         """
         model = task.model
         header = fpb.TaskHeader(
@@ -403,12 +406,21 @@ class JobRun:
                     fpb.ServerMessage(task=frame)
                     for frame in frames(fpb.TaskFrame, header, (model.data,), sha256=model.sha256)
                 ]
-            for message in cache[task.task_id]:
-                yield message
+            yield from cache[task.task_id]
+            return
+        header.acknowledge = True
+        for frame in frames(fpb.TaskFrame, header, model.chunks(BLOCK_BYTES), sha256=model.sha256):
+            yield fpb.ServerMessage(task=frame)
+
+    @contextlib.asynccontextmanager
+    async def sending_turn(self, task: Task) -> AsyncIterator[None]:
+        """Hold one of the job's `SENDING` turns while a model from disk streams to a worker (and until
+        the worker acknowledges it); free for models in memory."""
+        if task.model is None or task.model.data is not None:
+            yield
             return
         async with self._sending:
-            for frame in frames(fpb.TaskFrame, header, model.chunks(CHUNK_SIZE), sha256=model.sha256):
-                yield fpb.ServerMessage(task=frame)
+            yield
 
     def accepts(self, site: str, task_id: str) -> bool:
         """True when `site` was asked for `task_id` and has not answered it yet."""
@@ -461,6 +473,7 @@ class JobRun:
             yield
         finally:
             await self._upload_slots.release(site)
+            memory.trim()  # a large upload's freed network buffers go back to the system now, not at round end
 
     def receive_events(self, site: str, events: Sequence[object]) -> str:
         if self.tracking is None:
