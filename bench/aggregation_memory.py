@@ -5,7 +5,7 @@
 For each N a fresh project is provisioned and a fresh server daemon is started from its kit's
 start.sh (the real process, mutual TLS on loopback). One FedAvg job of one round runs on N sites:
 the server sends the 40 MB global model to every site, receives N full 40 MB updates through its real
-gRPC path (chunked SubmitResult streams, spooled, folded into the running weighted sum), then sends
+gRPC path (each site's Work stream, spooled to a file, folded block by block into the running mean), then sends
 the new model out for evaluation and writes the result. Memory is read from /proc/<server pid>/status:
 
 - baseline: VmRSS with the N sites connected, before the job is submitted;
@@ -19,10 +19,11 @@ per site. A sampler also records VmRSS every 10 ms to show in which phase the pe
 
 The sites. Real site daemons each start a job worker that imports torch (~350 MB resident each
 plus a few copies of the 40 MB model), so 32 of them do not fit this 2-core machine beside other
-work. By default each site is therefore played by a light driver thread in this process that speaks
-the same protocol as a site daemon and its worker, with the site's own startup kit and certificate:
-Register, heartbeats, the Commands stream, FetchJob (the whole package), ReportJob, GetTask (the whole
-40 MB model, drained) and SubmitResult with a full 40 MB safetensors update, numpy only. The N uploads
+work. By default each site is therefore played by a light driver thread in this process, with the
+site's own startup kit and certificate: it does a site daemon's part with the generated stub (Register,
+heartbeats, the Commands stream, FetchJob, ReportJob) and the job worker's part with fedclient's real
+worker stream (`fedclient.work_stream.WorkStream`: the whole 40 MB model in, a full 40 MB safetensors
+update out), numpy only, leaving out only the training. The N uploads
 start together (a barrier), so the server receives them at the same time, which is the demanding
 case for its memory; the time window and overlap of the uploads are printed. The server cannot tell
 a driver from a daemon: what it receives, and how, is the same. `--real N ...` runs those N with real
@@ -146,15 +147,15 @@ class DriverSite(threading.Thread):
 
     def __init__(self, kit: Path, update: bytes, meet: Rendezvous) -> None:
         super().__init__(daemon=True, name=f"driver-{kit.name}")
-        from fedgrid import wire
         from fedgrid.kit import load_kit
         from fedgrid.tls import secure_channel
         from fedgrid.v1 import federation_pb2 as fpb
+        from fedgrid.v1 import federation_pb2_grpc
 
         self.fpb = fpb
         self.kit = load_kit(kit, expect_type="client")
         self.channel = secure_channel(self.kit, self.kit.fed_port)
-        self.stub = wire.stub(self.channel, fpb.DESCRIPTOR.services_by_name["Federation"])
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.update = update
         self.meet = meet
         self.session_id = ""
@@ -198,6 +199,8 @@ class DriverSite(threading.Thread):
                 continue
 
     def _job(self, job_id: str) -> None:
+        """The job worker's part, with the real worker stream of fedclient (only the training is left out)."""
+        from fedclient.work_stream import WorkStream
         from fedgrid import tensors, transfer
 
         fpb = self.fpb
@@ -207,12 +210,10 @@ class DriverSite(threading.Thread):
         self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="started"), timeout=30)
         self.meet.started.wait()
         self.meet.go.wait()
+        stream = WorkStream(self.kit, job_id)
         last, cached = "", b""
         while True:
-            request = fpb.TaskRequest(job_id=job_id, cached_sha256=cached, last_task_id=last)
-            header = transfer.receive(self.stub.GetTask(request), Discard(), max_size=1 << 34, what="task")
-            if header.kind == "idle":
-                continue
+            header, _payload = stream.task(fpb.TaskRequest(job_id=job_id, cached_sha256=cached, last_task_id=last))
             if header.kind == "end":
                 break
             last, cached = header.task_id, header.payload_sha256 or cached
@@ -224,14 +225,13 @@ class DriverSite(threading.Thread):
                 with self.meet.one_at_a_time or contextlib.nullcontext():
                     started = time.time()
                     if header.upload_slot:  # what fedclient.api does: wait for a turn before sending
-                        slot = fpb.UploadSlotRequest(job_id=job_id, task_id=header.task_id)
-                        while not self.stub.UploadSlot(slot, timeout=600).granted:
-                            pass
-                    self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, [self.update]), timeout=600)
+                        stream.upload_slot(header.task_id)
+                    stream.result(lambda result=result: transfer.frames(fpb.ResultFrame, result, [self.update]))
                     self.meet.uploads.append((started, time.time()))
             else:
                 result.metrics["accuracy"] = 0.5
-                self.stub.SubmitResult(transfer.frames(fpb.ResultFrame, result, []), timeout=600)
+                stream.result(lambda result=result: transfer.frames(fpb.ResultFrame, result, []))
+        stream.close()
         self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"), timeout=30)
 
     def stop(self) -> None:
@@ -319,11 +319,11 @@ def serve_patched(spec: str, argv: list[str]) -> None:
     """
     import runpy
 
-    from fedgrid import transfer
+    from fedserver import limits
 
     kit = Path(argv[argv.index("--kit") + 1])
     items = [item for item in spec.split(",") if item]
-    transfer.GRPC_OPTIONS.extend(parse_option(item) for item in items if item != "malloc")
+    limits.SERVER_OPTIONS.extend(parse_option(item) for item in items if item != "malloc")
     if "malloc" in items:
         threading.Thread(target=sample_malloc, args=(kit / MALLOC_FILE,), daemon=True).start()
     sys.argv = ["fedserver", *argv[argv.index("--kit") :]]

@@ -1,9 +1,10 @@
 """What a FedAvg round costs when the training is nearly free: the framework's own overhead per round.
 
     python bench/round_overhead.py [--rounds 20] [--sites 4] [--val_samples 32] [--profile]
+    python bench/round_overhead.py --compare DIR [options]   # another checkout, then this one, side by side
 
 Provisions a throw-away project on loopback, starts a real federation from the kits' start.sh (server
-and site daemons over mutual TLS: gRPC, and the data lane for models and updates) and runs one FedAvg
+and site daemons over mutual TLS; each job worker keeps one gRPC stream to the server) and runs one FedAvg
 job of the 669,706-parameter MLP 784-512-512-10 on the prepared Fashion-MNIST split. Each site does ONE
 optimizer step per round (one batch of --batch_size, SGD lr 0.01 momentum 0.9) and evaluates the new
 global model on its first --val_samples validation images (by default one batch as well), so a round
@@ -27,6 +28,10 @@ Printed:
 cost per byte of model. --profile also runs the server under cProfile (and prints its top
 functions) and profiles site-1's calls into fedclient.api; the round figures are then inflated.
 
+--compare DIR runs DIR's own copy of this benchmark on DIR's code (a checkout of another release, e.g.
+`git worktree add /tmp/base <commit>`), then this checkout's, one after the other with the same options,
+and prints their seconds per round and CPU per round side by side.
+
 This same file is the job's training script: the worker runs it with --site.
 """
 
@@ -41,6 +46,7 @@ import json
 import math
 import os
 import pstats
+import re
 import runpy
 import shutil
 import signal
@@ -635,6 +641,45 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def figures(printout: str) -> dict[str, float]:
+    """Seconds per round (median, p90) and CPU per round, in ms, from a printout of this benchmark."""
+    found: dict[str, float] = {}
+    lines = printout.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("seconds per round, rounds 2..") and index + 1 < len(lines):
+            numbers = re.findall(r"(median|p90)\s+([\d.]+) ms", lines[index + 1])
+            found.update({name: float(value) for name, value in numbers})
+        for name in ("server daemon", "job workers, all sites", "site daemons"):
+            if line.strip().startswith(name):
+                found["cpu"] = found.get("cpu", 0.0) + float(re.findall(r"([\d.]+) ms", line)[-1])
+    return found
+
+
+def compare(other: Path, argv: list[str]) -> int:
+    """Run `other`'s benchmark, then this one, with the same options; print both figures side by side."""
+    results = {}
+    for name, root in (("other", other.resolve()), ("this", ROOT)):
+        print(f"\n==== {name} checkout: {root}", flush=True)
+        env = dict(os.environ, PYTHONPATH=str(root))
+        run = subprocess.run(
+            [sys.executable, str(root / "bench" / "round_overhead.py"), *argv], env=env, text=True, capture_output=True
+        )
+        print(run.stdout[-6000:], run.stderr[-2000:], flush=True)
+        if run.returncode != 0:
+            print(f"{name} checkout: the benchmark failed (exit {run.returncode})")
+            return 1
+        results[name] = figures(run.stdout)
+    print(f"\n{'':34} {'this checkout':>14} {'other checkout':>15} {'ratio':>7}")
+    for key, label in (
+        ("median", "seconds per round, median (ms)"),
+        ("p90", "seconds per round, p90 (ms)"),
+        ("cpu", "CPU per round, all processes (ms)"),
+    ):
+        mine, theirs = results["this"].get(key, math.nan), results["other"].get(key, math.nan)
+        print(f"{label:34} {mine:14.1f} {theirs:15.1f} {mine / theirs:7.2f}")
+    return 0
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--profiled-server"]:
         serve_profiled(sys.argv[2], sys.argv[3:])
@@ -666,6 +711,7 @@ def main() -> int:
         "ready; 0: submit the moment the sites are up, as scripts/quickstart.sh does)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
+    parser.add_argument("--compare", type=Path, help="another checkout to run first and compare with (see above)")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -676,6 +722,10 @@ def main() -> int:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 is warm-up)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a kill stops the federation it started
+    if args.compare is not None:
+        argv = sys.argv[1:]
+        index = argv.index("--compare")
+        return compare(args.compare, argv[:index] + argv[index + 2 :])
     return run(args)
 
 

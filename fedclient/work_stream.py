@@ -83,6 +83,8 @@ class WorkStream:
             checked = assembler.sha256 is not None and header.payload_format and not header.payload_cached
             if checked and assembler.sha256 != header.payload_sha256:
                 raise TransferError(f"task {header.task_id}: payload digest differs from the header")
+            if header.acknowledge:
+                self._send(fpb.WorkerMessage(received=fpb.TaskReceived(task_id=header.task_id)))
             return header, buffer.getvalue()
 
         return self._request("receive", ask)

@@ -33,6 +33,12 @@ MAX_MESSAGE_BYTES = 8 << 20
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A fixed flow-control window of 4 MB per stream: a sender is at most that far ahead of what the
+    # receiver's application has read. gRPC's bandwidth probe would grow it to ~16 MB on a fast link, and
+    # a server receiving large updates or sending large models holds that much per stream
+    # (bench/aggregation_memory.py); 4 MB still fills a 50 ms link at 80 MB/s per stream.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 4 << 20),
     # Detect a dead peer on idle long-lived streams without application pings.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -14,41 +14,29 @@ sites decrypt, and at the end one site (by policy) uploads the decrypted final a
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
-from fedgrid.files import write_atomic
+from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import ServerConfig
 from fedgrid.serde import RoundInfo
-from fedserver.aggregation import WeightedMean, weighted_metrics
+from fedgrid.tensor_file import TensorSource, copy_file
+from fedserver.aggregation import Aggregator, weighted_metrics
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
+from fedserver.model import MEMORY_LIMIT, Model
 
 
 class RoundFailed(FedgridError):
     """A round could not close: too few sites answered with a usable update."""
-
-
-class Aggregator(Protocol):
-    """Folds results of one round; `PlainAggregator` and the HE one in `fedserver.he_aggregation`."""
-
-    payload_format: str
-    count: int
-
-    def add(self, result: Result) -> None: ...
-
-    def finish(self) -> tuple[bytes, float]: ...
 
 
 @dataclass
@@ -63,21 +51,6 @@ class Outcome:
     final_metrics: dict[str, float] = field(default_factory=dict)
     final_model: Path | None = None
     best_model: Path | None = None
-
-
-@dataclass(frozen=True)
-class Model:
-    """A global model as it travels: serialized once per round, the same bytes for every site."""
-
-    payload_format: str
-    data: bytes
-    total_weight: float = 0.0
-    sha256: bytes = b""
-
-    @classmethod
-    def of(cls, payload_format: str, data: bytes, total_weight: float = 0.0) -> Model:
-        """A model with its digest, computed once here (call it off the event loop for large models)."""
-        return cls(payload_format, data, total_weight, hashlib.sha256(data).digest())
 
 
 @dataclass
@@ -103,6 +76,7 @@ class FedAvg:
         aggregator: Callable[[Model], Aggregator],
         result_dir: Path,
         checkpoint_dir: Path,
+        model_dir: Path,
         log: logging.Logger,
         on_round: Callable[[RoundInfo], Awaitable[None]],
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
@@ -113,6 +87,8 @@ class FedAvg:
         self.new_aggregator = aggregator
         self.result_dir = result_dir
         self.checkpoint_dir = checkpoint_dir
+        self.model_dir = model_dir
+        """Where global models too large to keep in memory live while they are needed."""
         self.log = log
         self.on_round = on_round
         self.release_model = release_model
@@ -166,10 +142,7 @@ class FedAvg:
                 kind="train",
                 round=round_no,
                 total_rounds=cfg.num_rounds,
-                payload_format=model.payload_format,
-                payload=model.data,
-                sha256=model.sha256,
-                total_weight=model.total_weight,
+                model=model,
                 evaluate_task_id=evaluation.task_id if evaluation else "",
                 evaluate_round=evaluation.round if evaluation else 0,
             )
@@ -180,6 +153,7 @@ class FedAvg:
             seconds = time.monotonic() - started
             previous = Finished(round_no, trained[0], seconds, len(sites), trained[1], trained[2])
             model = previous.model
+            self._prune([model, train.model, outcome.best])
             state = self._state(model, round_no, outcome)
             await self._saving.start(asyncio.to_thread(self._checkpoint, model, state))
         else:
@@ -197,10 +171,7 @@ class FedAvg:
             kind="evaluate",
             round=finished.round,
             total_rounds=self.config.num_rounds,
-            payload_format=model.payload_format,
-            payload=model.data,
-            sha256=model.sha256,
-            total_weight=model.total_weight,
+            model=model,
         )
 
     async def _round(
@@ -221,7 +192,7 @@ class FedAvg:
         await self.board.ask(train, sites)
         self.log.info("round %d: model sent to %s", train.round, ", ".join(sites))
         aggregator = self.new_aggregator(self.model)
-        moved = len(train.payload) * len(active)
+        moved = train.model.size * len(active) if train.model else 0
         refused: list[str] = []
         scores: list[tuple[dict[str, float], float]] = []
         scoring = set(active) if evaluation is not None else set()
@@ -262,17 +233,18 @@ class FedAvg:
                 f"at least {need} needed{detail}"
             )
         started = time.perf_counter()
-        data, total_weight = await asyncio.to_thread(aggregator.finish)
+        suffix = "safetensors" if aggregator.payload_format == tensors.FORMAT else "ckks"
+        model = await asyncio.to_thread(aggregator.finish, self.model_dir, f"round-{train.round}.{suffix}")
         self.log.info(
-            "round %d: aggregate of %d updates serialized in %.3f s (%d bytes)",
+            "round %d: aggregate of %d updates serialized in %.3f s (%d bytes%s)",
             train.round,
             aggregator.count,
             time.perf_counter() - started,
-            len(data),
+            model.size,
+            "" if model.data is not None else f", in {model.path}",
         )
         if self.config.server_lr != 1.0 or self.config.server_momentum != 0.0:
-            data = await asyncio.to_thread(self._server_step, data)
-        model = await asyncio.to_thread(Model.of, aggregator.payload_format, data, total_weight)
+            model = await asyncio.to_thread(self._server_step, model, f"round-{train.round}-step.safetensors")
         return model, answered, moved
 
     async def _fold(self, aggregator: Aggregator, item: Result, task: Task, refused: list[str]) -> None:
@@ -298,7 +270,7 @@ class FedAvg:
         task = self._evaluation_task(finished)
         sites = self.board.active_sites()
         await self.board.ask(task, sites)
-        finished.moved += len(task.payload) * len(sites)
+        finished.moved += finished.model.size * len(sites)
         scores: list[tuple[dict[str, float], float]] = []
         async for item in self.board.results(task, sites, self.config.round_timeout):
             if isinstance(item, Result):
@@ -348,14 +320,14 @@ class FedAvg:
 
     async def _keep(self, record: RoundInfo, best: Model | None) -> None:
         if best is not None:
-            await asyncio.to_thread(write_atomic, self.result_dir / "best_model.safetensors", best.data)
+            await asyncio.to_thread(best.save, self.result_dir / "best_model.safetensors")
         await self.on_round(record)
 
-    def _server_step(self, averaged: bytes) -> bytes:
+    def _server_step(self, averaged: Model, name: str) -> Model:
         """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
         assert self.model is not None
-        current = tensors.decode(self.model.data, what="global model")
-        mean = tensors.decode(averaged, what="averaged model")
+        current = read_arrays(self.model.source("global model"))
+        mean = read_arrays(averaged.source("averaged model"))
         if self.velocity is None:
             self.velocity = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
         out = {}
@@ -365,7 +337,18 @@ class FedAvg:
                 continue
             self.velocity[name] = self.config.server_momentum * self.velocity[name] + (mean[name] - value)
             out[name] = (value + self.config.server_lr * self.velocity[name]).astype(value.dtype)
-        return tensors.encode(out)
+        data = tensors.encode(out)
+        if len(data) <= MEMORY_LIMIT:
+            return Model.in_memory(tensors.FORMAT, data)
+        write_atomic(self.model_dir / name, data)
+        return Model.on_disk(tensors.FORMAT, self.model_dir / name)
+
+    def _prune(self, keep: list[Model | None]) -> None:
+        """Delete the model files of earlier rounds that no task, evaluation or best model refers to."""
+        wanted = {m.path for m in keep if m is not None and m.path is not None}
+        for path in self.model_dir.glob("round-*"):
+            if path not in wanted:
+                path.unlink(missing_ok=True)
 
     def _dispose(self, item: Result, task: Task) -> None:
         if self.keep_dir is not None and item.has_payload:
@@ -392,16 +375,15 @@ class FedAvg:
         }
 
     def _checkpoint(self, model: Model, state: dict[str, object]) -> None:
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
-        write_atomic(self.checkpoint_dir / f"global_model.{suffix}", model.data)
-        write_atomic(self.checkpoint_dir / "state.json", json.dumps(state, indent=2).encode())
+        model.save(self.checkpoint_dir / f"global_model.{suffix}")
+        write_json_atomic(self.checkpoint_dir / "state.json", state)
 
     async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
         final_path = self.result_dir / "final_model.safetensors"
         best_path = self.result_dir / "best_model.safetensors"
         if final.payload_format == tensors.FORMAT:
-            await asyncio.to_thread(write_atomic, final_path, final.data)
+            await asyncio.to_thread(final.save, final_path)
             return final_path, best_path if best_path.exists() else None
         if self.release_model is None:
             raise StateError("encrypted job without a release policy: no site may upload the final model")
@@ -409,7 +391,7 @@ class FedAvg:
         if best is not None and best is not final:
             await self.release_model(best, "best")
         elif best is final:
-            await asyncio.to_thread(write_atomic, best_path, final_path.read_bytes())
+            await asyncio.to_thread(copy_file, final_path, best_path)
         return final_path, best_path if best_path.exists() else None
 
 
@@ -434,45 +416,11 @@ class Background:
             await task
 
 
-class PlainAggregator:
-    """Sample-weighted mean of safetensors updates (see `fedserver.aggregation.WeightedMean`),
-    optionally clipping each update's difference to the global model to `clip_norm` first."""
-
-    payload_format = tensors.FORMAT
-
-    def __init__(self, layout: tensors.Layout, global_model: Model | None = None, clip_norm: float = 0.0) -> None:
-        self._mean = WeightedMean(layout)
-        self.clip_norm = clip_norm
-        self._global = tensors.decode(global_model.data) if clip_norm > 0 and global_model is not None else None
-
-    @property
-    def count(self) -> int:
-        return self._mean.count
-
-    def add(self, result: Result) -> None:
-        what = f"update from {result.site}"
-        if result.payload_format != tensors.FORMAT or not result.has_payload:
-            raise PayloadError(f"{what}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}")
-        arrays = tensors.decode(result.read(), what=what)
-        if self._global is not None:
-            tensors.check_layout(arrays, self._mean.layout, what)
-            arrays = clip(arrays, self._global, self.clip_norm)
-        self._mean.add(arrays, result.num_samples, what)
-
-    def finish(self) -> tuple[bytes, float]:
-        return tensors.encode(self._mean.result()), self._mean.total_weight
-
-
-def clip(update: tensors.Arrays, global_model: tensors.Arrays, max_norm: float) -> tensors.Arrays:
-    """The update with its difference to the global model scaled down to L2 norm `max_norm` at most."""
-    floats = [name for name, value in update.items() if value.dtype.kind == "f"]
-    norm = math.sqrt(sum(float(np.sum((update[n].astype(np.float64) - global_model[n]) ** 2)) for n in floats))
-    if not math.isfinite(norm) or norm <= max_norm:
-        return update
-    scale = max_norm / norm
+def read_arrays(source: TensorSource) -> tensors.Arrays:
+    """Every tensor of `source` whole, in its shape (for server steps that need the full model)."""
     return {
-        name: (global_model[name] + (value.astype(np.float64) - global_model[name]) * scale).astype(value.dtype)
-        if name in floats
-        else value
-        for name, value in update.items()
+        name: np.concatenate([block.copy() for block in source.blocks(name, 1 << 20)] or [np.zeros(0, spec.dtype)])
+        .astype(spec.dtype)
+        .reshape(spec.shape)
+        for name, spec in source.layout.items()
     }

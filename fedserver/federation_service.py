@@ -10,6 +10,7 @@ import grpc
 from fedgrid.certs import Identity
 from fedgrid.v1 import common_pb2, federation_pb2_grpc
 from fedgrid.v1 import federation_pb2 as fpb
+from fedserver import limits
 from fedserver.limits import StreamQuota
 from fedserver.peers import PeerAuthority, peer_address
 from fedserver.registry import SiteRegistry
@@ -85,9 +86,9 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     @rpc
     async def FetchJob(
         self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> AsyncIterator[fpb.JobFrame]:
-        for frame in self.scheduler.run_for(request.job_id, caller.name).package_frames():
-            yield frame
+    ) -> None:
+        async for frame in self.scheduler.run_for(request.job_id, caller.name).package_frames():
+            await limits.write(context, frame, self.idle_timeout, f"job package for {caller.name}")
 
     @rpc
     async def ReportJob(

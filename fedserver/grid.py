@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from fedgrid import tensors
+from fedgrid.errors import PayloadError
+from fedgrid.tensor_file import ArraySource, TensorFile, TensorSource
+from fedserver.model import Model
+
 log = logging.getLogger(__name__)
 
 
@@ -28,10 +33,8 @@ class Task:
     """"train", "evaluate", "release" (HE: upload the decrypted model) or "end"."""
     round: int
     total_rounds: int
-    payload_format: str = ""
-    payload: bytes = b""
-    sha256: bytes = b""
-    total_weight: float = 0.0
+    model: Model | None = None
+    """The global model the task brings (None for an end task)."""
     evaluate_task_id: str = ""
     """Set on a training task whose sites first evaluate the model it brings, answering this task id."""
     evaluate_round: int = 0
@@ -71,6 +74,14 @@ class Result:
     def read(self) -> bytes:
         with self.open() as stream:
             return stream.read()
+
+    def source(self, what: str) -> TensorSource:
+        """A plaintext payload's tensors, read block by block from wherever the payload is."""
+        if self.data is not None:
+            return ArraySource(tensors.decode(self.data, what=what))
+        if self.path is None:
+            raise PayloadError(f"{what}: no payload")
+        return TensorFile(self.path, what)
 
     def discard(self) -> None:
         """Drop the payload (delete its file, or return its memory to the budget)."""

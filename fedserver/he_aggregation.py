@@ -7,9 +7,13 @@ the server's context is loaded with `expect_secret_key=False`, which refuses a f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedgrid import he, tensors
 from fedgrid.errors import PayloadError
+from fedgrid.files import write_atomic
 from fedserver.grid import Result
+from fedserver.model import MEMORY_LIMIT, Model
 
 FORMAT = "ckks"
 
@@ -37,5 +41,11 @@ class EncryptedAggregator:
         with result.open() as stream:
             self._sum.add(stream, what=what)
 
-    def finish(self) -> tuple[bytes, float]:
-        return b"".join(self._sum.serialize()), self._sum.total_weight
+    def finish(self, folder: Path, name: str) -> Model:
+        """The encrypted sum: bytes when small, else the file `folder/name`."""
+        pieces = list(self._sum.serialize())
+        if sum(len(piece) for piece in pieces) <= MEMORY_LIMIT:
+            return Model.in_memory(FORMAT, b"".join(pieces), self._sum.total_weight)
+        write_atomic(folder / name, pieces)
+        del pieces
+        return Model.on_disk(FORMAT, folder / name, self._sum.total_weight)

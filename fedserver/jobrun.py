@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +21,15 @@ from fedgrid.errors import FedgridError, StateError
 from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
+from fedgrid.tensor_file import BLOCK_BYTES, TensorFile
 from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory, results
-from fedserver.fedavg import Aggregator, FedAvg, Model, Outcome, PlainAggregator
+from fedserver.aggregation import Aggregator, PlainAggregator
+from fedserver.fedavg import FedAvg, Outcome
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
 from fedserver.jobstore import JobStore
+from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.registry import SiteRegistry
 from fedserver.spool import Spool
 from fedserver.watchers import Watchers
@@ -35,8 +38,10 @@ START_TIMEOUT = 120.0
 """Seconds a site may take to fetch the job, verify it and start its worker."""
 END_TIMEOUT = 20.0
 """Seconds to wait for the sites' final reports (and logs) after the job ended."""
-UPLOAD_SLOTS = 4
+UPLOAD_SLOTS = 2
 """Large uploads a job takes at the same time; more sites wait their turn (bench/aggregation_memory.py)."""
+SENDING = 2
+"""Workers a large model (or job package) read from disk is streamed to at once, per job."""
 SLOT_MIN_BYTES = 8 << 20
 """Updates from this size on need an upload slot; smaller ones are cheaper to take than to schedule."""
 ABORT_TIMEOUT = 6.0
@@ -91,11 +96,12 @@ class JobRun:
         self.tracking = None
         self.layout: tensors.Layout = {}
         self.model_bytes = 0
-        self._package: list[fpb.JobFrame] | None = None
-        """The signed job package's frames, built once and sent to every site that fetches the job."""
+        self._package: Model | None = None
+        """The signed job package as submitted (a zip in the job folder), with its digest."""
         self._task_messages: dict[str, list[fpb.ServerMessage]] = {}
         """The current task's messages, built once and sent to every worker."""
         self._upload_slots = UploadSlots(UPLOAD_SLOTS)
+        self._sending = asyncio.Semaphore(SENDING)
         self._slot_bytes = 0
         """Expected size of an update from which sites must ask for an upload slot first."""
 
@@ -124,7 +130,7 @@ class JobRun:
             store.update(self.job_id, status=jobstore.RUNNING, start_time=time.time(), sites=self.sites)
             await self.ctx.watchers.status(self.job_id)
             self.log.info("job %s (%s) starting on %s", self.job_id, self.spec.name, ", ".join(self.sites))
-            initial = self._initial_model()
+            initial = await asyncio.to_thread(self._initial_model)
             self._start_tracking()
             workflow = asyncio.create_task(self._workflow(initial))
             await asyncio.wait({workflow, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
@@ -160,16 +166,23 @@ class JobRun:
                 self.log.removeHandler(handler)
 
     def _initial_model(self) -> Model:
+        """The job's initial model: re-serialized in memory when small, used in place from the job folder
+        (checked, never loaded whole) when large."""
         cfg = self.spec.server
         path = self.job_dir / "job" / self.spec.server_app / "config" / cfg.initial_model
-        arrays = tensors.load_file(path, what=f"initial model {cfg.initial_model}")
-        self.layout = tensors.layout_of(arrays)
-        data = tensors.encode(arrays)
-        self.model_bytes = len(data)
+        what = f"initial model {cfg.initial_model}"
+        if path.stat().st_size <= MEMORY_LIMIT:
+            arrays = tensors.load_file(path, what=what)
+            self.layout = tensors.layout_of(arrays)
+            model = Model.in_memory(tensors.FORMAT, tensors.encode(arrays))
+        else:
+            self.layout = TensorFile(path, what).layout
+            model = Model.on_disk(tensors.FORMAT, path)
+        self.model_bytes = model.size
         expected = self.model_bytes * (8 if self.spec.server.encryption != "none" else 1)
         self._slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
-        self.log.info("initial model: %d tensors, %.2f MB", len(arrays), len(data) / 1e6)
-        return Model.of(tensors.FORMAT, data)
+        self.log.info("initial model: %d tensors, %.2f MB", len(self.layout), model.size / 1e6)
+        return model
 
     async def _deploy(self) -> None:
         """Ask every site to start the job; fail unless at least min_clients did."""
@@ -223,12 +236,15 @@ class JobRun:
     async def _workflow(self, initial: Model) -> Outcome:
         await self._deploy()
         await self._wait_ready()
+        if self._slot_bytes:
+            memory.trim()  # large models: what deploying the package freed goes back before round 1
         workflow = FedAvg(
             config=self.spec.server,
             board=self.board,
             aggregator=self._aggregator,
             result_dir=self.result_dir,
             checkpoint_dir=self.job_dir / "checkpoint",
+            model_dir=self._tmp_dir,
             log=self.log,
             on_round=self._on_round,
             release_model=self._release_model,
@@ -283,10 +299,7 @@ class JobRun:
             kind="release",
             round=0,
             total_rounds=self.spec.server.num_rounds,
-            payload_format=model.payload_format,
-            payload=model.data,
-            sha256=model.sha256,
-            total_weight=model.total_weight,
+            model=model,
         )
         await self.board.ask(task, [site])
         async for item in self.board.results(task, [site], 120.0):
@@ -336,18 +349,20 @@ class JobRun:
         """True when tracking events of this job still wait for a tracker that was down."""
         return self.tracking is not None and not self.tracking.report.complete
 
-    def package_frames(self) -> list[fpb.JobFrame]:
-        """The signed job package, framed once and shared by every site that fetches it."""
+    async def package_frames(self) -> AsyncIterator[fpb.JobFrame]:
+        """The signed job package, read from the job folder a chunk at a time for each site that fetches it
+        (its digest is computed once), so a large package is never held whole."""
         if self._package is None:
-            package = (self.job_dir / PACKAGE).read_bytes()
-            header = fpb.JobHeader(
-                job_id=self.job_id,
-                signed_manifest=(self.job_dir / MANIFEST).read_bytes(),
-                submitter_cert=(self.job_dir / SUBMITTER_CERT).read_bytes(),
-                size=len(package),
-            )
-            self._package = list(frames(fpb.JobFrame, header, (package,)))
-        return self._package
+            self._package = await asyncio.to_thread(Model.on_disk, "zip", self.job_dir / PACKAGE)
+        header = fpb.JobHeader(
+            job_id=self.job_id,
+            signed_manifest=(self.job_dir / MANIFEST).read_bytes(),
+            submitter_cert=(self.job_dir / SUBMITTER_CERT).read_bytes(),
+            size=self._package.size,
+        )
+        async with self._sending:
+            for frame in frames(fpb.JobFrame, header, self._package.chunks(BLOCK_BYTES), sha256=self._package.sha256):
+                yield frame
 
     async def next_task(self, site: str, last_task_id: str) -> Task:
         """The site's next task, as soon as there is one (the END task once the job is over)."""
@@ -356,34 +371,56 @@ class JobRun:
         assert task is not None  # no timeout given
         return task
 
-    def task_messages(self, task: Task, cached_sha256: bytes) -> list[fpb.ServerMessage]:
-        """The messages of a task: built once per task and sent as the same objects to every worker;
-        just the header when the worker already holds the payload."""
+    def task_messages(self, task: Task, cached_sha256: bytes) -> Iterator[fpb.ServerMessage]:
+        """The messages of a task; just its header when the worker already holds the payload.
+
+        A model in memory is framed once per task and the same messages go to every worker. A model on
+        disk is read a chunk at a time for each worker, during that worker's `sending_turn`, and the
+        worker acknowledges it (`TaskHeader.acknowledge`), so that many workers fetching a large model
+        cost a few chunks in flight, not a copy each, however slowly they read.
+        """
+        model = task.model
         header = fpb.TaskHeader(
             job_id=self.job_id,
             task_id=task.task_id,
             kind=task.kind,
             round=task.round,
             total_rounds=task.total_rounds,
-            payload_format=task.payload_format,
-            payload_sha256=task.sha256,
-            payload_size=len(task.payload),
-            total_weight=task.total_weight,
+            payload_format=model.payload_format if model else "",
+            payload_sha256=model.sha256 if model else b"",
+            payload_size=model.size if model else 0,
+            total_weight=model.total_weight if model else 0.0,
             upload_slot=bool(self._slot_bytes) and task.kind in ("train", "release"),
             evaluate_task_id=task.evaluate_task_id,
             evaluate_round=task.evaluate_round,
         )
-        if not task.payload or (cached_sha256 and cached_sha256 == task.sha256):
-            header.payload_cached = bool(task.payload)
-            return [fpb.ServerMessage(task=frame) for frame in frames(fpb.TaskFrame, header, ())]
-        cache = self._task_messages
-        if task.task_id not in cache:
-            cache.clear()
-            cache[task.task_id] = [
-                fpb.ServerMessage(task=frame)
-                for frame in frames(fpb.TaskFrame, header, (task.payload,), sha256=task.sha256)
-            ]
-        return cache[task.task_id]
+        if model is None or (cached_sha256 and cached_sha256 == model.sha256):
+            header.payload_cached = model is not None
+            yield fpb.ServerMessage(task=next(frames(fpb.TaskFrame, header, ())))
+            return
+        if model.data is not None:
+            cache = self._task_messages
+            if task.task_id not in cache:
+                cache.clear()
+                cache[task.task_id] = [
+                    fpb.ServerMessage(task=frame)
+                    for frame in frames(fpb.TaskFrame, header, (model.data,), sha256=model.sha256)
+                ]
+            yield from cache[task.task_id]
+            return
+        header.acknowledge = True
+        for frame in frames(fpb.TaskFrame, header, model.chunks(BLOCK_BYTES), sha256=model.sha256):
+            yield fpb.ServerMessage(task=frame)
+
+    @contextlib.asynccontextmanager
+    async def sending_turn(self, task: Task) -> AsyncIterator[None]:
+        """Hold one of the job's `SENDING` turns while a model from disk streams to a worker (and until
+        the worker acknowledges it); free for models in memory."""
+        if task.model is None or task.model.data is not None:
+            yield
+            return
+        async with self._sending:
+            yield
 
     def accepts(self, site: str, task_id: str) -> bool:
         """True when `site` was asked for `task_id` and has not answered it yet."""
@@ -436,6 +473,7 @@ class JobRun:
             yield
         finally:
             await self._upload_slots.release(site)
+            memory.trim()  # a large upload's freed network buffers go back to the system now, not at round end
 
     def receive_events(self, site: str, events: Sequence[object]) -> str:
         if self.tracking is None:

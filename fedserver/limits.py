@@ -6,8 +6,9 @@ Three limits apply on both ports:
   and one connection carries at most `MAX_STREAMS_PER_CONNECTION` calls at once;
 - `StreamQuota`: long-lived streams (a job worker's Work stream, a site's command stream, an admin's
   watch) held at once by one identity, across all its connections;
-- `read`: every read from a client stream has a deadline; a peer that sends nothing (or trickles a
-  payload) is cut off with a status saying so, and the server goes on serving everyone else.
+- `read` and `write`: every read from a client stream, and every write to a peer that has stopped
+  reading, has a deadline; a peer that sends nothing (or trickles a payload), or takes nothing, is cut off
+  with a status saying so, and the server goes on serving everyone else.
 The asyncio server spends no thread on a waiting peer; these limits bound its memory and sockets.
 """
 
@@ -85,6 +86,15 @@ async def read(context: grpc.aio.ServicerContext, timeout: float, what: str) -> 
     except DecodeError as exc:
         raise FrameError(f"{what}: a message that does not parse ({exc})") from None
     return None if message is grpc.aio.EOF else message
+
+
+async def write(context: grpc.aio.ServicerContext, message: Any, timeout: float, what: str) -> None:
+    """Send one message of a server stream; LimitError when the peer has not taken it within `timeout`
+    seconds (it stopped reading: gRPC's flow control holds the write)."""
+    try:
+        await asyncio.wait_for(context.write(message), timeout)
+    except TimeoutError:
+        raise LimitError(f"{what}: the peer read nothing for {timeout:g} s; the stream is closed") from None
 
 
 async def messages(context: grpc.aio.ServicerContext, timeout: float, what: str) -> AsyncIterator[Any]:

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgrid.transfer import Chunks
-
-MEMORY_LIMIT = 8 << 20
-"""Payloads up to this size may stay in memory."""
+from fedserver.model import MEMORY_LIMIT
 
 
 class Spool:

@@ -3,7 +3,8 @@
 A worker opens the stream once for its whole job and sends one request at a time: `hello` (which job),
 `next_task` (answered with the task's frames the moment the controller has a task for this site),
 `upload_slot` (answered when one of the job's upload slots is free), a result's frames (answered once
-its trailer arrived), `events`; `ping`s keep a stream alive while its worker trains. A request the
+its trailer arrived), `events`; `ping`s keep a stream alive while its worker trains. A large model is
+acknowledged once read (`received`), which gives the next worker its turn to be sent it. A request the
 server refuses for a reason that leaves the stream in step (a late result, a job that ended) is answered
 with a reply naming the error, and the stream goes on. A stream that breaks the protocol (an unknown or
 unparsable message, a result over its size limit or cut short, silence past the idle deadline) is closed
@@ -76,7 +77,10 @@ class WorkerStream:
         return await limits.read(self.context, self.idle_timeout, f"Work stream of {self.site}, {what}")
 
     async def _reply(self, reply: fpb.Reply) -> None:
-        await self.context.write(fpb.ServerMessage(reply=reply))
+        await self._write(fpb.ServerMessage(reply=reply))
+
+    async def _write(self, message: fpb.ServerMessage) -> None:
+        await limits.write(self.context, message, self.idle_timeout, f"Work stream of {self.site}")
 
     def _run(self) -> JobRun:
         return self.scheduler.run_for(self.job_id, self.site)
@@ -84,14 +88,33 @@ class WorkerStream:
     async def _task(self, request: fpb.TaskRequest) -> None:
         run = self.scheduler.runs.get(self.job_id)
         if run is None:
-            messages = self.scheduler.end_messages(self.job_id)
-        else:
-            if self.site not in run.sites:
-                raise StateError(f"{self.site} is not a site of job {self.job_id}")
-            task = await run.next_task(self.site, request.last_task_id)
-            messages = run.task_messages(task, request.cached_sha256)
-        for message in messages:
-            await self.context.write(message)
+            for message in self.scheduler.end_messages(self.job_id):
+                await self._write(message)
+            return
+        if self.site not in run.sites:
+            raise StateError(f"{self.site} is not a site of job {self.job_id}")
+        task = await run.next_task(self.site, request.last_task_id)
+        async with run.sending_turn(task):
+            acknowledge = False
+            for message in run.task_messages(task, request.cached_sha256):
+                acknowledge = acknowledge or message.task.header.acknowledge
+                await self._write(message)
+            if acknowledge:
+                await self._receipt(task.task_id)
+
+    async def _receipt(self, task_id: str) -> None:
+        """Wait for the worker to say it read a large task whole (pings may come first)."""
+        while True:
+            message = await self._read(f"receipt of {task_id}")
+            if message is None:
+                raise TransferError(f"Work stream of {self.site}: closed before the receipt of {task_id}")
+            kind = message.WhichOneof("kind")
+            if kind == "received" and message.received.task_id == task_id:
+                return
+            if kind != "ping":
+                raise FrameError(
+                    f"Work stream of {self.site}: a {kind or 'empty'} message instead of the receipt of {task_id}"
+                )
 
     async def _result(self, first: fpb.ResultFrame) -> str:
         """Receive a result whose first frame is `first`; read its other frames from the stream."""

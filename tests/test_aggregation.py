@@ -11,26 +11,27 @@ import pytest
 
 from fedgrid import tensors
 from fedgrid.errors import PayloadError
-from fedserver.aggregation import WeightedMean, weighted_metrics
+from fedgrid.tensor_file import ArraySource
+from fedserver.aggregation import MAX_WEIGHT, WeightedMean, weighted_metrics
 
 LAYOUT_ARRAYS = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 
 def test_weighted_mean_weights_by_sample_count() -> None:
     mean = WeightedMean(tensors.layout_of(LAYOUT_ARRAYS))
-    mean.add({"w": np.full((3, 2), 1.0, np.float32), "b": np.ones(2, np.float32)}, 1.0, "a")
-    mean.add({"w": np.full((3, 2), 4.0, np.float32), "b": np.full(2, 4.0, np.float32)}, 3.0, "b")
+    mean.add(ArraySource({"w": np.full((3, 2), 1.0, np.float32), "b": np.ones(2, np.float32)}), 1.0, "a")
+    mean.add(ArraySource({"w": np.full((3, 2), 4.0, np.float32), "b": np.full(2, 4.0, np.float32)}), 3.0, "b")
     result = mean.result()
     assert result["w"].dtype == np.float32
     np.testing.assert_allclose(result["w"], 3.25)
     assert mean.total_weight == 4.0 and mean.count == 2
 
 
-def test_half_precision_updates_are_weighted_in_float64_and_do_not_overflow() -> None:
+def test_half_precision_updates_are_averaged_in_float32_and_do_not_overflow() -> None:
     layout = {"h": np.zeros(3, np.float16)}
     mean = WeightedMean(tensors.layout_of(layout))
-    mean.add({"h": np.full(3, 60000.0, np.float16)}, 1000.0, "a")
-    mean.add({"h": np.full(3, 59968.0, np.float16)}, 3000.0, "b")
+    mean.add(ArraySource({"h": np.full(3, 60000.0, np.float16)}), 1000.0, "a")
+    mean.add(ArraySource({"h": np.full(3, 59968.0, np.float16)}), 3000.0, "b")
     result = mean.result()["h"]
     assert result.dtype == np.float16
     np.testing.assert_array_equal(result, np.float16(59976.0))
@@ -43,16 +44,30 @@ def test_half_precision_updates_are_weighted_in_float64_and_do_not_overflow() ->
         ({"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, 1.0, "shape"),
         ({"w": np.zeros((3, 2), np.float64), "b": np.zeros(2, np.float32)}, 1.0, "dtype"),
         ({"w": np.full((3, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)}, 1.0, "NaN"),
-        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, 0.0, "positive"),
+        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, 0.0, "sample count"),
+        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, 1e308, "sample count"),
+        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, float("inf"), "sample count"),
     ],
 )
 def test_a_bad_update_is_refused_and_changes_nothing(update: dict, weight: float, message: str) -> None:
     mean = WeightedMean(tensors.layout_of(LAYOUT_ARRAYS))
-    mean.add({"w": np.full((3, 2), 2.0, np.float32), "b": np.ones(2, np.float32)}, 2.0, "good")
+    mean.add(ArraySource({"w": np.full((3, 2), 2.0, np.float32), "b": np.ones(2, np.float32)}), 2.0, "good")
     with pytest.raises(PayloadError, match=message):
-        mean.add(update, weight, "bad")
+        mean.add(ArraySource(update), weight, "bad")
     assert mean.count == 1
     np.testing.assert_allclose(mean.result()["w"], 2.0)
+
+
+def test_huge_sample_counts_within_the_bound_cannot_overflow_the_mean() -> None:
+    mean = WeightedMean(tensors.layout_of(LAYOUT_ARRAYS))
+    for sign in (1, -1, 1):
+        big = {"w": np.full((3, 2), sign * 1.7e38, np.float32), "b": np.full(2, -sign * 1.7e38, np.float32)}
+        mean.add(ArraySource(big), MAX_WEIGHT, "big")
+    result = mean.result()
+    assert np.isfinite(result["w"]).all() and np.isfinite(result["b"]).all()
+    np.testing.assert_allclose(result["w"], 1.7e38 / 3, rtol=1e-5)
+    with pytest.raises(PayloadError, match="out-of-range"):
+        mean.add(ArraySource({"w": np.full((3, 2), 3e38, np.float32), "b": np.zeros(2, np.float32)}), 1.0, "huge")
 
 
 def test_weighted_metrics_skip_missing_and_non_finite() -> None:

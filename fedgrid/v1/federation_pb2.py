@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedgrid.v1 import common_pb2 as fedgrid_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grid/v1/federation.proto\x12\nfedgrid.v1\x1a\x17\x66\x65\x64grid/v1/common.proto\"\x80\x01\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06roster\x18\x02 \x01(\x0c\x12\x14\n\x0crunning_jobs\x18\x03 \x03(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x11\n\tmemory_gb\x18\x06 \x01(\x01\"e\n\rRegisterReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\x12\x0f\n\x07project\x18\x04 \x01(\t\"<\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0crunning_jobs\x18\x02 \x03(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"%\n\x0f\x43ommandsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"g\n\x07\x43ommand\x12)\n\tstart_job\x18\x01 \x01(\x0b\x32\x14.fedgrid.v1.StartJobH\x00\x12)\n\tabort_job\x18\x02 \x01(\x0b\x32\x14.fedgrid.v1.AbortJobH\x00\x42\x06\n\x04kind\"=\n\x08StartJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x14\n\x0cworkers_hint\x18\x03 \x01(\x05\"*\n\x08\x41\x62ortJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0f\x46\x65tchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"e\n\x08JobFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedgrid.v1.JobHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"g\n\tJobHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x17\n\x0fsigned_manifest\x18\x03 \x01(\x0c\x12\x16\n\x0esubmitter_cert\x18\x04 \x01(\x0c\x12\x0c\n\x04size\x18\x05 \x01(\x03\"F\n\tJobReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0b\n\x03log\x18\x04 \x01(\x0c\"\x9c\x02\n\rWorkerMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.fedgrid.v1.WorkerHelloH\x00\x12,\n\tnext_task\x18\x02 \x01(\x0b\x32\x17.fedgrid.v1.TaskRequestH\x00\x12\x34\n\x0bupload_slot\x18\x03 \x01(\x0b\x32\x1d.fedgrid.v1.UploadSlotRequestH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.fedgrid.v1.ResultFrameH\x00\x12(\n\x06\x65vents\x18\x05 \x01(\x0b\x32\x16.fedgrid.v1.EventBatchH\x00\x12 \n\x04ping\x18\x06 \x01(\x0b\x32\x10.fedgrid.v1.PingH\x00\x42\x06\n\x04kind\"\x1d\n\x0bWorkerHello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x06\n\x04Ping\"b\n\rServerMessage\x12%\n\x04task\x18\x01 \x01(\x0b\x32\x15.fedgrid.v1.TaskFrameH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedgrid.v1.ReplyH\x00\x42\x06\n\x04kind\"=\n\x05Reply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cidle_timeout\x18\x03 \x01(\x01\"J\n\x0bTaskRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rcached_sha256\x18\x02 \x01(\x0c\x12\x14\n\x0clast_task_id\x18\x03 \x01(\t\"g\n\tTaskFrame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedgrid.v1.TaskHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"\xab\x02\n\nTaskHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\x16\n\x0epayload_format\x18\x06 \x01(\t\x12\x16\n\x0epayload_cached\x18\x07 \x01(\x08\x12\x16\n\x0epayload_sha256\x18\x08 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\t \x01(\x03\x12\x14\n\x0ctotal_weight\x18\n \x01(\x01\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x13\n\x0bupload_slot\x18\x0c \x01(\x08\x12\x18\n\x10\x65valuate_task_id\x18\r \x01(\t\x12\x16\n\x0e\x65valuate_round\x18\x0e \x01(\x05\"4\n\x11UploadSlotRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"k\n\x0bResultFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrid.v1.ResultHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"\xf0\x01\n\x0cResultHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0epayload_format\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x01\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrid.v1.ResultHeader.MetricsEntry\x12*\n\nevaluation\x18\x06 \x01(\x0b\x32\x16.fedgrid.v1.Evaluation\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x98\x01\n\nEvaluation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x01\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.fedgrid.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\nEventBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.fedgrid.v1.Event\"\xcb\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x11\n\twall_time\x18\x06 \x01(\x01\x12\x0c\n\x04text\x18\x07 \x01(\t\x12-\n\x06params\x18\x08 \x03(\x0b\x32\x1d.fedgrid.v1.Event.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x8f\x03\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedgrid.v1.RegisterRequest\x1a\x19.fedgrid.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedgrid.v1.HeartbeatRequest\x1a\x1a.fedgrid.v1.HeartbeatReply\x12>\n\x08\x43ommands\x12\x1b.fedgrid.v1.CommandsRequest\x1a\x13.fedgrid.v1.Command0\x01\x12?\n\x08\x46\x65tchJob\x12\x1b.fedgrid.v1.FetchJobRequest\x1a\x14.fedgrid.v1.JobFrame0\x01\x12\x33\n\tReportJob\x12\x15.fedgrid.v1.JobReport\x1a\x0f.fedgrid.v1.Ack\x12@\n\x04Work\x12\x19.fedgrid.v1.WorkerMessage\x1a\x19.fedgrid.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64grid/v1/federation.proto\x12\nfedgrid.v1\x1a\x17\x66\x65\x64grid/v1/common.proto\"\x80\x01\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06roster\x18\x02 \x01(\x0c\x12\x14\n\x0crunning_jobs\x18\x03 \x03(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x11\n\tmemory_gb\x18\x06 \x01(\x01\"e\n\rRegisterReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\x12\x0f\n\x07project\x18\x04 \x01(\t\"<\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0crunning_jobs\x18\x02 \x03(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"%\n\x0f\x43ommandsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"g\n\x07\x43ommand\x12)\n\tstart_job\x18\x01 \x01(\x0b\x32\x14.fedgrid.v1.StartJobH\x00\x12)\n\tabort_job\x18\x02 \x01(\x0b\x32\x14.fedgrid.v1.AbortJobH\x00\x42\x06\n\x04kind\"=\n\x08StartJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x14\n\x0cworkers_hint\x18\x03 \x01(\x05\"*\n\x08\x41\x62ortJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0f\x46\x65tchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"e\n\x08JobFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedgrid.v1.JobHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"g\n\tJobHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x17\n\x0fsigned_manifest\x18\x03 \x01(\x0c\x12\x16\n\x0esubmitter_cert\x18\x04 \x01(\x0c\x12\x0c\n\x04size\x18\x05 \x01(\x03\"F\n\tJobReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0b\n\x03log\x18\x04 \x01(\x0c\"\xca\x02\n\rWorkerMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.fedgrid.v1.WorkerHelloH\x00\x12,\n\tnext_task\x18\x02 \x01(\x0b\x32\x17.fedgrid.v1.TaskRequestH\x00\x12\x34\n\x0bupload_slot\x18\x03 \x01(\x0b\x32\x1d.fedgrid.v1.UploadSlotRequestH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.fedgrid.v1.ResultFrameH\x00\x12(\n\x06\x65vents\x18\x05 \x01(\x0b\x32\x16.fedgrid.v1.EventBatchH\x00\x12 \n\x04ping\x18\x06 \x01(\x0b\x32\x10.fedgrid.v1.PingH\x00\x12,\n\x08received\x18\x07 \x01(\x0b\x32\x18.fedgrid.v1.TaskReceivedH\x00\x42\x06\n\x04kind\"\x1f\n\x0cTaskReceived\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1d\n\x0bWorkerHello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x06\n\x04Ping\"b\n\rServerMessage\x12%\n\x04task\x18\x01 \x01(\x0b\x32\x15.fedgrid.v1.TaskFrameH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedgrid.v1.ReplyH\x00\x42\x06\n\x04kind\"=\n\x05Reply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x14\n\x0cidle_timeout\x18\x03 \x01(\x01\"J\n\x0bTaskRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rcached_sha256\x18\x02 \x01(\x0c\x12\x14\n\x0clast_task_id\x18\x03 \x01(\t\"g\n\tTaskFrame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedgrid.v1.TaskHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"\xc0\x02\n\nTaskHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\x05\x12\x16\n\x0epayload_format\x18\x06 \x01(\t\x12\x16\n\x0epayload_cached\x18\x07 \x01(\x08\x12\x16\n\x0epayload_sha256\x18\x08 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\t \x01(\x03\x12\x14\n\x0ctotal_weight\x18\n \x01(\x01\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x13\n\x0bupload_slot\x18\x0c \x01(\x08\x12\x18\n\x10\x65valuate_task_id\x18\r \x01(\t\x12\x16\n\x0e\x65valuate_round\x18\x0e \x01(\x05\x12\x13\n\x0b\x61\x63knowledge\x18\x0f \x01(\x08\"4\n\x11UploadSlotRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"k\n\x0bResultFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrid.v1.ResultHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12$\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedgrid.v1.Trailer\"\xf0\x01\n\x0cResultHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0epayload_format\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x01\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedgrid.v1.ResultHeader.MetricsEntry\x12*\n\nevaluation\x18\x06 \x01(\x0b\x32\x16.fedgrid.v1.Evaluation\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x98\x01\n\nEvaluation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x01\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.fedgrid.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\nEventBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.fedgrid.v1.Event\"\xcb\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x11\n\twall_time\x18\x06 \x01(\x01\x12\x0c\n\x04text\x18\x07 \x01(\t\x12-\n\x06params\x18\x08 \x03(\x0b\x32\x1d.fedgrid.v1.Event.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x8f\x03\n\nFederation\x12\x42\n\x08Register\x12\x1b.fedgrid.v1.RegisterRequest\x1a\x19.fedgrid.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedgrid.v1.HeartbeatRequest\x1a\x1a.fedgrid.v1.HeartbeatReply\x12>\n\x08\x43ommands\x12\x1b.fedgrid.v1.CommandsRequest\x1a\x13.fedgrid.v1.Command0\x01\x12?\n\x08\x46\x65tchJob\x12\x1b.fedgrid.v1.FetchJobRequest\x1a\x14.fedgrid.v1.JobFrame0\x01\x12\x33\n\tReportJob\x12\x15.fedgrid.v1.JobReport\x1a\x0f.fedgrid.v1.Ack\x12@\n\x04Work\x12\x19.fedgrid.v1.WorkerMessage\x1a\x19.fedgrid.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,39 +63,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBREPORT']._serialized_start=891
   _globals['_JOBREPORT']._serialized_end=961
   _globals['_WORKERMESSAGE']._serialized_start=964
-  _globals['_WORKERMESSAGE']._serialized_end=1248
-  _globals['_WORKERHELLO']._serialized_start=1250
-  _globals['_WORKERHELLO']._serialized_end=1279
-  _globals['_PING']._serialized_start=1281
-  _globals['_PING']._serialized_end=1287
-  _globals['_SERVERMESSAGE']._serialized_start=1289
-  _globals['_SERVERMESSAGE']._serialized_end=1387
-  _globals['_REPLY']._serialized_start=1389
-  _globals['_REPLY']._serialized_end=1450
-  _globals['_TASKREQUEST']._serialized_start=1452
-  _globals['_TASKREQUEST']._serialized_end=1526
-  _globals['_TASKFRAME']._serialized_start=1528
-  _globals['_TASKFRAME']._serialized_end=1631
-  _globals['_TASKHEADER']._serialized_start=1634
-  _globals['_TASKHEADER']._serialized_end=1933
-  _globals['_UPLOADSLOTREQUEST']._serialized_start=1935
-  _globals['_UPLOADSLOTREQUEST']._serialized_end=1987
-  _globals['_RESULTFRAME']._serialized_start=1989
-  _globals['_RESULTFRAME']._serialized_end=2096
-  _globals['_RESULTHEADER']._serialized_start=2099
-  _globals['_RESULTHEADER']._serialized_end=2339
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=2293
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=2339
-  _globals['_EVALUATION']._serialized_start=2342
-  _globals['_EVALUATION']._serialized_end=2494
-  _globals['_EVALUATION_METRICSENTRY']._serialized_start=2293
-  _globals['_EVALUATION_METRICSENTRY']._serialized_end=2339
-  _globals['_EVENTBATCH']._serialized_start=2496
-  _globals['_EVENTBATCH']._serialized_end=2559
-  _globals['_EVENT']._serialized_start=2562
-  _globals['_EVENT']._serialized_end=2765
-  _globals['_EVENT_PARAMSENTRY']._serialized_start=2720
-  _globals['_EVENT_PARAMSENTRY']._serialized_end=2765
-  _globals['_FEDERATION']._serialized_start=2768
-  _globals['_FEDERATION']._serialized_end=3167
+  _globals['_WORKERMESSAGE']._serialized_end=1294
+  _globals['_TASKRECEIVED']._serialized_start=1296
+  _globals['_TASKRECEIVED']._serialized_end=1327
+  _globals['_WORKERHELLO']._serialized_start=1329
+  _globals['_WORKERHELLO']._serialized_end=1358
+  _globals['_PING']._serialized_start=1360
+  _globals['_PING']._serialized_end=1366
+  _globals['_SERVERMESSAGE']._serialized_start=1368
+  _globals['_SERVERMESSAGE']._serialized_end=1466
+  _globals['_REPLY']._serialized_start=1468
+  _globals['_REPLY']._serialized_end=1529
+  _globals['_TASKREQUEST']._serialized_start=1531
+  _globals['_TASKREQUEST']._serialized_end=1605
+  _globals['_TASKFRAME']._serialized_start=1607
+  _globals['_TASKFRAME']._serialized_end=1710
+  _globals['_TASKHEADER']._serialized_start=1713
+  _globals['_TASKHEADER']._serialized_end=2033
+  _globals['_UPLOADSLOTREQUEST']._serialized_start=2035
+  _globals['_UPLOADSLOTREQUEST']._serialized_end=2087
+  _globals['_RESULTFRAME']._serialized_start=2089
+  _globals['_RESULTFRAME']._serialized_end=2196
+  _globals['_RESULTHEADER']._serialized_start=2199
+  _globals['_RESULTHEADER']._serialized_end=2439
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=2393
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=2439
+  _globals['_EVALUATION']._serialized_start=2442
+  _globals['_EVALUATION']._serialized_end=2594
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=2393
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=2439
+  _globals['_EVENTBATCH']._serialized_start=2596
+  _globals['_EVENTBATCH']._serialized_end=2659
+  _globals['_EVENT']._serialized_start=2662
+  _globals['_EVENT']._serialized_end=2865
+  _globals['_EVENT_PARAMSENTRY']._serialized_start=2820
+  _globals['_EVENT_PARAMSENTRY']._serialized_end=2865
+  _globals['_FEDERATION']._serialized_start=2868
+  _globals['_FEDERATION']._serialized_end=3267
 # @@protoc_insertion_point(module_scope)

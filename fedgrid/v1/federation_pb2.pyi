@@ -124,20 +124,28 @@ class JobReport(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., log: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "next_task", "upload_slot", "result", "events", "ping")
+    __slots__ = ("hello", "next_task", "upload_slot", "result", "events", "ping", "received")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     next_task: TaskRequest
     upload_slot: UploadSlotRequest
     result: ResultFrame
     events: EventBatch
     ping: Ping
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., next_task: _Optional[_Union[TaskRequest, _Mapping]] = ..., upload_slot: _Optional[_Union[UploadSlotRequest, _Mapping]] = ..., result: _Optional[_Union[ResultFrame, _Mapping]] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+    received: TaskReceived
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., next_task: _Optional[_Union[TaskRequest, _Mapping]] = ..., upload_slot: _Optional[_Union[UploadSlotRequest, _Mapping]] = ..., result: _Optional[_Union[ResultFrame, _Mapping]] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., received: _Optional[_Union[TaskReceived, _Mapping]] = ...) -> None: ...
+
+class TaskReceived(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
     __slots__ = ("job_id",)
@@ -188,7 +196,7 @@ class TaskFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason", "upload_slot", "evaluate_task_id", "evaluate_round")
+    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason", "upload_slot", "evaluate_task_id", "evaluate_round", "acknowledge")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +211,7 @@ class TaskHeader(_message.Message):
     UPLOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     task_id: str
     kind: str
@@ -217,7 +226,8 @@ class TaskHeader(_message.Message):
     upload_slot: bool
     evaluate_task_id: str
     evaluate_round: int
-    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ..., upload_slot: _Optional[bool] = ..., evaluate_task_id: _Optional[str] = ..., evaluate_round: _Optional[int] = ...) -> None: ...
+    acknowledge: bool
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ..., upload_slot: _Optional[bool] = ..., evaluate_task_id: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., acknowledge: _Optional[bool] = ...) -> None: ...
 
 class UploadSlotRequest(_message.Message):
     __slots__ = ("job_id", "task_id")
