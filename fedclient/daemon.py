@@ -4,7 +4,8 @@ It registers with the server, heartbeats, and listens on a command stream the se
 When the server goes away it reconnects with exponential backoff; when the server says it does not
 know this session (it restarted), it registers again. For each job it fetches the signed package,
 checks the submitter's signature chain to the root CA and its own local policy, and starts one worker
-process; it reports how the worker ended, with its log if the site shares logs.
+process; it reports how the worker ended, with its log if the site shares logs. The connection, the
+jobs' workers and the worker started ahead share one lock and one stop event, hence one module.
 """
 
 from __future__ import annotations

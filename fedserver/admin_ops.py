@@ -29,7 +29,7 @@ from fedgrid.settings import ServerSettings
 from fedgrid.transfer import Chunks, frames, receive_async, split
 from fedgrid.v1 import admin_pb2 as apb
 from fedserver import jobstore, results
-from fedserver.jobrun import MANIFEST, PACKAGE, SUBMITTER_CERT
+from fedserver.job_io import MANIFEST, PACKAGE, SUBMITTER_CERT
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.peers import PeerAuthority
 from fedserver.scheduler import Scheduler

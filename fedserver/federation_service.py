@@ -84,10 +84,8 @@ class FederationService(federation_pb2_grpc.FederationServicer):
                 yield command
 
     @rpc
-    async def FetchJob(
-        self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> None:
-        async for frame in self.scheduler.run_for(request.job_id, caller.name).package_frames():
+    async def FetchJob(self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity) -> None:
+        async for frame in self.scheduler.run_for(request.job_id, caller.name).io.package_frames():
             await limits.write(context, frame, self.idle_timeout, f"job package for {caller.name}")
 
     @rpc

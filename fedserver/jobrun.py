@@ -2,17 +2,18 @@
 
 The lifecycle is a single coroutine (`JobRun.run`) so that abort is a plain cancellation and every
 way out (completed, aborted, failed) passes through the same `finally`: sites are told to stop,
-their logs are collected, and the result folder is written.
+their logs are collected, and the result folder is written. That is why deploying, the sites' events,
+tracking and the result folder stay in this one module: each is a step of that coroutine or an event
+it waits on. The job's traffic with the workers is `JobIO` (fedserver/job_io.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,35 +22,24 @@ from fedgrid.errors import FedgridError, StateError
 from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
-from fedgrid.tensor_file import BLOCK_BYTES, TensorFile
-from fedgrid.transfer import frames
+from fedgrid.tensor_file import TensorFile
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory, results
 from fedserver.aggregation import Aggregator, PlainAggregator
 from fedserver.fedavg import FedAvg, Outcome
-from fedserver.grid import Result, Task, TaskBoard, UploadSlots
+from fedserver.grid import Result, Task, TaskBoard
+from fedserver.job_io import JobIO
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.registry import SiteRegistry
-from fedserver.spool import Spool
 from fedserver.watchers import Watchers
 
 START_TIMEOUT = 120.0
 """Seconds a site may take to fetch the job, verify it and start its worker."""
 END_TIMEOUT = 20.0
 """Seconds to wait for the sites' final reports (and logs) after the job ended."""
-UPLOAD_SLOTS = 2
-"""Large uploads a job takes at the same time; more sites wait their turn (bench/aggregation_memory.py)."""
-SENDING = 2
-"""Workers a large model (or job package) read from disk is streamed to at once, per job."""
-SLOT_MIN_BYTES = 8 << 20
-"""Updates from this size on need an upload slot; smaller ones are cheaper to take than to schedule."""
 ABORT_TIMEOUT = 6.0
 """Seconds to wait for the sites to confirm an abort (the whole abort stays under 10 s)."""
-PACKAGE = "package.zip"
-MANIFEST = "manifest.json"
-SUBMITTER_CERT = "submitter.pem"
-"""The signed job package as submitted, kept beside the unpacked job folder (see fedserver/admin_ops.py)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +72,11 @@ class JobRun:
         self.job_dir = ctx.store.job_dir(job_id)
         self.result_dir = self.job_dir / "result"
         self.result_dir.mkdir(exist_ok=True)
-        self._tmp_dir = self.job_dir / "tmp"
-        self._tmp_dir.mkdir(exist_ok=True)
         self.log = job_logger(job_id, self.job_dir / "log.txt")
         self.sites = sorted(sites)
         self.board = TaskBoard(job_id, self.sites)
+        self.io = JobIO(job_id=job_id, job_dir=self.job_dir, board=self.board, log=self.log)
+        """The job's traffic with its workers (package, tasks, results): what worker streams call."""
         self._site_states: dict[str, str] = {}
         self._started: dict[str, asyncio.Future[str]] = {}
         self._ended: dict[str, asyncio.Future[str]] = {}
@@ -95,15 +85,6 @@ class JobRun:
         self.abort_reason = ""
         self.tracking = None
         self.layout: tensors.Layout = {}
-        self.model_bytes = 0
-        self._package: Model | None = None
-        """The signed job package as submitted (a zip in the job folder), with its digest."""
-        self._task_messages: dict[str, list[fpb.ServerMessage]] = {}
-        """The current task's messages, built once and sent to every worker."""
-        self._upload_slots = UploadSlots(UPLOAD_SLOTS)
-        self._sending = asyncio.Semaphore(SENDING)
-        self._slot_bytes = 0
-        """Expected size of an update from which sites must ask for an upload slot first."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,9 +159,7 @@ class JobRun:
         else:
             self.layout = TensorFile(path, what).layout
             model = Model.on_disk(tensors.FORMAT, path)
-        self.model_bytes = model.size
-        expected = self.model_bytes * (8 if self.spec.server.encryption != "none" else 1)
-        self._slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
+        self.io.expect_models_of(model.size, encrypted=self.spec.server.encryption != "none")
         self.log.info("initial model: %d tensors, %.2f MB", len(self.layout), model.size / 1e6)
         return model
 
@@ -236,7 +215,7 @@ class JobRun:
     async def _workflow(self, initial: Model) -> Outcome:
         await self._deploy()
         await self._wait_ready()
-        if self._slot_bytes:
+        if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
         workflow = FedAvg(
             config=self.spec.server,
@@ -244,7 +223,7 @@ class JobRun:
             aggregator=self._aggregator,
             result_dir=self.result_dir,
             checkpoint_dir=self.job_dir / "checkpoint",
-            model_dir=self._tmp_dir,
+            model_dir=self.io.tmp_dir,
             log=self.log,
             on_round=self._on_round,
             release_model=self._release_model,
@@ -261,7 +240,7 @@ class JobRun:
         return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
 
     async def _on_round(self, record: RoundInfo) -> None:
-        if self._slot_bytes:
+        if self.io.large:
             memory.trim()  # large models: hand the round's freed payload buffers back to the system
         # Off the event loop: the commit waits for the disk (fsync), and rounds and uploads go on meanwhile.
         await asyncio.to_thread(self.ctx.store.add_round, self.job_id, record)
@@ -348,132 +327,6 @@ class JobRun:
     def tracking_pending(self) -> bool:
         """True when tracking events of this job still wait for a tracker that was down."""
         return self.tracking is not None and not self.tracking.report.complete
-
-    async def package_frames(self) -> AsyncIterator[fpb.JobFrame]:
-        """The signed job package, read from the job folder a chunk at a time for each site that fetches it
-        (its digest is computed once), so a large package is never held whole."""
-        if self._package is None:
-            self._package = await asyncio.to_thread(Model.on_disk, "zip", self.job_dir / PACKAGE)
-        header = fpb.JobHeader(
-            job_id=self.job_id,
-            signed_manifest=(self.job_dir / MANIFEST).read_bytes(),
-            submitter_cert=(self.job_dir / SUBMITTER_CERT).read_bytes(),
-            size=self._package.size,
-        )
-        async with self._sending:
-            for frame in frames(fpb.JobFrame, header, self._package.chunks(BLOCK_BYTES), sha256=self._package.sha256):
-                yield frame
-
-    async def next_task(self, site: str, last_task_id: str) -> Task:
-        """The site's next task, as soon as there is one (the END task once the job is over)."""
-        self.board.mark_ready(site)
-        task = await self.board.next_task(site, last_task_id, None)
-        assert task is not None  # no timeout given
-        return task
-
-    def task_messages(self, task: Task, cached_sha256: bytes) -> Iterator[fpb.ServerMessage]:
-        """The messages of a task; just its header when the worker already holds the payload.
-
-        A model in memory is framed once per task and the same messages go to every worker. A model on
-        disk is read a chunk at a time for each worker, during that worker's `sending_turn`, and the
-        worker acknowledges it (`TaskHeader.acknowledge`), so that many workers fetching a large model
-        cost a few chunks in flight, not a copy each, however slowly they read.
-        """
-        model = task.model
-        header = fpb.TaskHeader(
-            job_id=self.job_id,
-            task_id=task.task_id,
-            kind=task.kind,
-            round=task.round,
-            total_rounds=task.total_rounds,
-            payload_format=model.payload_format if model else "",
-            payload_sha256=model.sha256 if model else b"",
-            payload_size=model.size if model else 0,
-            total_weight=model.total_weight if model else 0.0,
-            upload_slot=bool(self._slot_bytes) and task.kind in ("train", "release"),
-            evaluate_task_id=task.evaluate_task_id,
-            evaluate_round=task.evaluate_round,
-        )
-        if model is None or (cached_sha256 and cached_sha256 == model.sha256):
-            header.payload_cached = model is not None
-            yield fpb.ServerMessage(task=next(frames(fpb.TaskFrame, header, ())))
-            return
-        if model.data is not None:
-            cache = self._task_messages
-            if task.task_id not in cache:
-                cache.clear()
-                cache[task.task_id] = [
-                    fpb.ServerMessage(task=frame)
-                    for frame in frames(fpb.TaskFrame, header, (model.data,), sha256=model.sha256)
-                ]
-            yield from cache[task.task_id]
-            return
-        header.acknowledge = True
-        for frame in frames(fpb.TaskFrame, header, model.chunks(BLOCK_BYTES), sha256=model.sha256):
-            yield fpb.ServerMessage(task=frame)
-
-    @contextlib.asynccontextmanager
-    async def sending_turn(self, task: Task) -> AsyncIterator[None]:
-        """Hold one of the job's `SENDING` turns while a model from disk streams to a worker (and until
-        the worker acknowledges it); free for models in memory."""
-        if task.model is None or task.model.data is not None:
-            yield
-            return
-        async with self._sending:
-            yield
-
-    def accepts(self, site: str, task_id: str) -> bool:
-        """True when `site` was asked for `task_id` and has not answered it yet."""
-        return self.board.accepts(site, task_id)
-
-    def deliver(self, result: Result) -> bool:
-        """Hand the controller a result; False (the caller drops it) when its round closed."""
-        return self.board.deliver(result)
-
-    def deliver_evaluation(self, site: str, evaluation: fpb.Evaluation) -> None:
-        """Hand the controller the evaluation a site answered inside its training result."""
-        result = Result(
-            site=site,
-            task_id=evaluation.task_id,
-            num_samples=evaluation.num_samples,
-            metrics=dict(evaluation.metrics),
-            payload_format="",
-            path=None,
-        )
-        if not self.board.deliver(result):
-            self.log.warning("%s: evaluation %s arrived after its round closed; dropped", site, evaluation.task_id)
-
-    @property
-    def upload_limit(self) -> int:
-        """The largest result payload a site may send (a ciphertext is several times the model)."""
-        return max(64 << 20, 32 * self.model_bytes)
-
-    def new_spool(self, site: str, payload_format: str) -> Spool:
-        return Spool(self._tmp_dir, prefix=f"{site}-", expected=self.model_bytes if payload_format else 0)
-
-    def needs_upload_slot(self, payload_format: str) -> bool:
-        return bool(self._slot_bytes) and bool(payload_format)
-
-    async def upload_slot(self, site: str, task_id: str) -> None:
-        """Wait until `site` may upload its result of `task_id` (a few large uploads at a time)."""
-        if not self.board.accepts(site, task_id):
-            raise StateError(f"task {task_id} is no longer open (late result dropped)")
-        await self._upload_slots.acquire(site, None)
-
-    @contextlib.asynccontextmanager
-    async def uploading(self, site: str, payload_format: str) -> AsyncIterator[None]:
-        """Hold `site`'s upload slot while its large result streams in (taking one if it has none)."""
-        if not self.needs_upload_slot(payload_format):
-            yield
-            return
-        if not self._upload_slots.holds(site):
-            await self._upload_slots.acquire(site, None)
-        self._upload_slots.start(site)
-        try:
-            yield
-        finally:
-            await self._upload_slots.release(site)
-            memory.trim()  # a large upload's freed network buffers go back to the system now, not at round end
 
     def receive_events(self, site: str, events: Sequence[object]) -> str:
         if self.tracking is None:
@@ -577,7 +430,7 @@ class JobRun:
             "best_round": outcome.best_round,
             "best_value": outcome.best_value,
             "key_metric": self.spec.server.key_metric,
-            "model_bytes": self.model_bytes,
+            "model_bytes": self.io.model_bytes,
             "sites": self._site_states,
         }
         if self.tracking is not None:

@@ -59,7 +59,7 @@ class WorkerStream:
                 if kind == "next_task":
                     await self._task(message.next_task)
                 elif kind == "upload_slot":
-                    await self._run().upload_slot(self.site, message.upload_slot.task_id)
+                    await self._run().io.upload_slot(self.site, message.upload_slot.task_id)
                     await self._reply(fpb.Reply(message="granted"))
                 elif kind == "result":
                     await self._reply(fpb.Reply(message=await self._result(message.result)))
@@ -93,10 +93,10 @@ class WorkerStream:
             return
         if self.site not in run.sites:
             raise StateError(f"{self.site} is not a site of job {self.job_id}")
-        task = await run.next_task(self.site, request.last_task_id)
-        async with run.sending_turn(task):
+        task = await run.io.next_task(self.site, request.last_task_id)
+        async with run.io.sending_turn(task):
             acknowledge = False
-            for message in run.task_messages(task, request.cached_sha256):
+            for message in run.io.task_messages(task, request.cached_sha256):
                 acknowledge = acknowledge or message.task.header.acknowledge
                 await self._write(message)
             if acknowledge:
@@ -123,17 +123,17 @@ class WorkerStream:
         header = first.header
         run = self._run()
         if header.HasField("evaluation"):
-            run.deliver_evaluation(self.site, header.evaluation)
-        open_task = run.accepts(self.site, header.task_id)
-        spool = run.new_spool(self.site, header.payload_format) if open_task else _Discard()
+            run.io.deliver_evaluation(self.site, header.evaluation)
+        open_task = run.io.accepts(self.site, header.task_id)
+        spool = run.io.new_spool(self.site, header.payload_format) if open_task else _Discard()
         assembler = Assembler(
             spool,  # type: ignore[arg-type]
-            max_size=run.upload_limit,
+            max_size=run.io.upload_limit,
             what=f"result of {header.task_id} from {self.site}",
             verify=lambda h: digest_checked(h.payload_format),
         )
         try:
-            async with run.uploading(self.site, header.payload_format if open_task else ""):
+            async with run.io.uploading(self.site, header.payload_format if open_task else ""):
                 frame = first
                 while True:
                     if frame.data and (assembler.hashing or not spool.in_memory):
@@ -165,7 +165,7 @@ class WorkerStream:
             data=data,
             on_discard=release,
         )
-        if not run.deliver(result):
+        if not run.io.deliver(result):
             result.discard()
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
             return "late: dropped"
