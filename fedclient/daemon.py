@@ -1,11 +1,13 @@
 """The site daemon: stays connected to the server and runs the jobs it is given.
 
-It registers with the server, heartbeats, and listens on a command stream the server pushes to.
-When the server goes away it reconnects with exponential backoff; when the server says it does not
-know this session (it restarted), it registers again. For each job it fetches the signed package,
-checks the submitter's signature chain to the root CA and its own local policy, and starts one worker
-process; it reports how the worker ended, with its log if the site shares logs. The connection, the
-jobs' workers and the worker started ahead share one lock and one stop event, hence one module.
+It registers with the server, heartbeats, and listens on a command stream the server pushes to. When
+the server goes away it waits for it with gRPC's own reconnection (a connection attempt at most every
+2 s, so it registers again within about 2 s of the server being back, without hammering it while it is
+down); when the server says it does not know this session (it restarted), it registers again. For each
+job it fetches the signed package, checks the submitter's signature chain to the root CA and its own
+local policy, and starts one worker process; it reports how the worker ended, with its log if the site
+shares logs. The connection, the jobs' workers and the worker started ahead share one lock and one stop
+event, hence one module.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from fedgrid import __version__, jobspec
+from fedgrid import __version__, jobspec, retry
 from fedgrid.certs import identity_from_cert, verify_issued_by
 from fedgrid.errors import FedgridError, IdentityError, StateError
 from fedgrid.grpc_errors import error_from_rpc
@@ -41,6 +43,12 @@ log = logging.getLogger("fedclient")
 MAX_JOB_PACKAGE = 512 << 20
 LOG_SHARE_LIMIT = 1 << 20
 ABORT_GRACE = 3.0
+SLOT_WAIT = 30.0
+"""Seconds a job started while this site is at its max_concurrent_jobs waits for a slot before it is refused."""
+REGISTER_WAIT = 5.0
+"""Seconds one registration attempt waits for the server to be reachable before the daemon tries again."""
+REPORT_RETRY_FOR = 120.0
+"""Seconds a job report keeps being retried while the server is unreachable."""
 WARM_DELAY = 2.0
 """Seconds after a job's worker ends before the next one is started ahead: the job's last steps (reports,
 results, the other sites' workers ending) come first."""
@@ -57,21 +65,6 @@ class JobProcess:
     process: subprocess.Popen[bytes] | None = None
     aborted: str = ""
     done: threading.Event = field(default_factory=threading.Event)
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to 10 s."""
-
-    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
-        self.first, self.cap, self.delay = first, cap, first
-
-    def next(self) -> float:
-        delay = self.delay * random.uniform(0.8, 1.2)
-        self.delay = min(self.delay * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self.delay = self.first
 
 
 class SiteDaemon:
@@ -100,10 +93,11 @@ class SiteDaemon:
 
     def run(self, ready_file: Path | None) -> None:
         threading.Thread(target=self._warmer, name="warmer", daemon=True).start()
-        backoff = Backoff()
         reachable = True
         while not self.stopping.is_set():
             try:
+                # wait_for_ready: while the server is down, gRPC keeps trying to connect (every 2 s at most,
+                # fedgrid.transfer.GRPC_OPTIONS) and sends the call the moment it is back.
                 reply = self.stub.Register(
                     fpb.RegisterRequest(
                         version=__version__,
@@ -112,8 +106,10 @@ class SiteDaemon:
                         cpu_count=self.settings.num_cpus or os.cpu_count() or 1,
                         memory_gb=self.settings.memory_gb or _machine_memory_gb(),
                         hostname=socket.gethostname(),
+                        max_jobs=self.settings.max_concurrent_jobs,
                     ),
-                    timeout=10,
+                    timeout=REGISTER_WAIT,
+                    wait_for_ready=True,
                 )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -122,16 +118,16 @@ class SiteDaemon:
                     raise FatalError(exc.details()) from None
                 if reachable:
                     log.warning(
-                        "server %s:%d unreachable (%s); retrying with backoff",
+                        "server %s:%d unreachable (%s); waiting for it",
                         self.kit.server_host,
                         self.kit.fed_port,
                         exc.details(),
                     )
                     reachable = False
-                self.stopping.wait(backoff.next())
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.stopping.wait(1.0)
                 continue
             reachable = True
-            backoff.reset()
             self.session_id = reply.session_id
             self.heartbeat_interval = reply.heartbeat_interval or self.settings.heartbeat_interval
             log.info("registered with %s (project %s), session %s", reply.server_name, reply.project, reply.session_id)
@@ -143,7 +139,6 @@ class SiteDaemon:
             self._listen()
             if not self.stopping.is_set():
                 log.warning("lost the connection to the server; reconnecting")
-                self.stopping.wait(backoff.next())
 
     def _listen(self) -> None:
         """Consume the command stream until it ends (server gone, or a newer session replaced it)."""
@@ -216,8 +211,8 @@ class SiteDaemon:
         with self.lock:
             if job_id in self.jobs and not self.jobs[job_id].done.is_set():
                 return
-            busy = sum(1 for j in self.jobs.values() if not j.done.is_set())
             job = self.jobs[job_id] = JobProcess(job_id, job_dir)
+        busy = self._wait_for_slot(job)
         if busy >= self.settings.max_concurrent_jobs:
             reason = (
                 f"this site already runs {busy} jobs, its limit (max_concurrent_jobs in local/site.json); "
@@ -253,8 +248,9 @@ class SiteDaemon:
             elif code == 0:
                 state, error = "finished", ""
             else:
-                state, error = "failed", _traceback_tail(text, code)
+                state, error = "failed", _worker_failure(text, code)
             log.info("job %s: worker ended (%s, exit %d)", job_id, state, code)
+            job.done.set()  # the slot is free before the server hears the job ended here
             self._report(job_id, state, error, text[-LOG_SHARE_LIMIT:] if self.settings.share_job_logs else b"")
         except Exception as exc:  # noqa: BLE001 - a broken job must not take the daemon down
             log.exception("job %s: internal error", job_id)
@@ -262,6 +258,18 @@ class SiteDaemon:
         finally:
             job.done.set()
             self._warm_wanted.set()
+
+    def _wait_for_slot(self, job: JobProcess) -> int:
+        """Jobs running here besides `job`, once fewer than the limit or after SLOT_WAIT seconds: a job the
+        server starts the moment another ends may arrive while that one's worker is still exiting."""
+        deadline = time.monotonic() + SLOT_WAIT
+        while True:
+            with self.lock:
+                busy = sum(1 for j in self.jobs.values() if j is not job and not j.done.is_set())
+            if busy < self.settings.max_concurrent_jobs or time.monotonic() > deadline:
+                return busy
+            if self.stopping.wait(0.2):
+                return busy
 
     def _worker_for(self, job_id: str, job_dir: Path, app: str, threads: int) -> tuple[subprocess.Popen[bytes], bool]:
         """A worker process for the job, and whether it was started ahead: the warm one if there is one (it
@@ -380,18 +388,28 @@ class SiteDaemon:
 
     def _report(self, job_id: str, state: str, error: str, log_text: bytes = b"") -> None:
         """Tell the server how the job went here; retried while the server is unreachable."""
-        backoff = Backoff()
-        for _ in range(8):
-            try:
-                self.stub.ReportJob(fpb.JobReport(job_id=job_id, state=state, error=error, log=log_text), timeout=10)
-                return
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    log.warning("report of job %s refused: %s", job_id, error_from_rpc(exc))
-                    return
-                if self.stopping.wait(backoff.next()):
-                    return
-        log.warning("could not report job %s (%s) to the server", job_id, state)
+        report = fpb.JobReport(job_id=job_id, state=state, error=error, log=log_text)
+        try:
+            retry.call(
+                lambda: self.stub.ReportJob(report, timeout=10),
+                what=f"report of job {job_id}",
+                retryable=_unreachable,
+                give_up_after=REPORT_RETRY_FOR,
+                log=log,
+                stop_event=self.stopping,
+            )
+        except grpc.RpcError as exc:
+            if _unreachable(exc):
+                log.warning("could not report job %s (%s) to the server", job_id, state)
+            else:
+                log.warning("report of job %s refused: %s", job_id, error_from_rpc(exc))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def _machine_memory_gb() -> float:
@@ -402,8 +420,15 @@ def _machine_memory_gb() -> float:
         return 0.0
 
 
-def _traceback_tail(log_text: bytes, code: int) -> str:
-    """The last traceback in a worker's log, or its last lines, for the job's error message."""
+def _worker_failure(log_text: bytes, code: int) -> str:
+    """Why a worker failed, for the job's error: killed by a signal (said first), else the last traceback
+    in its log, or its last lines."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the job's worker was killed by {name} (signal {-code}) before the job ended"
     text = log_text.decode("utf-8", errors="replace")
     start = text.rfind("Traceback (most recent call last)")
     tail = text[start:] if start >= 0 else "\n".join(text.splitlines()[-20:])

@@ -79,6 +79,7 @@ class FedAvg:
         model_dir: Path,
         log: logging.Logger,
         on_round: Callable[[RoundInfo], Awaitable[None]],
+        on_round_start: Callable[[int], Awaitable[None]] | None = None,
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
         keep_dir: Path | None = None,
     ) -> None:
@@ -91,6 +92,7 @@ class FedAvg:
         """Where global models too large to keep in memory live while they are needed."""
         self.log = log
         self.on_round = on_round
+        self.on_round_start = on_round_start
         self.release_model = release_model
         self.keep_dir = keep_dir
         """When set, received updates are moved here after folding instead of deleted (audit)."""
@@ -135,6 +137,8 @@ class FedAvg:
         previous: Finished | None = None
         for round_no in range(1, cfg.num_rounds + 1):
             started = time.monotonic()
+            if self.on_round_start is not None:
+                await self.on_round_start(round_no)
             sites = self.choose_sites(round_no)
             evaluation = self._evaluation_task(previous) if previous is not None else None
             train = Task(

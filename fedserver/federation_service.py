@@ -59,6 +59,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
             cpu_count=request.cpu_count,
             memory_gb=request.memory_gb,
             running_jobs=list(request.running_jobs),
+            max_jobs=request.max_jobs,
         )
         self.scheduler.site_registered(caller.name, list(request.running_jobs))
         return fpb.RegisterReply(

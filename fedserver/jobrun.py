@@ -93,20 +93,23 @@ class JobRun:
         return self._task
 
     async def abort(self, reason: str) -> None:
-        """Cancel the run; returns when the job is recorded as aborted and the sites were told."""
-        if self._task is None or self._task.done():
+        """Cancel the run; returns when the job is recorded as aborted and the sites were told.
+
+        Any number of callers may abort at once: the first cancels, and every caller waits for the same
+        end (a second cancellation would interrupt the clean-up that records the job's end).
+        """
+        if self._task is None:
             return
-        self.abort_reason = reason
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        if not self._task.done() and not self.abort_reason:
+            self.abort_reason = reason
+            self._task.cancel()
+        await asyncio.wait({self._task})
 
     async def run(self) -> None:
         store = self.ctx.store
         status, error = jobstore.COMPLETED, ""
         outcome = Outcome()
+        workflow: asyncio.Task[Outcome] | None = None
         try:
             store.update(self.job_id, status=jobstore.RUNNING, start_time=time.time(), sites=self.sites)
             await self.ctx.watchers.status(self.job_id)
@@ -124,27 +127,48 @@ class JobRun:
         except asyncio.CancelledError:
             status, error = jobstore.ABORTED, self.abort_reason or "aborted"
             self.log.warning("job aborted: %s", error)
+            if workflow is not None and not workflow.done():
+                workflow.cancel()  # no further round starts once the job is aborted
+                await asyncio.gather(workflow, return_exceptions=True)
         except FedgridError as exc:
             status, error = jobstore.FAILED, str(exc)
             self.log.error("job failed: %s", exc)
+        except OSError as exc:
+            status, error = jobstore.FAILED, f"{exc.filename or 'the job folder'}: {exc.strerror or exc}"
+            self.log.error("job failed writing its folder: %s", error)
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not take the server down
             status, error = jobstore.FAILED, f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("job failed with an internal error:\n%s", traceback.format_exc())
         finally:
+            await self._end(status, error, outcome)
+
+    async def _end(self, status: str, error: str, outcome: Outcome) -> None:
+        """Tell the sites, write the result folder, record the end. A step that fails (a full disk, a folder
+        that became unwritable) fails the job with the path and the cause, and the steps after it still run:
+        a job never stays RUNNING because its clean-up could not write."""
+        try:
             await self._shutdown(status)
+        except Exception:  # noqa: BLE001 - the sites are told best-effort; the record must still be written
+            self.log.exception("telling the sites the job ended failed")
+        try:
             await asyncio.to_thread(self._write_result, status, error, outcome)
-            store.update(
-                self.job_id,
-                status=status,
-                end_time=time.time(),
-                error=error,
-                result=self._summary(status, error, outcome),
-            )
-            await self.ctx.watchers.finished(self.job_id)
-            self.log.info("job ended: %s%s", status, f" ({error})" if error else "")
-            for handler in list(self.log.handlers):
-                handler.close()
-                self.log.removeHandler(handler)
+        except OSError as exc:
+            problem = f"writing the result folder failed: {exc.strerror or exc} ({exc.filename or self.result_dir})"
+            self.log.error("%s", problem)
+            if status == jobstore.COMPLETED:
+                status, error = jobstore.FAILED, problem
+        self.ctx.store.update(
+            self.job_id,
+            status=status,
+            end_time=time.time(),
+            error=error,
+            result=self._summary(status, error, outcome),
+        )
+        await self.ctx.watchers.finished(self.job_id)
+        self.log.info("job ended: %s%s", status, f" ({error})" if error else "")
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
 
     def _initial_model(self) -> Model:
         """The job's initial model: re-serialized in memory when small, used in place from the job folder
@@ -226,6 +250,7 @@ class JobRun:
             model_dir=self.io.tmp_dir,
             log=self.log,
             on_round=self._on_round,
+            on_round_start=self._round_started,
             release_model=self._release_model,
             keep_dir=self.job_dir / "uploads" if self.ctx.keep_uploads else None,
         )
@@ -238,6 +263,10 @@ class JobRun:
             assert self.ctx.he_context is not None  # checked at submit
             return EncryptedAggregator(self.ctx.he_context, self.layout)
         return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
+
+    async def _round_started(self, round_no: int) -> None:
+        """The round in progress is the job's current round (what list_jobs shows, and where a crash stopped it)."""
+        await asyncio.to_thread(self.ctx.store.update, self.job_id, current_round=round_no)
 
     async def _on_round(self, record: RoundInfo) -> None:
         if self.io.large:
@@ -301,19 +330,26 @@ class JobRun:
             await self.board.ask(end, active)
             timeout = END_TIMEOUT
         else:
-            for site in active:
-                try:
-                    self.ctx.registry.send(site, fpb.Command(abort_job=fpb.AbortJob(job_id=self.job_id, reason=status)))
-                except StateError:
-                    pass
+            self._abort_at(active, status)
             timeout = ABORT_TIMEOUT
         await self.board.close()
         waiting = [f for s, f in self._ended.items() if not f.done() and s in active]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
-        for site in active:
-            if not self._ended[site].done():
-                self._set_state(site, "no final report")
+        late = [site for site in active if not self._ended[site].done()]
+        for site in late:
+            self._set_state(site, "no final report")
+        if late and status == jobstore.COMPLETED:
+            # A script still busy (hung in training) would hold its worker, and the site's job slot, forever.
+            self._abort_at(late, "the job ended and its worker did not finish")
+
+    def _abort_at(self, sites: list[str], reason: str) -> None:
+        """Tell `sites` to end their worker of this job."""
+        for site in sites:
+            try:
+                self.ctx.registry.send(site, fpb.Command(abort_job=fpb.AbortJob(job_id=self.job_id, reason=reason)))
+            except StateError:
+                pass
 
     # ------------------------------------------------------------------ what sites and workers ask
 
@@ -417,16 +453,19 @@ class JobRun:
             (self.result_dir / "log.txt").write_bytes(log_file.read_bytes())
 
     def _summary(self, status: str, error: str, outcome: Outcome) -> dict[str, object]:
+        """result.json: what the job's records say (its rounds are those in the job store, whatever way it
+        ended, so the summary never contradicts the metrics files and the models beside it)."""
+        rounds = self.ctx.store.rounds(self.job_id)
         summary: dict[str, object] = {
             "job_id": self.job_id,
             "name": self.spec.name,
             "status": status,
             "error": error,
             "encrypted": self.spec.server.encryption != "none",
-            "rounds_completed": len(outcome.rounds),
+            "rounds_completed": len(rounds),
             "num_rounds": self.spec.server.num_rounds,
             "stopped_early": outcome.stopped_early,
-            "final_metrics": outcome.final_metrics,
+            "final_metrics": outcome.final_metrics or (rounds[-1].metrics if rounds else {}),
             "best_round": outcome.best_round,
             "best_value": outcome.best_value,
             "key_metric": self.spec.server.key_metric,

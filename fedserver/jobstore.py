@@ -218,7 +218,6 @@ class JobStore:
                     record.bytes_moved,
                 ),
             )
-            db.execute("UPDATE jobs SET current_round = ? WHERE job_id = ?", (record.round, job_id))
 
     def rounds(self, job_id: str) -> list[RoundInfo]:
         with self._lock:
@@ -261,13 +260,14 @@ class JobStore:
         with self._tx() as db:
             rows = db.execute("SELECT job_id, current_round FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
             for row in rows:
+                where = f"during round {row['current_round']}" if row["current_round"] else "before round 1"
                 db.execute(
                     "UPDATE jobs SET status = ?, end_time = ?, error = ? WHERE job_id = ?",
                     (
                         FAILED,
                         now,
-                        f"the server stopped during round {row['current_round'] + 1}; its checkpoint "
-                        "is in the job folder; clone_job runs the job again",
+                        f"the server stopped {where}; its checkpoint is in the job folder; clone_job runs "
+                        "the job again",
                         row["job_id"],
                     ),
                 )

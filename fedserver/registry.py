@@ -30,6 +30,8 @@ class Site:
     cpu_count: int
     memory_gb: float
     """0 = not reported: no limit."""
+    max_jobs: int
+    """Jobs the site runs at once; 0 = not reported: no limit."""
     registered: float
     last_heartbeat: float
     running_jobs: tuple[str, ...] = ()
@@ -55,6 +57,7 @@ class SiteRegistry:
         cpu_count: int,
         memory_gb: float,
         running_jobs: list[str],
+        max_jobs: int = 0,
     ) -> Site:
         """Start a new session for `name`; refused while another daemon of that name is connected."""
         now = time.time()
@@ -72,6 +75,7 @@ class SiteRegistry:
             hostname=hostname,
             cpu_count=cpu_count,
             memory_gb=memory_gb,
+            max_jobs=max_jobs,
             registered=now,
             last_heartbeat=now,
             running_jobs=tuple(running_jobs),

@@ -139,9 +139,14 @@ class Scheduler:
         return None, reason
 
     def _lack(self, site: str, needs: dict[str, float]) -> str:
-        """What `site` lacks of `needs` beside the jobs running on it ("" when the job fits)."""
+        """What `site` lacks of `needs` beside the jobs running on it, or of job slots ("" when the job fits)."""
         record = self.registry.get(site)
-        if record is None or not needs:
+        if record is None:
+            return ""
+        running = sum(1 for run in self.runs.values() if site in run.sites)
+        if record.max_jobs and running >= record.max_jobs:
+            return f"runs {running} jobs, its max_concurrent_jobs"
+        if not needs:
             return ""
         offered = {"num_cpus": float(record.cpu_count), "memory_gb": record.memory_gb}
         units = {"num_cpus": "CPUs", "memory_gb": "GB of memory"}

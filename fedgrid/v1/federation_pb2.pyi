@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("version", "roster", "running_jobs", "cpu_count", "hostname", "memory_gb")
+    __slots__ = ("version", "roster", "running_jobs", "cpu_count", "hostname", "memory_gb", "max_jobs")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
     version: str
     roster: bytes
     running_jobs: _containers.RepeatedScalarFieldContainer[str]
     cpu_count: int
     hostname: str
     memory_gb: float
-    def __init__(self, version: _Optional[str] = ..., roster: _Optional[bytes] = ..., running_jobs: _Optional[_Iterable[str]] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ..., memory_gb: _Optional[float] = ...) -> None: ...
+    max_jobs: int
+    def __init__(self, version: _Optional[str] = ..., roster: _Optional[bytes] = ..., running_jobs: _Optional[_Iterable[str]] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ..., memory_gb: _Optional[float] = ..., max_jobs: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("session_id", "heartbeat_interval", "server_name", "project")
