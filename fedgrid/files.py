@@ -18,6 +18,15 @@ from pathlib import Path
 def write_atomic(path: Path, data: bytes | str | Iterable[bytes], *, mode: int = 0o644) -> None:
     """Replace `path` with `data` (bytes, text as UTF-8, or an iterable of byte chunks), file mode `mode`."""
     path = Path(path)
+    try:
+        _write(path, data, mode)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write names no file: name the one we were writing
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _write(path: Path, data: bytes | str | Iterable[bytes], mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
