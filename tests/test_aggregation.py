@@ -189,7 +189,7 @@ def test_round_fails_below_min_responses(tmp_path: Path) -> None:
 
 
 def test_target_metric_stops_early(tmp_path: Path) -> None:
-    config = ServerConfig(num_rounds=10, min_clients=1, target_metric=TargetMetric("accuracy", 0.05))
+    config = ServerConfig(num_rounds=10, min_clients=1, target_metric=TargetMetric(name="accuracy", value=0.05))
     outcome, rounds = _run(tmp_path, config, {"a": (1.0, 100, set())})
     assert len(rounds) == 1
     assert "accuracy reached" in outcome.stopped_early

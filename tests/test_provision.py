@@ -138,7 +138,11 @@ def test_every_kit_loads_and_matches_its_participant(provisioned_project: Provis
     project = provisioned_project
     server = load_kit(project.server, expect_type="server")
     assert (server.name, server.type, server.org, server.role) == ("server", "server", "org-a", None)
-    assert (server.server_host, server.fed_port, server.admin_port) == ("127.0.0.1", project.fed_port, project.admin_port)
+    assert (server.server_host, server.fed_port, server.admin_port) == (
+        "127.0.0.1",
+        project.fed_port,
+        project.admin_port,
+    )
     assert server.roster.version == 1
     assert [m.name for m in server.roster.participants] == [k.name for k in project.kits]
     site = load_kit(project.sites[1], expect_type="client")
