@@ -374,8 +374,6 @@ def safe_extract(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> 
             path = PurePosixPath(name)
             if name.startswith("/") or "\\" in name or path.is_absolute() or ".." in path.parts or not path.parts:
                 raise JobSpecError(f"job upload: path {name!r} escapes the job folder")
-            if "\x00" in name:
-                raise JobSpecError(f"job upload: path {name!r} holds a NUL character")
             kind = stat.S_IFMT(info.external_attr >> 16)
             if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise JobSpecError(f"job upload: {name!r} is a link or special file; only regular files are allowed")

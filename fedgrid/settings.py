@@ -54,6 +54,11 @@ class ServerSettings(Settings):
     """Audit: keep every update the server received (as it arrived) in the job folder's uploads/."""
     tracking_uri: str = ""
     """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
+    stream_idle_timeout: float = Field(120.0, gt=0)
+    """Seconds the server waits for the next message on a stream (a job worker's, a job upload) before it
+    closes it; job workers ping well within it while they train."""
+    max_streams_per_identity: int = Field(32, ge=1)
+    """Long-lived streams (job workers, command streams, job watches) one participant may hold at once."""
 
 
 class SiteSettings(Settings):

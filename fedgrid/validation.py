@@ -9,6 +9,7 @@ the file, what is accepted there, and what was found.
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,6 +190,45 @@ def _expected(spot: _Spot, mapping: str) -> str | None:
     return None
 
 
+_AT = re.compile(r"at line (\d+) column (\d+)$")
+_LOCATE_AT_MOST = 1 << 20
+
+
+def _json_place(text: Any, problem: str) -> str:
+    """The key path ("tracking[0][0]...") of the value being read where JSON parsing stopped, from the
+    "at line L column C" of pydantic's message (columns count bytes); "" when it cannot be told."""
+    found = _AT.search(problem)
+    data = text.encode() if isinstance(text, str) else text
+    if not found or not isinstance(data, bytes):
+        return ""
+    line, column = int(found.group(1)), int(found.group(2))
+    lines = data.split(b"\n", line - 1)
+    end = sum(len(part) + 1 for part in lines[: line - 1]) + column - 1
+    if end > _LOCATE_AT_MOST:
+        return ""
+    frames: list[list[Any]] = []  # [True, key or None] for an object, [False, index] for an array
+    index = 0
+    while index < end:
+        char = data[index : index + 1]
+        if char == b'"':
+            close = index + 1
+            while close < len(data) and data[close : close + 1] != b'"':
+                close += 2 if data[close : close + 1] == b"\\" else 1
+            if frames and frames[-1][0] and frames[-1][1] is None:
+                frames[-1][1] = data[index + 1 : close].decode(errors="replace")
+            index = close + 1
+            continue
+        if char in (b"{", b"["):
+            frames.append([char == b"{", None if char == b"{" else 0])
+        elif char in (b"}", b"]") and frames:
+            frames.pop()
+        elif char == b"," and frames:
+            frames[-1][1] = None if frames[-1][0] else frames[-1][1] + 1
+        index += 1
+    parts = [f".{key}" if is_object else f"[{key}]" for is_object, key in frames if key is not None]
+    return "".join(parts[:6]).lstrip(".") + ("..." if len(parts) > 6 else "")
+
+
 def show(value: Any) -> str:
     """A value as the reader wrote it, cut short: error lines stay one readable line."""
     try:
@@ -209,7 +249,9 @@ def one_line(
     error = exc.errors(include_url=False)[0]
     kind, loc, ctx = error["type"], tuple(error["loc"]), error.get("ctx") or {}
     if kind == "json_invalid":
-        return f"not valid JSON ({ctx.get('error', error['msg'])})"
+        problem = str(ctx.get("error", error["msg"]))
+        place = _json_place(error["input"], problem)
+        return f"{place + ': ' if place else ''}not valid JSON ({problem})"
     spot = _spot(model, loc, labels)
     where = f"{spot.parent}: " if spot.parent else ""
     if kind == "missing":
