@@ -109,7 +109,7 @@ def _spot(model: type[BaseModel], loc: tuple[int | str, ...], labels: Labels | N
     index = 0
     while index < len(loc):
         part = loc[index]
-        annotation, constraints, description = _unwrap(spot.annotation)
+        annotation = _unwrap(spot.annotation)[0]
         origin = get_origin(annotation)
         spot.parent = spot.path
         if _is_model(annotation):
@@ -186,12 +186,13 @@ def _expected(spot: _Spot, mapping: str) -> str | None:
         items = {str: " of strings"}.get(get_args(annotation)[0], "")
         return f"a non-empty list{items}" if _min_length(constraints) else f"a list{items}"
     if origin is dict or _is_model(annotation):
-        return f"a non-empty {mapping.split(' ', 1)[1]}" if _min_length(constraints) else mapping
+        return f"{mapping} with at least one entry" if _min_length(constraints) else mapping
     return None
 
 
 _AT = re.compile(r"at line (\d+) column (\d+)$")
-_LOCATE_AT_MOST = 1 << 20
+_LOCATE_AT_MOST = 1 << 18
+"""Bytes scanned to name the place of a JSON syntax error; past it the error names no key."""
 
 
 def _json_place(text: Any, problem: str) -> str:

@@ -102,7 +102,7 @@ class Participant(Schema):
 
     @model_validator(mode="after")
     def _name_and_ports(self) -> Participant:
-        if not valid_name(self.name, self.type) or "\n" in self.name:
+        if not valid_name(self.name, self.type) or "\n" in self.name:  # (a regex's $ matches before "\n")
             if self.type == "admin":
                 raise ValueError(
                     "invalid name: an admin is named by an e-mail address such as admin@nvidia.com "

@@ -33,6 +33,7 @@ from fedgrid.certs import (
 )
 from fedgrid.errors import ConfigError, IdentityError, KitError, TamperedError
 from fedgrid.kit import load_kit
+from fedgrid.policy import DEFAULT_POLICY, Caller, Policy
 from fedgrid.roster import load_roster, sign_roster
 from fedgrid.settings import AdminSettings, ServerSettings, SiteSettings, load_settings
 from fedgrid.signing import PrivateKey, manifest_of, sign_bytes, sign_manifest, verify_bytes, verify_manifest
@@ -214,6 +215,28 @@ def test_a_data_lane_setting_is_ignored_with_one_warning(
     path.write_text(json.dumps({"data_lane": True}))
     with pytest.raises(ConfigError, match="unknown key 'data_lane'"):
         load_settings(AdminSettings, path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda roles: roles.update(boss=roles["lead"]), "roles key must be one of project_admin, org_admin, lead"),
+        (lambda roles: roles["lead"].update(view="yes"), "roles['lead'].view must be true or false, got 'yes'"),
+        (lambda roles: roles["lead"].update(manage="all"), "roles['lead'].manage must be one of any, org, own, none"),
+        (lambda roles: roles["lead"].pop("submit"), "roles['lead']: missing key 'submit'"),
+    ],
+)
+def test_a_bad_authorization_policy_is_refused_with_one_line(
+    tmp_path: Path, change: Callable[[dict], None], message: str
+) -> None:
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    change(policy["roles"])
+    path = tmp_path / "authorization.json"
+    path.write_text(json.dumps(policy))
+    with pytest.raises(ConfigError) as caught:
+        Policy.load(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    assert Policy.load(tmp_path / "missing.json").allows(Caller("a", "o", "lead"), "submit_job")
 
 
 def test_key_of_another_participant_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:
