@@ -4,12 +4,16 @@ every site.
 ```
 <job>/
   meta.json                 {"name", "min_clients", "deploy_map": {<app>: ["@ALL"] | ["server", "site-1", ...]},
-                             "resource_spec": {<site or "@ALL">: {"num_cpus": int, "memory_gb": number}}}
+                             "resource_spec": {<site or "@ALL">: {"num_cpus": number, "memory_gb": number}}}
   <app>/config/server.json  the server's workflow (FedAvg settings; in the app deployed to "server")
   <app>/config/client.json  {"script": "train.py" | "module:pkg.mod", "args": [...]} (in apps deployed to sites)
   <app>/config/initial_model.safetensors   the starting global model (server app)
   <app>/custom/...          the job's own code, run at the sites (never imported by the server)
 ```
+
+Each JSON file is a pydantic model (fedgrid.validation); every file a configuration names must be a
+regular file inside its app's folder, reached without links, and the initial model must be a
+safetensors file fedgrid can use, so that a job is refused when it is submitted, not when it runs.
 
 A job travels as a zip of that folder plus a manifest of every file's SHA-256, signed with the
 submitting admin's private key. The server and each site check that signature against the admin's
@@ -25,11 +29,16 @@ import json
 import re
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
-from fedgrid.errors import JobSpecError
+from pydantic import Field, ValidationError, model_validator
+
+from fedgrid import tensors
+from fedgrid.errors import JobSpecError, PayloadError
+from fedgrid.validation import Schema, accepts, one_line
 
 META_FILE = "meta.json"
 SERVER_CONFIG = "config/server.json"
@@ -37,20 +46,24 @@ CLIENT_CONFIG = "config/client.json"
 INITIAL_MODEL = "initial_model.safetensors"
 ALL = "@ALL"
 SERVER = "server"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODULE_RE = re.compile(r"module:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 WORKFLOWS = ("fedavg",)
 AGGREGATIONS = ("weighted_mean",)
 ENCRYPTIONS = ("none", "ckks")
 TRACKERS = ("mlflow", "tensorboard")
 
+Name = Annotated[
+    str, accepts(NAME_RE.fullmatch, "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+]
 
-@dataclass(frozen=True)
-class TargetMetric:
+
+class TargetMetric(Schema):
     """Stop early once the global `name` reaches `value` ("max": at least, "min": at most)."""
 
     name: str
-    value: float
-    mode: str = "max"
+    value: float = Field(ge=-1e12, le=1e12)
+    mode: Literal["max", "min"] = "max"
 
     def reached(self, metrics: dict[str, float]) -> bool:
         if self.name not in metrics:
@@ -59,38 +72,51 @@ class TargetMetric:
         return got >= self.value if self.mode == "max" else got <= self.value
 
 
-@dataclass(frozen=True)
-class Tracking:
-    type: str
+class Tracking(Schema):
+    type: Literal[TRACKERS]  # type: ignore[valid-type]
     tracking_uri: str = ""
     experiment_name: str = ""
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    num_rounds: int
-    min_clients: int
-    workflow: str = "fedavg"
-    aggregation: str = "weighted_mean"
-    client_fraction: float = 1.0
-    min_responses: int = 0
+class ServerConfig(Schema):
+    """<app>/config/server.json."""
+
+    num_rounds: int = Field(ge=1, le=100_000)
+    min_clients: int = Field(ge=1, le=100_000)
+    workflow: Literal[WORKFLOWS] = "fedavg"  # type: ignore[valid-type]
+    aggregation: Literal[AGGREGATIONS] = "weighted_mean"  # type: ignore[valid-type]
+    client_fraction: float = Field(1.0, gt=0, le=1)
+    min_responses: int = Field(0, ge=0, le=100_000)
     """Updates needed to close a round after `round_timeout`; 0 means every site asked."""
-    round_timeout: float = 0.0
+    round_timeout: float = Field(0.0, ge=0, le=7 * 86400)
     """Seconds to wait for updates before aggregating what came; 0 waits for every site asked."""
     target_metric: TargetMetric | None = None
     key_metric: str = "accuracy"
-    key_metric_mode: str = "max"
-    encryption: str = "none"
-    seed: int = 0
+    key_metric_mode: Literal["max", "min"] = "max"
+    encryption: Literal[ENCRYPTIONS] = "none"  # type: ignore[valid-type]
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     initial_model: str = INITIAL_MODEL
-    tracking: tuple[Tracking, ...] = ()
+    """A safetensors file in <app>/config/."""
+    tracking: tuple[Tracking, ...] = Field((), strict=False)
     release_site: str = ""
     """HE: the site that uploads the decrypted final model (default: the first site of the job)."""
-    server_lr: float = 1.0
+    server_lr: float = Field(1.0, gt=0, le=100)
     """Server optimizer (FedAvgM): global += server_lr * velocity; 1.0 with momentum 0 is plain FedAvg."""
-    server_momentum: float = 0.0
-    clip_norm: float = 0.0
+    server_momentum: float = Field(0.0, ge=0, le=0.999)
+    clip_norm: float = Field(0.0, ge=0, le=1e9)
     """Clip each site's update (its difference to the global model) to this L2 norm on the server; 0 = off."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if self.encryption != "none" and self.needs_plaintext:
+            needs = " and ".join(self.needs_plaintext)
+            raise ValueError(
+                f"encryption {self.encryption!r} cannot be combined with {needs}: the server only adds "
+                "ciphertexts and never sees the values; remove those settings or the encryption"
+            )
+        if self.min_responses > self.min_clients:
+            raise ValueError(f"min_responses ({self.min_responses}) is above min_clients ({self.min_clients})")
+        return self
 
     @property
     def needs_plaintext(self) -> list[str]:
@@ -105,14 +131,34 @@ class ServerConfig:
         return found
 
 
-@dataclass(frozen=True)
-class ClientConfig:
-    script: str
-    args: tuple[str, ...] = ()
+def _script_form(script: str) -> bool:
+    return bool(script) and (not script.startswith("module:") or MODULE_RE.fullmatch(script) is not None)
+
+
+class ClientConfig(Schema):
+    """<app>/config/client.json."""
+
+    script: Annotated[str, accepts(_script_form, "a file in custom/ or module:<python module>")]
+    args: tuple[str, ...] = Field((), strict=False)
 
     @property
     def is_module(self) -> bool:
         return self.script.startswith("module:")
+
+
+class Resources(Schema):
+    num_cpus: float = Field(0.0, ge=0, le=1e6)
+    memory_gb: float = Field(0.0, ge=0, le=1e6)
+
+
+class JobMeta(Schema):
+    """meta.json."""
+
+    name: Name
+    min_clients: int | None = Field(None, ge=1, le=100_000)
+    """The server config's min_clients when left out."""
+    deploy_map: dict[Name, Annotated[tuple[str, ...], Field(min_length=1)]] = Field(min_length=1)
+    resource_spec: dict[str, Resources] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +171,7 @@ class JobSpec:
     clients: dict[str, ClientConfig]
     """Client config of each app deployed to sites."""
     resource_spec: dict[str, dict[str, float]] = field(default_factory=dict)
+    """What the job asks of each site (or "@ALL"): only the keys meta.json gives."""
 
     def app_for_site(self, site: str) -> str | None:
         for app, targets in self.deploy_map.items():
@@ -148,170 +195,89 @@ class JobSpec:
         return any(not c.is_module for c in self.clients.values())
 
 
-def _read_json(folder: Path, rel: str) -> dict[str, Any]:
-    path = folder / rel
-    if not path.is_file():
-        raise JobSpecError(f"{rel}: missing from the job folder")
+S = TypeVar("S", bound=Schema)
+
+
+def _job_file(folder: Path, base: str, name: str, setting: str | None = None) -> Path:
+    """The regular file `base/name` of the job, reached through real folders with no link on the way.
+
+    `setting` is what names the file ("app/config/client.json: script"): it is then a path the job's
+    author wrote, which must stay inside `base`. Errors name the setting, or the file itself.
+    """
+    rel = PurePosixPath(name)
+    if setting is not None and (not name or "\\" in name or rel.is_absolute() or ".." in rel.parts):
+        raise JobSpecError(f"{setting} must be a relative path inside {base}/ without '..', got {name!r}")
+    said = f"{setting} {name!r}: " if setting is not None else ""
+    parts = (*PurePosixPath(base).parts, *rel.parts)
+    path = folder
+    for index, part in enumerate(parts):
+        path = path / part
+        here = "/".join(parts[: index + 1])
+        if path.is_symlink():
+            raise JobSpecError(f"{said}{here} is a link; a job folder holds only regular files and folders")
+        if index < len(parts) - 1 and path.exists() and not path.is_dir():
+            raise JobSpecError(f"{said}{here} is a file, where the job layout needs a folder")
+    if path.is_file():
+        return path
+    if setting is not None:
+        raise JobSpecError(f"{setting} {name!r} is not a file in {base}/")
+    if path.exists():
+        raise JobSpecError(f"{here}: is a folder, where the job layout needs a file")
+    raise JobSpecError(f"{here}: missing from the job folder")
+
+
+def _read(folder: Path, rel: str, model: type[S]) -> S:
+    """Read and validate one JSON file of the job; JobSpecError names the file and the field."""
+    base, _, name = rel.rpartition("/")
+    path = _job_file(folder, base, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobSpecError(f"{rel}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise JobSpecError(f"{rel}: expected a JSON object")
-    return data
+        data = path.read_bytes()
+    except OSError as exc:
+        raise JobSpecError(f"{rel}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise JobSpecError(f"{rel}: {one_line(exc, model)}") from None
 
 
-def _check_keys(data: dict[str, Any], where: str, required: set[str], optional: set[str]) -> None:
-    unknown = sorted(set(data) - required - optional)
-    if unknown:
-        raise JobSpecError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(required | optional))}")
-    missing = sorted(required - set(data))
-    if missing:
-        raise JobSpecError(f"{where}: missing key {missing[0]!r}")
-
-
-def _int(data: dict[str, Any], key: str, where: str, low: int, high: int, default: int | None = None) -> int:
-    value = data.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise JobSpecError(f"{where}: {key} must be an integer in {low}..{high}, got {value!r}")
-    return value
-
-
-def _float(data: dict[str, Any], key: str, where: str, low: float, high: float, default: float) -> float:
-    value = data.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-        raise JobSpecError(f"{where}: {key} must be a number in {low}..{high}, got {value!r}")
-    return float(value)
-
-
-def _str(data: dict[str, Any], key: str, where: str, default: str, choices: tuple[str, ...] | None = None) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        raise JobSpecError(f"{where}: {key} must be a string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise JobSpecError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+def _validated(model: type[S], data: Any, where: str) -> S:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise JobSpecError(f"{where}: {one_line(exc, model)}") from None
 
 
 def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
-    _check_keys(
-        data,
-        where,
-        {"num_rounds", "min_clients"},
-        {
-            "workflow",
-            "aggregation",
-            "client_fraction",
-            "min_responses",
-            "round_timeout",
-            "target_metric",
-            "key_metric",
-            "key_metric_mode",
-            "encryption",
-            "seed",
-            "initial_model",
-            "tracking",
-            "release_site",
-            "server_lr",
-            "server_momentum",
-            "clip_norm",
-        },
-    )
-    min_clients = _int(data, "min_clients", where, 1, 100_000)
-    target = data.get("target_metric")
-    target_metric = None
-    if target is not None:
-        if not isinstance(target, dict):
-            raise JobSpecError(f"{where}: target_metric must be an object {{name, value, mode}}")
-        _check_keys(target, f"{where}: target_metric", {"name", "value"}, {"mode"})
-        target_metric = TargetMetric(
-            name=_str(target, "name", f"{where}: target_metric", ""),
-            value=_float(target, "value", f"{where}: target_metric", -1e12, 1e12, 0.0),
-            mode=_str(target, "mode", f"{where}: target_metric", "max", ("max", "min")),
-        )
-    trackers = []
-    raw_tracking = data.get("tracking", [])
-    if not isinstance(raw_tracking, list):
-        raise JobSpecError(f"{where}: tracking must be a list of {{type, tracking_uri, experiment_name}}")
-    for i, item in enumerate(raw_tracking):
-        w = f"{where}: tracking[{i}]"
-        if not isinstance(item, dict):
-            raise JobSpecError(f"{w}: expected an object")
-        _check_keys(item, w, {"type"}, {"tracking_uri", "experiment_name"})
-        trackers.append(
-            Tracking(
-                type=_str(item, "type", w, "", TRACKERS),
-                tracking_uri=_str(item, "tracking_uri", w, ""),
-                experiment_name=_str(item, "experiment_name", w, ""),
-            )
-        )
-    config = ServerConfig(
-        num_rounds=_int(data, "num_rounds", where, 1, 100_000),
-        min_clients=min_clients,
-        workflow=_str(data, "workflow", where, "fedavg", WORKFLOWS),
-        aggregation=_str(data, "aggregation", where, "weighted_mean", AGGREGATIONS),
-        client_fraction=_float(data, "client_fraction", where, 0.0, 1.0, 1.0),
-        min_responses=_int(data, "min_responses", where, 0, 100_000, 0),
-        round_timeout=_float(data, "round_timeout", where, 0.0, 7 * 86400.0, 0.0),
-        target_metric=target_metric,
-        key_metric=_str(data, "key_metric", where, "accuracy"),
-        key_metric_mode=_str(data, "key_metric_mode", where, "max", ("max", "min")),
-        encryption=_str(data, "encryption", where, "none", ENCRYPTIONS),
-        seed=_int(data, "seed", where, 0, 2**31 - 1, 0),
-        initial_model=_str(data, "initial_model", where, INITIAL_MODEL),
-        tracking=tuple(trackers),
-        release_site=_str(data, "release_site", where, ""),
-        server_lr=_float(data, "server_lr", where, 0.0, 100.0, 1.0),
-        server_momentum=_float(data, "server_momentum", where, 0.0, 0.999, 0.0),
-        clip_norm=_float(data, "clip_norm", where, 0.0, 1e9, 0.0),
-    )
-    if config.client_fraction <= 0:
-        raise JobSpecError(f"{where}: client_fraction must be above 0")
-    if config.server_lr <= 0:
-        raise JobSpecError(f"{where}: server_lr must be above 0")
-    if config.encryption != "none" and config.needs_plaintext:
-        needs = " and ".join(config.needs_plaintext)
-        raise JobSpecError(
-            f"{where}: encryption {config.encryption!r} cannot be combined with {needs}: the server only adds "
-            "ciphertexts and never sees the values; remove those settings or the encryption"
-        )
-    if config.min_responses > config.min_clients:
-        raise JobSpecError(f"{where}: min_responses ({config.min_responses}) is above min_clients ({min_clients})")
-    return config
+    """Validate a server config given as a dict (as read from JSON); JobSpecError names `where`."""
+    return _validated(ServerConfig, data, where)
 
 
 def parse_client_config(data: dict[str, Any], where: str) -> ClientConfig:
-    _check_keys(data, where, {"script"}, {"args"})
-    script = _str(data, "script", where, "")
-    args = data.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise JobSpecError(f"{where}: args must be a list of strings")
-    if not script:
-        raise JobSpecError(f"{where}: script must name a file in custom/ or module:<python module>")
-    return ClientConfig(script=script, args=tuple(args))
+    """Validate a client config given as a dict (as read from JSON); JobSpecError names `where`."""
+    return _validated(ClientConfig, data, where)
+
+
+def _check_initial_model(folder: Path, app: str, server: ServerConfig) -> None:
+    rel = f"{app}/{SERVER_CONFIG}"
+    path = _job_file(folder, f"{app}/config", server.initial_model, f"{rel}: initial_model")
+    try:
+        tensors.check_file(path, f"{app}/config/{server.initial_model}")
+    except PayloadError as exc:
+        raise JobSpecError(f"{exc}; initial_model in {rel} must name a safetensors file of the model") from None
 
 
 def load_job(folder: Path, *, known_sites: set[str] | None = None) -> JobSpec:
     """Read and validate a job folder; JobSpecError names the file and field at fault.
 
     `known_sites`, when given, are the sites of the project: a deploy map naming another is refused.
+    The initial model is checked tensor by tensor (fedgrid.tensors.check_file).
     """
     if not folder.is_dir():
         raise JobSpecError(f"{folder}: not a folder")
-    meta = _read_json(folder, META_FILE)
-    _check_keys(meta, META_FILE, {"name", "deploy_map"}, {"min_clients", "resource_spec"})
-    name = _str(meta, "name", META_FILE, "")
-    if not NAME_RE.match(name):
-        raise JobSpecError(f"{META_FILE}: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    deploy = meta["deploy_map"]
-    if not isinstance(deploy, dict) or not deploy:
-        raise JobSpecError(f"{META_FILE}: deploy_map must map app folders to lists of targets")
-    deploy_map: dict[str, tuple[str, ...]] = {}
-    for app, targets in deploy.items():
-        if not isinstance(app, str) or not NAME_RE.match(app) or not (folder / app).is_dir():
+    meta = _read(folder, META_FILE, JobMeta)
+    for app, targets in meta.deploy_map.items():
+        if (folder / app).is_symlink() or not (folder / app).is_dir():
             raise JobSpecError(f"{META_FILE}: deploy_map names app {app!r}, which is not a folder of the job")
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise JobSpecError(f"{META_FILE}: deploy_map[{app!r}] must be a non-empty list of names")
         for target in targets:
             if target in (ALL, SERVER):
                 continue
@@ -320,44 +286,33 @@ def load_job(folder: Path, *, known_sites: set[str] | None = None) -> JobSpec:
                     f"{META_FILE}: deploy_map[{app!r}] names unknown site {target!r}; "
                     f"known sites: {', '.join(sorted(known_sites)) or 'none'}"
                 )
-        deploy_map[app] = tuple(targets)
+    deploy_map = dict(meta.deploy_map)
     server_apps = [app for app, targets in deploy_map.items() if SERVER in targets or ALL in targets]
     if len(server_apps) != 1:
         raise JobSpecError(f'{META_FILE}: deploy_map must send exactly one app to the server ("server" or "@ALL")')
     server_app = server_apps[0]
-    server = parse_server_config(_read_json(folder, f"{server_app}/{SERVER_CONFIG}"), f"{server_app}/{SERVER_CONFIG}")
-    model = folder / server_app / "config" / server.initial_model
-    if not model.is_file():
-        raise JobSpecError(f"{server_app}/config/{server.initial_model}: the initial model is missing")
+    server = _read(folder, f"{server_app}/{SERVER_CONFIG}", ServerConfig)
+    _check_initial_model(folder, server_app, server)
     clients: dict[str, ClientConfig] = {}
     for app, targets in deploy_map.items():
         if targets == (SERVER,):
             continue
         rel = f"{app}/{CLIENT_CONFIG}"
-        client = parse_client_config(_read_json(folder, rel), rel)
+        client = _read(folder, rel, ClientConfig)
         if not client.is_module:
-            script = PurePosixPath(client.script)
-            if script.is_absolute() or ".." in script.parts or not (folder / app / "custom" / script).is_file():
-                raise JobSpecError(f"{rel}: script {client.script!r} is not a file in {app}/custom/")
+            _job_file(folder, f"{app}/custom", client.script, f"{rel}: script")
         clients[app] = client
     if not clients:
         raise JobSpecError(f"{META_FILE}: deploy_map sends no app to any site")
-    min_clients = _int(meta, "min_clients", META_FILE, 1, 100_000, server.min_clients)
-    resources = meta.get("resource_spec", {})
-    if not isinstance(resources, dict) or not all(isinstance(v, dict) for v in resources.values()):
-        raise JobSpecError(f"{META_FILE}: resource_spec must map sites to {{num_cpus, memory_gb}}")
-    for target, spec in resources.items():
-        _check_keys(spec, f"{META_FILE}: resource_spec[{target!r}]", set(), {"num_cpus", "memory_gb"})
-        for key in spec:
-            _float(spec, key, f"{META_FILE}: resource_spec[{target!r}]", 0, 1e6, 0)
+    min_clients = meta.min_clients if meta.min_clients is not None else server.min_clients
     spec = JobSpec(
-        name=name,
+        name=meta.name,
         min_clients=min_clients,
         deploy_map=deploy_map,
         server_app=server_app,
         server=server,
         clients=clients,
-        resource_spec=resources,
+        resource_spec={target: needs.model_dump(exclude_unset=True) for target, needs in meta.resource_spec.items()},
     )
     named = spec.named_sites()
     if not spec.all_sites and len(named) < min_clients:
@@ -399,8 +354,9 @@ def pack(folder: Path) -> bytes:
 def safe_extract(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
     """Unpack an uploaded job zip into `dest`, refusing anything that could escape or explode.
 
-    Refused: absolute paths, '..', links or device entries, duplicate names, more than `max_files`
-    entries, more than `max_bytes` once unpacked (checked while unpacking, not trusted from headers).
+    Refused: absolute paths, '..', links or device entries, duplicate names, a name that is both a
+    file and a folder ("a" and "a/b"), more than `max_files` entries, more than `max_bytes` once
+    unpacked (checked while unpacking, not trusted from headers).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -411,28 +367,46 @@ def safe_extract(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> 
         if len(members) > max_files:
             raise JobSpecError(f"job upload: {len(members)} files, more than the allowed {max_files}")
         seen: set[str] = set()
-        total = 0
+        folders: set[str] = set()
+        files: set[str] = set()
         for info in members:
             name = info.filename
             path = PurePosixPath(name)
-            if name.startswith("/") or "\\" in name or path.is_absolute() or ".." in path.parts or not name:
+            if name.startswith("/") or "\\" in name or path.is_absolute() or ".." in path.parts or not path.parts:
                 raise JobSpecError(f"job upload: path {name!r} escapes the job folder")
             kind = stat.S_IFMT(info.external_attr >> 16)
             if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise JobSpecError(f"job upload: {name!r} is a link or special file; only regular files are allowed")
-            if name in seen:
+            key = path.as_posix()
+            if key in seen:
                 raise JobSpecError(f"job upload: {name!r} appears twice")
-            seen.add(name)
+            seen.add(key)
+            (folders if info.is_dir() else files).add(key)
+            folders.update(parent.as_posix() for parent in path.parents if parent.parts)
+        both = sorted(files & folders)
+        if both:
+            raise JobSpecError(f"job upload: {both[0]!r} is both a file and a folder")
+        total = 0
+        for info in members:
+            path = PurePosixPath(info.filename)
             if info.is_dir():
                 continue
             target = dest / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise JobSpecError(f"job upload: more than the allowed {max_bytes / 1e6:.0f} MB once unpacked")
-                    out.write(chunk)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise JobSpecError(
+                                f"job upload: more than the allowed {max_bytes / 1e6:.0f} MB once unpacked"
+                            )
+                        out.write(chunk)
+            except OSError as exc:
+                raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc.strerror or exc})") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                # a corrupt, truncated, encrypted or exotically compressed entry
+                raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc})") from None
 
 
 def sign_job(folder: Path, private_key: Any, signer: str) -> bytes:

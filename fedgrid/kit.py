@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from fedgrid.certs import (
     PARTICIPANT_TYPES,
@@ -43,6 +44,7 @@ from fedgrid.certs import (
 from fedgrid.errors import FedgridError, IdentityError, KitError, TamperedError
 from fedgrid.roster import ROSTER_FILE, Roster, load_roster
 from fedgrid.signing import SIGNATURE_FILE, PrivateKey, verify_manifest
+from fedgrid.validation import Schema, drop_retired, one_line
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ README_FILE = "readme.txt"
 LOG_FILE = "log.txt"
 PID_FILE = "daemon.pid"
 READY_FILE = "daemon.ready"
+RETIRED_SERVER_KEYS = ("data_port",)
+"""Keys of config.json's `server` that fedgrid no longer reads: kits provisioned with them still load."""
 
 _KIND_WORDS = {"server": "server", "client": "site", "admin": "admin"}
 
@@ -114,8 +118,6 @@ class Kit:
     server_host: str
     fed_port: int
     admin_port: int
-    data_port: int | None
-    """The data lane's port (fedgrid/lane.py); None in kits provisioned before it existed."""
     root_ca_path: Path
     cert_path: Path
     key_path: Path
@@ -174,39 +176,54 @@ def _json(data: bytes, what: str, error: type[KitError] = KitError) -> Any:
         raise error(f"{what}: not valid JSON ({exc}); re-provision this kit") from None
 
 
-def _config_error(what: str, problem: str) -> KitError:
-    return KitError(f"{what}: {problem}; re-provision this kit")
+class ServerAddress(Schema):
+    """Where the server is: `server` in config.json."""
+
+    name: str
+    host: str = Field(min_length=1)
+    fed_port: int = Field(ge=1, le=65535)
+    admin_port: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any, info: ValidationInfo) -> Any:
+        return drop_retired(data, info, *RETIRED_SERVER_KEYS)
 
 
-def _is_port(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+class HESection(Schema):
+    """`he` in config.json: on or off, this kit's context file, and the parameters fedgrid.he reads."""
+
+    model_config = ConfigDict(extra="allow")
+    enabled: bool
+    context: Literal[HE_CONTEXT_FILE] | None = None
 
 
-def _check_config(config: Any, what: str) -> None:
-    keys = {"project", "name", "type", "org", "role", "server", "he"}
-    if not isinstance(config, dict) or set(config) != keys:
-        raise _config_error(what, f"expected exactly the keys {', '.join(sorted(keys))}")
-    for key in ("project", "name", "type", "org"):
-        if not isinstance(config[key], str):
-            raise _config_error(what, f"{key!r} must be a string")
-    if config["type"] not in PARTICIPANT_TYPES:
-        raise _config_error(what, f"type {config['type']!r} is not one of {', '.join(PARTICIPANT_TYPES)}")
-    if config["role"] is not None and not isinstance(config["role"], str):
-        raise _config_error(what, "'role' must be a string or null")
-    server = config["server"]
-    keys = {"name", "host", "fed_port", "admin_port"}
-    if not isinstance(server, dict) or not keys <= set(server) <= keys | {"data_port"}:
-        raise _config_error(what, "'server' must have exactly name, host, fed_port, admin_port (and data_port)")
-    if not isinstance(server["name"], str) or not isinstance(server["host"], str) or not server["host"]:
-        raise _config_error(what, "server name and host must be strings")
-    ports = [server["fed_port"], server["admin_port"], server.get("data_port", 1)]
-    if not all(_is_port(port) for port in ports):
-        raise _config_error(what, "server ports must be integers from 1 to 65535")
-    he = config["he"]
-    if not isinstance(he, dict) or not isinstance(he.get("enabled"), bool):
-        raise _config_error(what, "'he' must be an object with enabled: true or false")
-    if he.get("context") is not None and he["context"] != HE_CONTEXT_FILE:
-        raise _config_error(what, f"he.context must be {HE_CONTEXT_FILE!r} or null")
+class KitConfig(Schema):
+    """startup/config.json: who this participant is and where the server is (written by provisioning)."""
+
+    project: str
+    name: str
+    type: Literal[PARTICIPANT_TYPES]  # type: ignore[valid-type]
+    org: str
+    role: str | None
+    server: ServerAddress
+    he: HESection
+
+
+def _read_config(data: bytes, what: str) -> KitConfig:
+    retired: list[str] = []
+    try:
+        config = KitConfig.model_validate_json(data, context={"retired": retired})
+    except ValidationError as exc:
+        raise KitError(f"{what}: {one_line(exc, KitConfig)}; re-provision this kit") from None
+    for key in dict.fromkeys(retired):
+        log.warning(
+            "%s: server.%s is no longer used and is ignored: job workers reach the server on fed_port %d",
+            what,
+            key,
+            config.server.fed_port,
+        )
+    return config
 
 
 def _warn_if_open(path: Path) -> None:
@@ -251,12 +268,11 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
             raise KitError(f"{startup / required}: not part of the signed kit; re-provision this kit")
 
     config_what = f"{startup / CONFIG_FILE}"
-    config = _json(_read(startup / CONFIG_FILE, config_what), config_what)
-    _check_config(config, config_what)
-    kind = config["type"]
+    config = _read_config(_read(startup / CONFIG_FILE, config_what), config_what)
+    kind = config.type
     if expect_type is not None and kind != expect_type:
         raise KitError(
-            f"{path} is the {_KIND_WORDS[kind]} kit of {config['name']!r}; "
+            f"{path} is the {_KIND_WORDS[kind]} kit of {config.name!r}; "
             f"this command needs a {_KIND_WORDS.get(expect_type, expect_type)} kit"
         )
 
@@ -267,9 +283,7 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
         identity = identity_from_cert(cert)
     except IdentityError as exc:
         raise KitError(f"{cert_path}: {exc}: re-provision this kit") from None
-    expected = Identity(
-        name=config["name"], org=config["org"], type=kind, role=config["role"], project=config["project"]
-    )
+    expected = Identity(name=config.name, org=config.org, type=kind, role=config.role, project=config.project)
     if identity != expected:
         raise KitError(
             f"{cert_path}: the certificate names {identity}, but {CONFIG_FILE} says {expected}; re-provision this kit"
@@ -294,17 +308,15 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
     ):
         raise KitError(f"{startup / ROSTER_FILE}: does not list {identity.name} as in its certificate")
 
-    he = config["he"]
+    he = config.he
     context_path: Path | None = None
-    if he["enabled"] and kind != "admin":
-        if he.get("context") != HE_CONTEXT_FILE or HE_CONTEXT_FILE not in signed["files"]:
+    if he.enabled and kind != "admin":
+        if he.context != HE_CONTEXT_FILE or HE_CONTEXT_FILE not in signed["files"]:
             raise KitError(f"{config_what}: HE is enabled but the kit has no signed {HE_CONTEXT_FILE}")
         context_path = startup / HE_CONTEXT_FILE
         if kind == "client":
             _warn_if_open(context_path)
-    params = {k: v for k, v in he.items() if k not in ("enabled", "context")}
-
-    server = config["server"]
+    server = config.server
     return Kit(
         path=path,
         name=identity.name,
@@ -312,15 +324,14 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
         org=identity.org,
         role=identity.role,
         project=identity.project,
-        server_name=server["name"],
-        server_host=server["host"],
-        fed_port=server["fed_port"],
-        admin_port=server["admin_port"],
-        data_port=server.get("data_port"),
+        server_name=server.name,
+        server_host=server.host,
+        fed_port=server.fed_port,
+        admin_port=server.admin_port,
         root_ca_path=root_ca_path,
         cert_path=cert_path,
         key_path=key_path,
-        he=HEConfig(enabled=he["enabled"], params=MappingProxyType(params), context_path=context_path),
+        he=HEConfig(enabled=he.enabled, params=MappingProxyType(dict(he.model_extra or {})), context_path=context_path),
         roster=roster,
         ca_cert=ca_cert,
         cert=cert,

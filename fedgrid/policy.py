@@ -13,12 +13,14 @@ Rights:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from fedgrid.errors import AuthorizationError, ConfigError
+from fedgrid.validation import Schema, one_line
 
 ROLES = ("project_admin", "org_admin", "lead", "member")
 SCOPES = ("any", "org", "own", "none")
@@ -47,11 +49,16 @@ COMMAND_RIGHTS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class RoleRights:
+class RoleRights(Schema):
     view: bool
     submit: bool
-    manage: str
+    manage: Literal[SCOPES]  # type: ignore[valid-type]
+
+
+class PolicyFile(Schema):
+    """authorization.json: {"roles": {<role>: {view, submit, manage}}}; a role left out may do nothing."""
+
+    roles: dict[Literal[ROLES], RoleRights]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -77,20 +84,11 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "policy") -> Policy:
-        if not isinstance(data, dict) or set(data) != {"roles"} or not isinstance(data["roles"], dict):
-            raise ConfigError(f'{where}: expected {{"roles": {{<role>: {{view, submit, manage}}}}}}')
-        roles: dict[str, RoleRights] = {}
-        for role, rights in data["roles"].items():
-            if role not in ROLES:
-                raise ConfigError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
-            if not isinstance(rights, dict) or set(rights) != {"view", "submit", "manage"}:
-                raise ConfigError(f"{where}: role {role!r} needs exactly the keys view, submit, manage")
-            if not isinstance(rights["view"], bool) or not isinstance(rights["submit"], bool):
-                raise ConfigError(f"{where}: role {role!r}: view and submit must be true or false")
-            if rights["manage"] not in SCOPES:
-                raise ConfigError(f"{where}: role {role!r}: manage must be one of {', '.join(SCOPES)}")
-            roles[role] = RoleRights(rights["view"], rights["submit"], rights["manage"])
-        return cls(roles)
+        try:
+            policy = PolicyFile.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {one_line(exc, PolicyFile)}") from None
+        return cls(dict(policy.roles))
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -98,10 +96,14 @@ class Policy:
         if not path.exists():
             return cls.from_dict(DEFAULT_POLICY)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data, str(path))
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+        try:
+            policy = PolicyFile.model_validate_json(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {one_line(exc, PolicyFile)}") from None
+        return cls(dict(policy.roles))
 
     def allows(self, caller: Caller, command: str, job: JobOwner | None = None) -> bool:
         rights = self._roles.get(caller.role)

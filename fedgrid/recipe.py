@@ -21,7 +21,6 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,7 @@ class FedAvgRecipe:
         """
         if tracking_type not in jobspec.TRACKERS:
             raise ConfigError(f"tracking type must be one of {', '.join(jobspec.TRACKERS)}, not {tracking_type!r}")
-        self.tracking.append(Tracking(tracking_type, tracking_uri, experiment_name))
+        self.tracking.append(Tracking(type=tracking_type, tracking_uri=tracking_uri, experiment_name=experiment_name))
 
     def server_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -119,10 +118,10 @@ class FedAvgRecipe:
             "encryption": "ckks" if self.encryption else "none",
             "seed": self.seed,
             "initial_model": jobspec.INITIAL_MODEL,
-            "tracking": [{k: v for k, v in asdict(t).items() if v} for t in self.tracking],
+            "tracking": [t.model_dump(exclude_defaults=True) for t in self.tracking],
         }
         if self.target_metric is not None:
-            config["target_metric"] = asdict(self.target_metric)
+            config["target_metric"] = self.target_metric.model_dump()
         if self.release_site:
             config["release_site"] = self.release_site
         if self.server_lr != 1.0 or self.server_momentum:

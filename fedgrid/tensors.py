@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file as st_load_file
 
@@ -106,6 +106,30 @@ def load_file(path: Path, what: str | None = None) -> Arrays:
         raise PayloadError(f"{what}: not a valid safetensors file ({exc})") from exc
     _check_dtypes(arrays, what)
     return arrays
+
+
+def check_file(path: Path, what: str | None = None) -> None:
+    """Check a .safetensors file without loading it whole: it parses, holds at least one tensor, every
+    dtype is one fedgrid uses, and every floating-point value is finite (read one tensor at a time)."""
+    what = what or str(path)
+    codes = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            names = list(file.keys())
+            if not names:
+                raise PayloadError(f"{what}: holds no tensors")
+            for name in names:
+                code = file.get_slice(name).get_dtype()
+                if code not in codes:
+                    raise PayloadError(
+                        f"{what}: tensor {name!r} has dtype {code}, which fedgrid does not use "
+                        f"(use one of {', '.join(sorted(codes))})"
+                    )
+            for name in names:
+                if codes[file.get_slice(name).get_dtype()].startswith("float"):
+                    check_finite({name: file.get_tensor(name)}, what)
+    except (SafetensorError, ValueError, TypeError, OSError) as exc:
+        raise PayloadError(f"{what}: not a valid safetensors file ({exc})") from exc
 
 
 def _check_dtypes(arrays: Mapping[str, np.ndarray], what: str) -> None:

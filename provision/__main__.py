@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{type(exc).__name__}: {exc}"
         print(f"provision: unexpected error ({what}); nothing was written", file=sys.stderr)
         return ExitCode.FAILED
+    for notice in result.notices:
+        print(f"warning: {notice}", file=sys.stderr)
     print(_summary(result))
     return ExitCode.OK
 

@@ -119,7 +119,6 @@ def write_config(ctx: BuildContext, p: Participant, kit_dir: Path) -> None:
                 "host": server.host,
                 "fed_port": server.fed_port,
                 "admin_port": server.admin_port,
-                "data_port": server.data_port,
             },
             "he": he,
         },
@@ -184,15 +183,9 @@ def _readme(ctx: BuildContext, p: Participant) -> list[str]:
             "Set FEDGRID_PYTHON to the python that has fedgrid installed if it is not python3.",
         ]
         if p.type == "server":
-            lines.append(
-                f"Listens on {server.host}: port {server.fed_port} for sites, {server.admin_port} for admins, "
-                f"{server.data_port} for the sites' models and updates (the data lane)."
-            )
+            lines.append(f"Listens on {server.host}: port {server.fed_port} for sites, {server.admin_port} for admins.")
         else:
-            lines.append(
-                f"Connects to the server {server.name} at {server.host}:{server.fed_port} "
-                f"(and {server.data_port} for models and updates)."
-            )
+            lines.append(f"Connects to the server {server.name} at {server.host}:{server.fed_port}.")
     local = {
         "server": f"{SERVER_SETTINGS_FILE}, {POLICY_FILE}",
         "client": SITE_SETTINGS_FILE,

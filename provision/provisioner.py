@@ -31,6 +31,8 @@ class ProvisionResult:
     roster_version: int
     new_ca: bool
     """True when this run created the root CA (the project's first run)."""
+    notices: tuple[str, ...] = ()
+    """Warnings about the project file (keys accepted but ignored), one line each."""
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -64,7 +66,8 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
     left behind either).
     """
     project_file = Path(project_file)
-    project = load_project(project_file)
+    notices: list[str] = []
+    project = load_project(project_file, notices)
     base = Path(workspace) if workspace is not None else project_file.parent
     ws = ProjectWorkspace(root=base.resolve() / project.name, project=project.name)
     created = _first_missing(ws.root)
@@ -113,4 +116,5 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
         kits={p.name: prod_dir / p.name for p in project.participants},
         roster_version=version,
         new_ca=new_ca,
+        notices=tuple(notices),
     )

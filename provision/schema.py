@@ -1,4 +1,4 @@
-"""project.yml: the project file, validated strictly and parsed once into frozen dataclasses.
+"""project.yml: the project file, validated strictly and parsed once into frozen pydantic models.
 
 ```yaml
 api_version: 1
@@ -7,94 +7,189 @@ description: optional text
 certificate: {validity_days: 365, key_type: ecdsa-p256}      # optional
 he: {enabled: false}                                          # optional; other keys go to fedgrid.he
 participants:
-  - {name: server1, type: server, org: nvidia, host: localhost, fed_port: 8002, admin_port: 8003, data_port: 8004}
+  - {name: server1, type: server, org: nvidia, host: localhost, fed_port: 8002, admin_port: 8003}
   - {name: site-1, type: client, org: hospital-a}
   - {name: admin@nvidia.com, type: admin, org: nvidia, role: project_admin}
 ```
 
 Every mistake is reported as one line naming the file, the participant and the field, because the
 person reading it is about to hand out certificates: a typo must stop provisioning, not be ignored.
+The one exception is a key fedgrid no longer reads (the server's `data_port`): it is accepted and
+ignored, with a notice, so that project files written for earlier versions still provision.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, model_validator
 
 from fedgrid.certs import NAME_RE, valid_name
 from fedgrid.errors import FedgridError, ProjectFileError
 from fedgrid.policy import ROLES
+from fedgrid.validation import Schema, accepts, drop_retired, one_line
 from provision.ca import DEFAULT_KEY_TYPE, KEY_TYPES
 
 API_VERSION = 1
 MAX_VALIDITY_DAYS = 3650
 DEFAULT_VALIDITY_DAYS = 365
 
-TOP_KEYS = ("api_version", "name", "description", "certificate", "he", "participants")
-REQUIRED_TOP_KEYS = ("api_version", "name", "participants")
-CERTIFICATE_KEYS = ("validity_days", "key_type")
 PARTICIPANT_KEYS: dict[str, tuple[str, ...]] = {
-    "server": ("name", "type", "org", "host", "fed_port", "admin_port", "data_port"),
+    "server": ("name", "type", "org", "host", "fed_port", "admin_port"),
     "client": ("name", "type", "org"),
     "admin": ("name", "type", "org", "role"),
 }
-OPTIONAL_KEYS = ("data_port",)
-_ONLY_FOR = {
-    "host": "the server",
-    "fed_port": "the server",
-    "admin_port": "the server",
-    "data_port": "the server",
-    "role": "admins",
-}
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_A_TYPE = {"server": "the server", "client": "a site", "admin": "an admin"}
+_ONLY_FOR = {"host": "the server", "fed_port": "the server", "admin_port": "the server", "role": "admins"}
+RETIRED_SERVER_KEYS = ("data_port",)
+"""Keys of the server entry that fedgrid no longer reads: accepted, ignored, and reported once."""
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 63 characters"
 
 
-@dataclass(frozen=True)
-class Participant:
+def valid_host(host: str) -> bool:
+    """A DNS name or an IP address, as the server's certificate will carry it."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+
+
+Name = Annotated[str, accepts(NAME_RE.fullmatch, _NAME_RULE)]
+Host = Annotated[str, accepts(valid_host, "a DNS name or an IP address")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Participant(Schema):
+    """One entry of `participants`: the server, a site (type client) or an admin."""
+
     name: str
-    type: str
-    """"server", "client" (a site) or "admin"."""
-    org: str
-    role: str | None = None
-    host: str | None = None
-    fed_port: int | None = None
-    admin_port: int | None = None
-    data_port: int | None = None
-    """The data lane (fedgrid/lane.py); admin_port + 1 when the project file leaves it out."""
+    type: Literal["server", "client", "admin"]
+    org: Name
+    role: Literal[ROLES] | None = None  # type: ignore[valid-type]
+    host: Host | None = None
+    fed_port: Port | None = None
+    admin_port: Port | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_its_type(cls, data: Any, info: ValidationInfo) -> Any:
+        """Each type has its own keys: a port on a site is a mistake worth naming, not just "unknown"."""
+        if not isinstance(data, dict) or data.get("type") not in PARTICIPANT_KEYS:
+            return data
+        kind = data["type"]
+        if kind == "server":
+            data = drop_retired(data, info, *RETIRED_SERVER_KEYS)
+        allowed = PARTICIPANT_KEYS[kind]
+        for key in data:
+            if key in allowed:
+                continue
+            if key in _ONLY_FOR:
+                raise ValueError(
+                    f"key {key!r} is only for {_ONLY_FOR[key]}; allowed for {_A_TYPE[kind]}: {', '.join(allowed)}"
+                )
+            raise ValueError(f"unknown key {key!r}; allowed: {', '.join(allowed)}")
+        for key in allowed:
+            if key not in data:
+                raise ValueError(f"missing key {key!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _name_and_ports(self) -> Participant:
+        if not valid_name(self.name, self.type) or "\n" in self.name:  # (a regex's $ matches before "\n")
+            if self.type == "admin":
+                raise ValueError(
+                    "invalid name: an admin is named by an e-mail address such as admin@nvidia.com "
+                    "(at most 64 characters)"
+                )
+            raise ValueError(f"invalid name: use {_NAME_RULE}")
+        if self.type == "server" and self.fed_port == self.admin_port:
+            raise ValueError(f"fed_port and admin_port must differ, both are {self.fed_port}")
+        return self
 
 
-@dataclass(frozen=True)
-class CertificateSpec:
-    validity_days: int = DEFAULT_VALIDITY_DAYS
-    key_type: str = DEFAULT_KEY_TYPE
+class CertificateSpec(Schema):
+    validity_days: int = Field(DEFAULT_VALIDITY_DAYS, ge=1, le=MAX_VALIDITY_DAYS)
+    key_type: Literal[KEY_TYPES] = DEFAULT_KEY_TYPE  # type: ignore[valid-type]
 
 
-@dataclass(frozen=True)
-class HESpec:
+class HESpec(Schema):
+    """The `he` section: `enabled`, and when it is true the parameters, validated by fedgrid.he."""
+
     enabled: bool = False
     params: Any = None
     """fedgrid.he.HEParams when enabled, else None."""
-    config: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    config: dict[str, Any] = Field(default_factory=dict)
     """The parameters as written into each kit's config.json (without enabled and context)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _parameters(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "enabled" not in data:
+            raise ValueError("missing key 'enabled' (true or false)")
+        if data["enabled"] is not True:
+            # Parameters of a disabled section are kept in the file for later, not checked now.
+            return {"enabled": data["enabled"]}
+        where = (info.context or {}).get("where", "project.yml")
+        try:
+            from fedgrid.he import HEParams  # heavy (TenSEAL): imported only for projects that use HE
+        except ImportError as exc:
+            _fail(where, f"he.enabled is true, but HE support is not installed ({exc}); set he.enabled: false")
+        try:
+            params = HEParams.from_dict(data, where=f"{where}: he")
+        except FedgridError as exc:
+            raise ProjectFileError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            _fail(where, f"he: {exc}")
+        config = {k: v for k, v in params.to_dict().items() if k not in ("enabled", "context")}
+        return {"enabled": True, "params": params, "config": config}
 
-@dataclass(frozen=True)
-class Project:
-    name: str
-    description: str
-    certificate: CertificateSpec
-    he: HESpec
-    participants: tuple[Participant, ...]
-    api_version: int = API_VERSION
+
+def _none_is(default: Any) -> BeforeValidator:
+    """An empty YAML value (`description:`) means the default."""
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+class Project(Schema):
+    api_version: Literal[API_VERSION]  # type: ignore[valid-type]
+    name: Name
+    description: Annotated[str, _none_is("")] = ""
+    certificate: Annotated[CertificateSpec, _none_is({})] = CertificateSpec()
+    he: Annotated[HESpec, _none_is({"enabled": False})] = HESpec(enabled=False)
+    participants: tuple[Participant, ...] = Field(strict=False, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_server_and_distinct_names(self) -> Project:
+        seen: dict[str, int] = {}
+        server_at = None
+        for index, participant in enumerate(self.participants, 1):
+            at = f"participant {participant.name!r} (#{index})"
+            folded = participant.name.lower()
+            if folded in seen:
+                other = seen[folded]
+                raise ValueError(
+                    f"{at}: duplicate name: participant #{other} is {self.participants[other - 1].name!r} "
+                    "(names must differ in more than letter case)"
+                )
+            seen[folded] = index
+            if participant.type == "server":
+                if server_at is not None:
+                    raise ValueError(
+                        f"{at}: a second server: participant #{server_at} is the server already, "
+                        "and a project has exactly one"
+                    )
+                server_at = index
+        if server_at is None:
+            raise ValueError("participants: no server; add one participant with type: server")
+        return self
 
     @property
     def server(self) -> Participant:
@@ -113,194 +208,41 @@ def _fail(where: str, message: str) -> NoReturn:
     raise ProjectFileError(f"{where}: {message}")
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "empty"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+def _labels(data: Any) -> Any:
+    """Participants named as the reader knows them: "participant 'site-2' (#3)", or "#3" alone."""
+
+    def label(loc: tuple[int | str, ...]) -> str | None:
+        if len(loc) != 2 or loc[0] != "participants" or not isinstance(loc[1], int):
+            return None
+        entries = data.get("participants") if isinstance(data, dict) else None
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return f"participant {name!r} (#{loc[1] + 1})" if isinstance(name, str) else f"participant #{loc[1] + 1}"
+
+    return label
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def parse_project(data: Any, where: str = "project.yml", notices: list[str] | None = None) -> Project:
+    """Validate the loaded YAML document; ProjectFileError names the file, the participant and the field.
 
-
-def _check_keys(data: dict[Any, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            _fail(where, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
-    for key in required:
-        if key not in data:
-            _fail(where, f"missing key {key!r}")
-
-
-def valid_host(host: str) -> bool:
-    """A DNS name or an IP address, as the server's certificate will carry it."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in host.split("."))
-
-
-def _parse_certificate(value: Any, where: str) -> CertificateSpec:
-    if value is None:
-        return CertificateSpec()
-    if not isinstance(value, dict):
-        _fail(where, f"certificate must be a mapping like {{validity_days: 365}}, got {_type_name(value)}")
-    _check_keys(value, CERTIFICATE_KEYS, (), f"{where}: certificate")
-    days = value.get("validity_days", DEFAULT_VALIDITY_DAYS)
-    if not _is_int(days) or not 1 <= days <= MAX_VALIDITY_DAYS:
-        _fail(where, f"certificate.validity_days must be an integer from 1 to {MAX_VALIDITY_DAYS}, got {days!r}")
-    key_type = value.get("key_type", DEFAULT_KEY_TYPE)
-    if key_type not in KEY_TYPES:
-        _fail(where, f"certificate.key_type must be one of {', '.join(KEY_TYPES)}, got {key_type!r}")
-    return CertificateSpec(validity_days=days, key_type=key_type)
-
-
-def _he_config(params: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    """The HE parameters as plain JSON values, in the form fedgrid.he gives them."""
-    if hasattr(params, "to_dict"):
-        config = dict(params.to_dict())
-    elif dataclasses.is_dataclass(params) and not isinstance(params, type):
-        config = dataclasses.asdict(params)
-    else:
-        config = dict(raw)
-    for key in ("enabled", "context"):
-        config.pop(key, None)
-    return config
-
-
-def _parse_he(value: Any, where: str) -> HESpec:
-    if value is None:
-        return HESpec()
-    if not isinstance(value, dict):
-        _fail(where, f"he must be a mapping like {{enabled: false}}, got {_type_name(value)}")
-    if "enabled" not in value:
-        _fail(where, "he: missing key 'enabled' (true or false)")
-    if not isinstance(value["enabled"], bool):
-        _fail(where, f"he.enabled must be true or false, got {value['enabled']!r}")
-    if not value["enabled"]:
-        # Parameters of a disabled section are kept in the file for later, not checked now.
-        return HESpec()
-    try:
-        from fedgrid.he import HEParams  # heavy (TenSEAL): imported only for projects that use HE
-    except ImportError as exc:
-        _fail(where, f"he.enabled is true, but HE support is not installed ({exc}); set he.enabled: false")
-    try:
-        params = HEParams.from_dict(dict(value), where=f"{where}: he")
-    except FedgridError as exc:
-        raise ProjectFileError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        _fail(where, f"he: {exc}")
-    return HESpec(enabled=True, params=params, config=MappingProxyType(_he_config(params, value)))
-
-
-def _parse_participant(entry: Any, index: int, where: str) -> Participant:
-    if not isinstance(entry, dict):
-        _fail(
-            where,
-            f"participant #{index}: expected a mapping like "
-            f"{{name: site-1, type: client, org: ...}}, got {_type_name(entry)}",
-        )
-    name = entry.get("name")
-    if "name" not in entry:
-        _fail(where, f"participant #{index}: missing key 'name'")
-    if not isinstance(name, str):
-        _fail(where, f"participant #{index}: name must be a string, got {name!r}")
-    at = f"{where}: participant {name!r} (#{index})"
-    kind = entry.get("type")
-    if "type" not in entry:
-        _fail(at, f"missing key 'type'; one of {', '.join(PARTICIPANT_KEYS)}")
-    if kind not in PARTICIPANT_KEYS:
-        _fail(at, f"type must be one of {', '.join(PARTICIPANT_KEYS)}, got {kind!r}")
-    allowed = PARTICIPANT_KEYS[kind]
-    for key in entry:
-        if key not in allowed:
-            if key in _ONLY_FOR:
-                _fail(at, f"key {key!r} is only for {_ONLY_FOR[key]}; allowed for a {kind}: {', '.join(allowed)}")
-            _fail(at, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
-    for key in allowed:
-        if key not in entry and key not in OPTIONAL_KEYS:
-            _fail(at, f"missing key {key!r}")
-    if not valid_name(name, kind):
-        if kind == "admin":
-            _fail(
-                at,
-                "invalid name: an admin is named by an e-mail address such as admin@nvidia.com (at most 64 characters)",
-            )
-        _fail(at, f"invalid name: use {_NAME_RULE}")
-    org = entry["org"]
-    if not isinstance(org, str) or not NAME_RE.match(org):
-        _fail(at, f"invalid org {org!r}: use {_NAME_RULE}")
-    role = entry.get("role")
-    if kind == "admin" and role not in ROLES:
-        _fail(at, f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if kind != "server":
-        return Participant(name=name, type=kind, org=org, role=role)
-    host = entry["host"]
-    if not isinstance(host, str) or not valid_host(host):
-        _fail(at, f"host must be a DNS name or an IP address, got {host!r}")
-    ports = {"fed_port": entry["fed_port"], "admin_port": entry["admin_port"]}
-    ports["data_port"] = entry.get("data_port", ports["admin_port"] + 1 if _is_int(ports["admin_port"]) else None)
-    if "data_port" not in entry and ports["data_port"] == 65536:
-        _fail(at, "data_port is admin_port + 1 when left out, and 65536 is not a port: set data_port")
-    for key, port in ports.items():
-        if not _is_int(port) or not 1 <= port <= 65535:
-            _fail(at, f"{key} must be an integer from 1 to 65535, got {port!r}")
-    for first, second in (("fed_port", "admin_port"), ("fed_port", "data_port"), ("admin_port", "data_port")):
-        if ports[first] == ports[second]:
-            _fail(at, f"{first} and {second} must differ, both are {ports[first]}")
-    return Participant(name=name, type=kind, org=org, host=host, **ports)
-
-
-def parse_project(data: Any, where: str = "project.yml") -> Project:
-    """Validate the loaded YAML document and build the Project; ProjectFileError on the first problem."""
+    Keys that are accepted but ignored add a line for the reader to `notices`.
+    """
     if not isinstance(data, dict):
-        what = "empty" if data is None else _type_name(data)
-        _fail(where, f"expected a mapping with {', '.join(REQUIRED_TOP_KEYS)} at the top level, got {what}")
-    _check_keys(data, TOP_KEYS, REQUIRED_TOP_KEYS, where)
-    version = data["api_version"]
-    if not _is_int(version) or version != API_VERSION:
-        _fail(where, f"api_version {version!r} is not supported; this provision reads api_version {API_VERSION}")
-    name = data["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        _fail(where, f"name {name!r} is not a valid project name: use {_NAME_RULE}")
-    description = data.get("description", "")
-    if description is None:
-        description = ""
-    if not isinstance(description, str):
-        _fail(where, f"description must be text, got {_type_name(description)}")
-    certificate = _parse_certificate(data.get("certificate"), where)
-    entries = data["participants"]
-    if not isinstance(entries, list) or not entries:
-        _fail(where, f"participants must be a non-empty list, got {_type_name(entries)}")
-    participants: list[Participant] = []
-    seen: dict[str, int] = {}
-    server_at: int | None = None
-    for index, entry in enumerate(entries, 1):
-        participant = _parse_participant(entry, index, where)
-        at = f"{where}: participant {participant.name!r} (#{index})"
-        folded = participant.name.lower()
-        if folded in seen:
-            other = seen[folded]
-            _fail(
-                at,
-                f"duplicate name: participant #{other} is {entries[other - 1]['name']!r} "
-                "(names must differ in more than letter case)",
-            )
-        seen[folded] = index
-        if participant.type == "server":
-            if server_at is not None:
-                _fail(
-                    at,
-                    f"a second server: participant #{server_at} is the server already, and a project has exactly one",
-                )
-            server_at = index
-        participants.append(participant)
-    if server_at is None:
-        _fail(where, "participants: no server; add one participant with type: server")
-    he = _parse_he(data.get("he"), where)
-    return Project(name=name, description=description, certificate=certificate, he=he, participants=tuple(participants))
+        what = {type(None): "empty", list: "a list", str: "a string"}.get(type(data), f"a {type(data).__name__}")
+        _fail(where, f"expected a mapping with api_version, name, participants at the top level, got {what}")
+    retired: list[str] = []
+    try:
+        project = Project.model_validate(data, context={"retired": retired, "where": where})
+    except ValidationError as exc:
+        _fail(where, one_line(exc, Project, labels=_labels(data), mapping="a mapping"))
+    if notices is not None:
+        server = project.participants.index(project.server) + 1
+        notices += [
+            f"{where}: participant {project.server.name!r} (#{server}): {key} is no longer used and is ignored "
+            "(sites and their job workers reach the server on fed_port); delete it"
+            for key in dict.fromkeys(retired)
+        ]
+    return project
 
 
 def _duplicate_key(node: yaml.Node, seen: set[int]) -> tuple[str, yaml.Mark] | None:
@@ -327,8 +269,8 @@ def _duplicate_key(node: yaml.Node, seen: set[int]) -> tuple[str, yaml.Mark] | N
     return None
 
 
-def load_project(path: Path) -> Project:
-    """Read and validate a project file."""
+def load_project(path: Path, notices: list[str] | None = None) -> Project:
+    """Read and validate a project file; lines about keys accepted but ignored go to `notices`."""
     path = Path(path)
     where = str(path)
     try:
@@ -351,7 +293,11 @@ def load_project(path: Path) -> Project:
         _fail(where, f"{place}YAML syntax error: {problem}")
     except yaml.YAMLError as exc:
         _fail(where, f"YAML syntax error: {' '.join(str(exc).split())}")
+    except RecursionError:
+        _fail(where, "nested too deeply to read; a project file is a few levels of mappings and lists")
+    except ValueError:  # a number with more digits than Python converts (4300)
+        _fail(where, "holds a number with thousands of digits, which no setting takes; shorten it")
     if found:
         key, mark = found
         _fail(where, f"line {mark.line + 1}: duplicate key {key!r}")
-    return parse_project(data, where)
+    return parse_project(data, where, notices)

@@ -52,7 +52,6 @@ class ProvisionedProject:
     host: str
     fed_port: int
     admin_port: int
-    data_port: int
 
     @property
     def kits(self) -> tuple[Path, ...]:
@@ -69,7 +68,6 @@ def project_dict(
     host: str = "127.0.0.1",
     fed_port: int = 8002,
     admin_port: int = 8003,
-    data_port: int | None = None,
     validity_days: int = 365,
     key_type: str = "ecdsa-p256",
 ) -> dict[str, Any]:
@@ -86,7 +84,6 @@ def project_dict(
             "host": host,
             "fed_port": fed_port,
             "admin_port": admin_port,
-            **({"data_port": data_port} if data_port is not None else {}),
         },
     ]
     participants += [
@@ -127,10 +124,10 @@ def provision_project(
     """Write a project.yml with free loopback ports into `tmp_dir` and provision it there.
 
     `options` go to `project_dict` (name, he_params, host, validity_days, key_type, or fixed
-    fed_port/admin_port/data_port). Provisioning again in the same folder adds prod_01, prod_02, ...
+    fed_port/admin_port). Provisioning again in the same folder adds prod_01, prod_02, ...
     """
     if "fed_port" not in options and "admin_port" not in options:
-        options["fed_port"], options["admin_port"], options["data_port"] = free_ports(3)
+        options["fed_port"], options["admin_port"] = free_ports(2)
     data = project_dict(n_sites=n_sites, admins=admins, he=he, **options)
     project_file = write_project_file(Path(tmp_dir), data)
     result = provision(project_file)
@@ -154,7 +151,6 @@ def provision_project(
         host=server.host or "127.0.0.1",
         fed_port=server.fed_port or 0,
         admin_port=server.admin_port or 0,
-        data_port=server.data_port or 0,
     )
 
 

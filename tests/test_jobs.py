@@ -294,6 +294,16 @@ BAD_FOLDERS = {
         "unknown site 'site-9'",
     ),
     "no-meta": (lambda d: (d / "meta.json").unlink(), "meta.json: missing"),
+    "nested-json": (
+        lambda d: (d / "app/config/server.json").write_text(
+            '{"num_rounds": 1, "min_clients": 3, "tracking": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        ),
+        r"app/config/server\.json: tracking\[0\]\[0\].*: not valid JSON \(recursion limit exceeded",
+    ),
+    "model-not-safetensors": (
+        lambda d: torch.save(torch.nn.Linear(8, 1).state_dict(), d / "app/config/initial_model.safetensors"),
+        r"app/config/initial_model\.safetensors: not a valid safetensors file .*; initial_model in app/config/server",
+    ),
 }
 
 

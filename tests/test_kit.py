@@ -33,8 +33,9 @@ from fedgrid.certs import (
 )
 from fedgrid.errors import ConfigError, IdentityError, KitError, TamperedError
 from fedgrid.kit import load_kit
+from fedgrid.policy import DEFAULT_POLICY, Caller, Policy
 from fedgrid.roster import load_roster, sign_roster
-from fedgrid.settings import SiteSettings, load_settings
+from fedgrid.settings import AdminSettings, ServerSettings, SiteSettings, load_settings
 from fedgrid.signing import PrivateKey, manifest_of, sign_bytes, sign_manifest, verify_bytes, verify_manifest
 from provision.ca import KEY_TYPES, cert_pem, create_root_ca, generate_key, issue_certificate
 
@@ -178,18 +179,64 @@ def test_local_settings_may_change(site_kit: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"worker_nice": 20}, "setting 'worker_nice' must be at most 19, got 20"),
-        ({"worker_nice": -1}, "setting 'worker_nice' must not be negative"),
-        ({"worker_nice": "5"}, "setting 'worker_nice' must be int"),
-        ({"nice": 5}, "unknown setting 'nice'"),
+        ({"worker_nice": 20}, "worker_nice must be an integer from 0 to 19, got 20"),
+        ({"worker_nice": -1}, "worker_nice must be an integer from 0 to 19, got -1"),
+        ({"worker_nice": "5"}, "worker_nice must be an integer from 0 to 19, got '5'"),
+        ({"memory_gb": True}, "memory_gb must be a number of at least 0, got True"),
+        ({"nice": 5}, "unknown key 'nice'; allowed: allow_custom_code, heartbeat_interval"),
+        ([], "expected an object, got []"),
+        ('{"torch_threads": 1,}', "not valid JSON (trailing comma at line 1 column 21)"),
     ],
 )
-def test_bad_local_settings_are_refused_naming_the_file(site_kit: Path, settings: dict, message: str) -> None:
+def test_bad_local_settings_are_refused_naming_the_file(site_kit: Path, settings: object, message: str) -> None:
     path = site_kit / "local/site.json"
-    path.write_text(json.dumps(settings))
+    path.write_text(settings if isinstance(settings, str) else json.dumps(settings))
     with pytest.raises(ConfigError) as caught:
         load_settings(SiteSettings, path)
     assert str(caught.value).startswith(f"{path}: {message}")
+    assert str(caught.value).endswith("; fix it or delete it to use the defaults")
+
+
+@pytest.mark.parametrize(("cls", "file"), [(SiteSettings, "site.json"), (ServerSettings, "server.json")])
+def test_a_data_lane_setting_is_ignored_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cls: type, file: str
+) -> None:
+    """Settings written when workers had a lane of their own still load: the key is ignored, said once."""
+    path = tmp_path / file
+    path.write_text(json.dumps({"data_lane": False, "max_concurrent_jobs": 3}))
+    with caplog.at_level(logging.WARNING, logger="fedgrid.settings"):
+        settings = load_settings(cls, path)
+    assert settings.max_concurrent_jobs == 3 and not hasattr(settings, "data_lane")
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"{path}: setting 'data_lane' is no longer used and is ignored "
+        "(job workers use the federation port (fed_port) alone); delete it"
+    )
+    path.write_text(json.dumps({"data_lane": True}))
+    with pytest.raises(ConfigError, match="unknown key 'data_lane'"):
+        load_settings(AdminSettings, path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda roles: roles.update(boss=roles["lead"]), "roles key must be one of project_admin, org_admin, lead"),
+        (lambda roles: roles["lead"].update(view="yes"), "roles['lead'].view must be true or false, got 'yes'"),
+        (lambda roles: roles["lead"].update(manage="all"), "roles['lead'].manage must be one of any, org, own, none"),
+        (lambda roles: roles["lead"].pop("submit"), "roles['lead']: missing key 'submit'"),
+    ],
+)
+def test_a_bad_authorization_policy_is_refused_with_one_line(
+    tmp_path: Path, change: Callable[[dict], None], message: str
+) -> None:
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    change(policy["roles"])
+    path = tmp_path / "authorization.json"
+    path.write_text(json.dumps(policy))
+    with pytest.raises(ConfigError) as caught:
+        Policy.load(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    assert Policy.load(tmp_path / "missing.json").allows(Caller("a", "o", "lead"), "submit_job")
 
 
 def test_key_of_another_participant_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:
@@ -211,29 +258,60 @@ def test_config_that_disagrees_with_the_certificate_is_refused(
         load_kit(site_kit)
 
 
-def test_a_kit_from_before_the_data_port_loads_without_a_lane(
-    site_kit: Path, provisioned_project: ProvisionedProject
-) -> None:
-    assert load_kit(site_kit).data_port == provisioned_project.data_port
-    config_path = site_kit / "startup/config.json"
+def _edit_config(kit: Path, project: ProvisionedProject, change: Callable[[dict], None]) -> None:
+    """Change the kit's config.json and sign the kit again, as a provisioner could."""
+    config_path = kit / "startup/config.json"
     config = json.loads(config_path.read_text())
-    del config["server"]["data_port"]
+    change(config)
     config_path.write_text(json.dumps(config))
-    resign(site_kit, provisioned_project)
-    assert load_kit(site_kit).data_port is None
+    resign(kit, project)
 
 
-@pytest.mark.parametrize("value", [0, 70000, "8004", True])
-def test_a_bad_data_port_in_a_kit_is_refused(
-    site_kit: Path, provisioned_project: ProvisionedProject, value: object
+def test_a_kit_with_a_data_port_loads_with_one_warning(
+    site_kit: Path, provisioned_project: ProvisionedProject, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config_path = site_kit / "startup/config.json"
-    config = json.loads(config_path.read_text())
-    config["server"]["data_port"] = value
-    config_path.write_text(json.dumps(config))
-    resign(site_kit, provisioned_project)
-    with pytest.raises(KitError, match=r"config.json: server ports must be integers from 1 to 65535"):
+    """Kits provisioned when the server had a third port keep working: the port is ignored, said once."""
+    with caplog.at_level(logging.WARNING, logger="fedgrid.kit"):
         load_kit(site_kit)
+    assert not caplog.records
+    _edit_config(site_kit, provisioned_project, lambda config: config["server"].update(data_port=8004))
+
+    with caplog.at_level(logging.WARNING, logger="fedgrid.kit"):
+        kit = load_kit(site_kit)
+
+    assert (kit.fed_port, kit.admin_port) == (provisioned_project.fed_port, provisioned_project.admin_port)
+    assert not hasattr(kit, "data_port")
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "config.json: server.data_port is no longer used and is ignored" in message
+    assert f"job workers reach the server on fed_port {provisioned_project.fed_port}" in message
+
+
+BAD_CONFIGS: dict[str, tuple[Callable[[dict], None], str]] = {
+    "port as text": (
+        lambda c: c["server"].update(fed_port="8002"),
+        "server.fed_port must be an integer from 1 to 65535",
+    ),
+    "port out of range": (lambda c: c["server"].update(admin_port=70000), "got 70000"),
+    "unknown key": (lambda c: c.update(colour="red"), "unknown key 'colour'; allowed: project, name, type"),
+    "missing key": (lambda c: c["server"].pop("host"), "server: missing key 'host'"),
+    "unknown type": (lambda c: c.update(type="robot"), "type must be one of server, client, admin, got 'robot'"),
+    "bad he context": (lambda c: c["he"].update(context="../key.pem"), "he.context must be he_context.bin"),
+    "not an object": (lambda c: c.update(server=[1]), "server must be an object, got [1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_json_is_refused_with_one_line(
+    site_kit: Path, provisioned_project: ProvisionedProject, case: str
+) -> None:
+    change, message = BAD_CONFIGS[case]
+    _edit_config(site_kit, provisioned_project, change)
+    with pytest.raises(KitError) as caught:
+        load_kit(site_kit)
+    text = str(caught.value)
+    assert text.startswith(f"{site_kit.resolve() / 'startup/config.json'}: "), text
+    assert message in text and text.endswith("; re-provision this kit") and "\n" not in text
 
 
 def test_roster_of_another_project_is_refused(site_kit: Path, provisioned_project: ProvisionedProject) -> None:

@@ -138,11 +138,10 @@ def test_every_kit_loads_and_matches_its_participant(provisioned_project: Provis
     project = provisioned_project
     server = load_kit(project.server, expect_type="server")
     assert (server.name, server.type, server.org, server.role) == ("server", "server", "org-a", None)
-    assert (server.server_host, server.fed_port, server.admin_port, server.data_port) == (
+    assert (server.server_host, server.fed_port, server.admin_port) == (
         "127.0.0.1",
         project.fed_port,
         project.admin_port,
-        project.data_port,
     )
     assert server.roster.version == 1
     assert [m.name for m in server.roster.participants] == [k.name for k in project.kits]
@@ -175,7 +174,6 @@ def test_local_settings_and_config_content(provisioned_project: ProvisionedProje
             "host": "127.0.0.1",
             "fed_port": project.fed_port,
             "admin_port": project.admin_port,
-            "data_port": project.data_port,
         },
         "he": {"enabled": False, "context": None},
     }
@@ -245,6 +243,27 @@ def test_cli_writes_kits_and_prints_what_to_do_next(tmp_path: Path) -> None:
     assert (workspace / "test_project/prod_00/site-1/startup/signature.json").is_file()
     assert "prod_00" in result.stdout and "start.sh" in result.stdout and "fl_admin.sh" in result.stdout
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["project.yml"]
+    assert result.stderr == ""
+
+
+def test_a_data_port_in_the_project_file_is_ignored_with_one_warning(tmp_path: Path) -> None:
+    """Project files written when the server had a third port still provision; the key is ignored, said once."""
+    data = project_dict()
+    data["participants"][0]["data_port"] = 8004
+    project_file = write_project_file(tmp_path / "files", data)
+    workspace = tmp_path / "out"
+
+    result = run_provision("-p", str(project_file), "-w", str(workspace))
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"warning: {project_file}: participant 'server' (#1): data_port is no longer used")
+    assert "ignored" in lines[0] and "fed_port" in lines[0]
+    for kit in ("server", "site-1"):
+        config = json.loads((workspace / f"test_project/prod_00/{kit}/startup/config.json").read_text())
+        assert config["server"] == {"name": "server", "host": "127.0.0.1", "fed_port": 8002, "admin_port": 8003}
+        assert "8004" not in (workspace / f"test_project/prod_00/{kit}/readme.txt").read_text()
 
 
 def test_workspace_defaults_to_the_project_files_folder(tmp_path: Path) -> None:
@@ -325,9 +344,9 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
     "unknown top key": (_set(None, participantz=[]), ("unknown key 'participantz'",)),
     "missing name": (_drop(None, "name"), ("missing key 'name'",)),
     "missing participants": (_drop(None, "participants"), ("missing key 'participants'",)),
-    "api version": (_set(None, api_version=2), ("api_version 2",)),
-    "api version text": (_set(None, api_version="1"), ("api_version '1'",)),
-    "bad project name": (_set(None, name="my project"), ("name 'my project'",)),
+    "api version": (_set(None, api_version=2), ("api_version must be 1, got 2",)),
+    "api version text": (_set(None, api_version="1"), ("api_version must be 1, got '1'",)),
+    "bad project name": (_set(None, name="my project"), ("name must be letters, digits", "got 'my project'")),
     "participants not a list": (_set(None, participants={"a": 1}), ("participants must be",)),
     "no participants": (_set(None, participants=[]), ("participants must be a non-empty",)),
     "description not text": (_set(None, description=["a"]), ("description",)),
@@ -342,13 +361,13 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
         ("participant 'site-1' (#2)", "type must be one of", "'worker'"),
     ),
     "participant without name": (_add({"type": "client", "org": "x"}), ("participant #5", "key 'name'")),
-    "participant not a mapping": (_add("site-9"), ("participant #5", "expected a mapping")),
+    "participant not a mapping": (_add("site-9"), ("participant #5 must be a mapping, got 'site-9'",)),
     "participant name not text": (_set("site-1", name=42), ("participant #2", "name must be a string")),
     "bad site name": (_set("site-1", name="site 1"), ("participant 'site 1' (#2)", "invalid name")),
     "site name too long": (_set("site-1", name="s" * 64), ("(#2)", "invalid name")),
     "bad admin name": (_set(ADMIN, name="root"), ("participant 'root' (#4)", "e-mail")),
-    "bad org": (_set("site-2", org="Org B!"), ("participant 'site-2' (#3)", "invalid org 'Org B!'")),
-    "org not text": (_set("site-2", org=7), ("participant 'site-2' (#3)", "invalid org 7")),
+    "bad org": (_set("site-2", org="Org B!"), ("participant 'site-2' (#3): org must be letters", "got 'Org B!'")),
+    "org not text": (_set("site-2", org=7), ("participant 'site-2' (#3): org must be a string, got 7",)),
     "duplicate name": (_set("site-2", name="site-1"), ("participant 'site-1' (#3)", "duplicate name", "#2")),
     "duplicate name by case": (_set("site-2", name="SITE-1"), ("participant 'SITE-1' (#3)", "duplicate")),
     "no server": (lambda data: data["participants"].pop(0), ("no server",)),
@@ -376,16 +395,7 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
         _set("server", fed_port=9000, admin_port=9000),
         ("'server' (#1)", "fed_port and admin_port must differ"),
     ),
-    "data port on the admin port": (
-        _set("server", fed_port=9000, admin_port=9001, data_port=9001),
-        ("'server' (#1)", "admin_port and data_port must differ"),
-    ),
-    "default data port taken": (
-        _set("server", fed_port=9001, admin_port=9000),
-        ("'server' (#1)", "fed_port and data_port must differ, both are 9001"),
-    ),
-    "data port not int": (_set("server", data_port="8004"), ("'server' (#1)", "data_port", "'8004'")),
-    "data port on a site": (_set("site-1", data_port=8004), ("'site-1' (#2)", "'data_port' is only for the server")),
+    "data port on a site": (_set("site-1", data_port=8004), ("'site-1' (#2)", "unknown key 'data_port'")),
     "validity zero": (_cert(validity_days=0), ("certificate.validity_days", "got 0")),
     "validity too long": (_cert(validity_days=3651), ("certificate.validity_days", "3651")),
     "validity text": (_cert(validity_days="1y"), ("certificate.validity_days", "'1y'")),
@@ -473,20 +483,13 @@ def test_workspace_examples_are_valid(tmp_path: Path) -> None:
     example = load_project(REPO / "workspaces/project.yml")
     assert example.name == "example_project"
     server = example.server
-    assert (server.name, server.host, server.fed_port, server.admin_port, server.data_port) == (
-        "server1",
-        "localhost",
-        8002,
-        8003,
-        8004,
-    )
+    assert (server.name, server.host, server.fed_port, server.admin_port) == ("server1", "localhost", 8002, 8003)
     assert [c.name for c in example.clients] == ["site-1", "site-2", "site-3", "site-4"]
     assert [(a.name, a.role) for a in example.admins] == [("admin@nvidia.com", "project_admin")]
 
     secure = load_project(REPO / "workspaces/secure_project.yml")
     assert secure.name == "secure_project"
     assert (secure.server.fed_port, secure.server.admin_port) == (8102, 8103)
-    assert secure.server.data_port == 8104, "without data_port in the file, the data lane takes admin_port + 1"
     assert [c.name for c in secure.clients] == [f"site-{i}" for i in range(1, 9)]
     assert len({c.org for c in secure.clients}) > 1
     assert {a.role for a in secure.admins} == {"project_admin", "org_admin", "lead", "member"}

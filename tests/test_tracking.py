@@ -751,7 +751,10 @@ def test_job_params_from_a_job_spec() -> None:
     class Spec:
         name = "fashion"
         server = ServerConfig(
-            num_rounds=5, min_clients=2, target_metric=TargetMetric("accuracy", 0.8), tracking=(Tracking("mlflow"),)
+            num_rounds=5,
+            min_clients=2,
+            target_metric=TargetMetric(name="accuracy", value=0.8),
+            tracking=(Tracking(type="mlflow"),),
         )
 
     params = job_params(Spec(), ["site-1", "site-2"])  # type: ignore[arg-type]

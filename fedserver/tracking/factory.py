@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,10 +47,10 @@ def check_installed(spec: JobSpec) -> None:
 def job_params(spec: JobSpec, sites: Sequence[str]) -> dict[str, str | float | int]:
     """The job's settings as MLflow params, so runs can be compared by them."""
     params: dict[str, str | float | int] = {"job_name": spec.name, "sites": len(sites)}
-    for field in dataclasses.fields(spec.server):
-        value = getattr(spec.server, field.name)
+    for name in type(spec.server).model_fields:
+        value = getattr(spec.server, name)
         if isinstance(value, bool | int | float | str):
-            params[field.name] = value
+            params[name] = value
     target = spec.server.target_metric
     if target is not None:
         params["target_metric"] = f"{target.name} {'>=' if target.mode == 'max' else '<='} {target.value}"
