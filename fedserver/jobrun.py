@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgrid import tensors
+from fedgrid import retry, tensors
 from fedgrid.errors import FedgridError, StateError
 from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
@@ -157,12 +158,18 @@ class JobRun:
             self.log.error("%s", problem)
             if status == jobstore.COMPLETED:
                 status, error = jobstore.FAILED, problem
-        self.ctx.store.update(
-            self.job_id,
-            status=status,
-            end_time=time.time(),
-            error=error,
-            result=self._summary(status, error, outcome),
+        summary = self._summary(status, error, outcome)
+        # A full disk may refuse even the job store's write: keep trying until there is space again.
+        await retry.acall(
+            lambda: asyncio.to_thread(
+                self.ctx.store.update, self.job_id, status=status, end_time=time.time(), error=error, result=summary
+            ),
+            what=f"recording the end of job {self.job_id}",
+            retryable=lambda exc: isinstance(exc, sqlite3.OperationalError),
+            give_up_after=None,
+            log=self.log,
+            first=1.0,
+            cap=30.0,
         )
         await self.ctx.watchers.finished(self.job_id)
         self.log.info("job ended: %s%s", status, f" ({error})" if error else "")
