@@ -45,6 +45,8 @@ LOG_SHARE_LIMIT = 1 << 20
 ABORT_GRACE = 3.0
 SLOT_WAIT = 30.0
 """Seconds a job started while this site is at its max_concurrent_jobs waits for a slot before it is refused."""
+SESSION_WAIT = 60.0
+"""Seconds a daemon keeps registering while the server says another session of this site is connected."""
 REGISTER_WAIT = 5.0
 """Seconds one registration attempt waits for the server to be reachable before the daemon tries again."""
 REPORT_RETRY_FOR = 120.0
@@ -94,6 +96,7 @@ class SiteDaemon:
     def run(self, ready_file: Path | None) -> None:
         threading.Thread(target=self._warmer, name="warmer", daemon=True).start()
         reachable = True
+        refused_since: float | None = None
         while not self.stopping.is_set():
             try:
                 # wait_for_ready: while the server is down, gRPC keeps trying to connect (every 2 s at most,
@@ -115,7 +118,15 @@ class SiteDaemon:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise FatalError(f"the server refused this site: {exc.details()}") from None
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise FatalError(exc.details()) from None
+                    # Another session of this site: its own (the server has not noticed a broken connection
+                    # yet, and gives way once its heartbeats are overdue), or a second daemon of this kit.
+                    if refused_since is None:
+                        refused_since = time.monotonic()
+                    if time.monotonic() - refused_since > SESSION_WAIT:
+                        raise FatalError(exc.details()) from None
+                    log.warning("%s; trying again", exc.details())
+                    self.stopping.wait(2.0)
+                    continue
                 if reachable:
                     log.warning(
                         "server %s:%d unreachable (%s); waiting for it",
@@ -127,7 +138,7 @@ class SiteDaemon:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self.stopping.wait(1.0)
                 continue
-            reachable = True
+            reachable, refused_since = True, None
             self.session_id = reply.session_id
             self.heartbeat_interval = reply.heartbeat_interval or self.settings.heartbeat_interval
             log.info("registered with %s (project %s), session %s", reply.server_name, reply.project, reply.session_id)

@@ -118,6 +118,8 @@ class TaskBoard:
         self.ready: set[str] = set()
         """Sites whose worker has asked for work at least once (it imported torch and loaded its data)."""
         self._ready_changed = asyncio.Event()
+        self._polling: dict[str, int] = {}
+        """Sites whose worker waits for its next task right now (site -> requests waiting)."""
 
     def mark_ready(self, site: str) -> None:
         if site not in self.ready:
@@ -156,6 +158,7 @@ class TaskBoard:
     async def next_task(self, site: str, last_task_id: str, timeout: float) -> Task | None:
         """The site's current task once it differs from `last_task_id`; None after `timeout` seconds."""
         async with self._changed:
+            self._polling[site] = self._polling.get(site, 0) + 1
             try:
                 await asyncio.wait_for(
                     self._changed.wait_for(
@@ -165,6 +168,8 @@ class TaskBoard:
                 )
             except TimeoutError:
                 return None
+            finally:
+                self._polling[site] -= 1
             if self.closed:
                 return END
             return self._tasks[site]
@@ -181,6 +186,17 @@ class TaskBoard:
         pending.discard(result.site)
         self._inbox.put_nowait(result)
         return True
+
+    def polling(self, site: str) -> bool:
+        """True while the site's worker waits for its next task."""
+        return self._polling.get(site, 0) > 0
+
+    def rejoin(self, site: str) -> None:
+        """Take a site that left back: it is active again, asked from the next task on. Nothing it was
+        asked before it left is awaited or accepted from it any more."""
+        if site in self.gone:
+            del self.gone[site]
+            self._tasks.pop(site, None)
 
     def site_gone(self, site: str, reason: str) -> None:
         if site in self.members and site not in self.gone:
@@ -214,6 +230,8 @@ class TaskBoard:
                 except TimeoutError:
                     return
                 if isinstance(item, SiteGone):
+                    if item.site not in self.gone:
+                        continue  # it has rejoined since: the departure is over
                     if any(item.site in sites for sites in waiting.values()):
                         for sites in waiting.values():
                             sites.discard(item.site)

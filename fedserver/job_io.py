@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from fedgrid.errors import StateError
@@ -38,8 +38,12 @@ SUBMITTER_CERT = "submitter.pem"
 
 
 class JobIO:
-    def __init__(self, *, job_id: str, job_dir: Path, board: TaskBoard, log: logging.Logger) -> None:
+    def __init__(
+        self, *, job_id: str, job_dir: Path, board: TaskBoard, log: logging.Logger, on_ask: Callable[[str], None]
+    ) -> None:
         self.job_id = job_id
+        self.on_ask = on_ask
+        """Called with a site whose worker asks for work (a site that had gone silent may rejoin then)."""
         self.job_dir = job_dir
         self.board = board
         self.log = log
@@ -89,6 +93,7 @@ class JobIO:
     async def next_task(self, site: str, last_task_id: str) -> Task:
         """The site's next task, as soon as there is one (the END task once the job is over)."""
         self.board.mark_ready(site)
+        self.on_ask(site)
         task = await self.board.next_task(site, last_task_id, None)
         assert task is not None  # no timeout given
         return task

@@ -76,9 +76,19 @@ class JobRun:
         self.log = job_logger(job_id, self.job_dir / "log.txt")
         self.sites = sorted(sites)
         self.board = TaskBoard(job_id, self.sites)
-        self.io = JobIO(job_id=job_id, job_dir=self.job_dir, board=self.board, log=self.log)
+        self.io = JobIO(
+            job_id=job_id,
+            job_dir=self.job_dir,
+            board=self.board,
+            log=self.log,
+            on_ask=lambda site: self._readmit(site, asking=True),
+        )
         """The job's traffic with its workers (package, tasks, results): what worker streams call."""
         self._site_states: dict[str, str] = {}
+        self._silent: dict[str, str] = {}
+        """Sites that left because they went silent (why), and may rejoin when they are heard from again."""
+        self._rejoined: dict[str, str] = {}
+        """Sites that rejoined the job, with the departure they came back from (shown in their state)."""
         self._started: dict[str, asyncio.Future[str]] = {}
         self._ended: dict[str, asyncio.Future[str]] = {}
         self._fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -362,7 +372,7 @@ class JobRun:
 
     def is_running_at(self, site: str) -> bool:
         """True when `site` reported its worker started and it has not ended or left."""
-        return self._site_states.get(site) == "running"
+        return self._site_states.get(site, "").split(" (", 1)[0] == "running"
 
     def active_sites(self) -> list[str]:
         return self.board.active_sites()
@@ -381,6 +391,8 @@ class JobRun:
     def site_report(self, site: str, state: str, error: str, log_text: bytes) -> None:
         if site not in self.sites:
             return
+        if state != "started":
+            self._silent.pop(site, None)  # its worker ended: nothing is left to rejoin with
         if log_text:
             path = self.result_dir / "sites" / site / "log.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,15 +426,45 @@ class JobRun:
 
     def site_dead(self, site: str, silence: float) -> None:
         if site in self.board.active_sites() and not self.board.closed:
-            self._site_left(site, f"no heartbeat for {silence:.0f} s")
+            reason = f"no heartbeat for {silence:.0f} s"
+            self._site_left(site, reason)
+            self._silent[site] = reason
+
+    def may_rejoin(self, site: str) -> bool:
+        """True when `site` left only because it went silent: its worker may still be at work."""
+        return site in self._silent and not self.board.closed
+
+    def readmit(self) -> None:
+        """Take back the sites that went silent, are alive again and whose worker waits for work."""
+        for site in list(self._silent):
+            self._readmit(site, asking=False)
+
+    def _readmit(self, site: str, *, asking: bool) -> None:
+        """`site` rejoins the job when it left because it went silent, its heartbeats arrive again and its
+        worker asks for work (`asking`, or a request of its is waiting). The round that runs does not wait
+        for it; the next round asks it again."""
+        if not self.may_rejoin(site) or not (asking or self.board.polling(site)):
+            return
+        record = self.ctx.registry.get(site)
+        if record is None or not self.ctx.registry.is_alive(record):
+            return
+        reason = self._silent.pop(site)
+        self.board.rejoin(site)
+        self._ended[site] = asyncio.get_running_loop().create_future()
+        self._rejoined[site] = f"rejoined after it left: {reason}"
+        self._set_state(site, "running")
+        self.log.info("%s rejoined the job (it had left: %s); it takes part from the next round on", site, reason)
 
     def _site_left(self, site: str, reason: str) -> None:
+        self._silent.pop(site, None)
         self._set_state(site, f"left: {reason}")
         self.log.warning("%s left the job: %s", site, reason)
         self.board.site_gone(site, reason)
         _resolve(self._ended.get(site), "left")
 
     def _set_state(self, site: str, state: str) -> None:
+        if site in self._rejoined and not state.startswith("left"):
+            state = f"{state} ({self._rejoined[site]})"
         self._site_states[site] = state
         self.ctx.store.set_site_state(self.job_id, site, state)
 

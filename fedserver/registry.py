@@ -59,10 +59,11 @@ class SiteRegistry:
         running_jobs: list[str],
         max_jobs: int = 0,
     ) -> Site:
-        """Start a new session for `name`; refused while another daemon of that name is connected."""
+        """Start a new session for `name`; refused while another daemon of that name is connected and
+        heartbeating (a session whose heartbeats stopped, e.g. behind a network partition, gives way)."""
         now = time.time()
         old = self._sites.get(name)
-        if old is not None and old.stream_open:
+        if old is not None and old.stream_open and self.is_alive(old):
             raise StateError(
                 f"site {name} is already connected from {old.address} (session since "
                 f"{time.strftime('%H:%M:%S', time.localtime(old.registered))}); stop that daemon first"

@@ -84,6 +84,7 @@ class Scheduler:
                 waiter.cancel()
 
     def _check_liveness(self) -> None:
+        """Sites of running jobs that fell silent leave them; those heard from again rejoin (JobRun.readmit)."""
         now = time.time()
         for run in self.runs.values():
             for site in run.active_sites():
@@ -91,6 +92,7 @@ class Scheduler:
                 if record is None or not self.registry.is_alive(record):
                     silence = now - record.last_heartbeat if record else 0.0
                     run.site_dead(site, silence)
+            run.readmit()
 
     def _start_ready_jobs(self) -> None:
         for record in self.store.queued():
@@ -199,7 +201,7 @@ class Scheduler:
         """A site (re)connected: stop what it runs that we do not, and note a site that restarted."""
         for job_id in running_jobs:
             run = self.runs.get(job_id)
-            if run is None or site not in run.active_sites():
+            if run is None or (site not in run.active_sites() and not run.may_rejoin(site)):
                 self.registry.send(
                     site,
                     fpb.Command(

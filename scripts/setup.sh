@@ -3,7 +3,8 @@
 # (torch==2.13.0 first: a loose torch pin would pull a CUDA build of several GB), and the
 # Fashion-MNIST data set from Debian when it is missing. Safe to run again: it only does what is missing.
 #   scripts/setup.sh          fedgrid with the tensorboard extra (everything a one-machine federation uses)
-#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, build)
+#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, build; as root, iproute2
+#                             and nftables for the network namespace tests when missing)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -37,5 +38,21 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
       || echo "warning: could not install dataset-fashion-mnist; jobs on real data need it (apt-get install dataset-fashion-mnist)" >&2
   else
     echo "warning: Fashion-MNIST is missing; as root run: apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
+
+# tests/test_netns.py puts the server and the sites in network namespaces (scripts/netns.py): iproute2, nftables.
+if [ "$extras" = "[test]" ]; then
+  missing=""
+  command -v ip >/dev/null || missing="$missing iproute2"
+  command -v nft >/dev/null || missing="$missing nftables"
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+      echo "== installing$missing (the network namespace tests use them)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null 2>&1 \
+        || echo "warning: could not install$missing; tests/test_netns.py will be skipped" >&2
+    else
+      echo "warning:$missing missing; tests/test_netns.py will be skipped (as root: apt-get install$missing)" >&2
+    fi
   fi
 fi

@@ -50,14 +50,20 @@ def log_text(kit: Path) -> str:
 
 
 class Federation:
-    """The daemons of one provisioned project, started on demand and always stopped at the end."""
+    """The daemons of one provisioned project, started on demand and always stopped at the end.
 
-    def __init__(self, project: ProvisionedProject) -> None:
+    `launcher` gives the command prefix a kit's start.sh runs under (e.g. `ip netns exec <namespace>`,
+    tests/test_netns.py); none by default.
+    """
+
+    def __init__(self, project: ProvisionedProject, launcher: Callable[[Path], list[str]] | None = None) -> None:
         self.project = project
+        self.launcher = launcher or (lambda kit: [])
         self.running: list[Path] = []
 
     def start(self, kit: Path) -> None:
-        result = subprocess.run([str(kit / "startup" / "start.sh")], env=ENV, capture_output=True, text=True)
+        command = [*self.launcher(kit), str(kit / "startup" / "start.sh")]
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True)
         if result.returncode != 0:
             raise AssertionError(
                 f"{kit.name} did not start:\n{result.stdout}\n{result.stderr}\n{log_text(kit)[-3000:]}"

@@ -8,6 +8,8 @@ evaluated), "mean" (the mean of every value of the model received) and "shift" (
     --site NAME:SHIFT:SAMPLES     one per site of the job (a site not listed: shift 0, 10 samples)
     --accuracy 0.3,0.8,0.6        the accuracy reported for the models of rounds 1, 2, 3 (default 0.5)
     --slow NAME:ROUND:SECONDS     that site sleeps this long in its training of that round
+    --gate DIR                    before sending each update, a site writes DIR/<site>-<round>.waiting and
+                                  waits until the test makes DIR/<site>-<round> (at most 5 minutes)
 
 It prints when it starts, each task it receives and each sleep, on the monotonic clock (the server's
 too), so that a test can place the server's round times among them.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +32,17 @@ def trained(model: dict[str, np.ndarray], shift: float, round_no: int) -> dict[s
     return {name: (KEEP * value + shift + ROUND_STEP * round_no).astype(value.dtype) for name, value in model.items()}
 
 
+def wait_at_gate(gate: Path, timeout: float = 300.0) -> None:
+    """Say that this site is at `gate`, then wait until the test opens it (makes the file)."""
+    gate.with_suffix(".waiting").touch()
+    deadline = time.monotonic() + timeout
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the gate {gate} stayed shut for {timeout:.0f} s")
+        time.sleep(0.05)
+    print(f"clock passed gate {gate.name} {time.monotonic():.6f}", flush=True)
+
+
 def main() -> None:
     from fedclient import api  # here, so that tests/replay.py loads `trained` without a job worker
 
@@ -36,6 +50,7 @@ def main() -> None:
     parser.add_argument("--site", action="append", default=[])
     parser.add_argument("--accuracy", default="")
     parser.add_argument("--slow", action="append", default=[])
+    parser.add_argument("--gate", default="")
     args = parser.parse_args()
 
     print(f"clock start {time.monotonic():.6f}", flush=True)
@@ -64,6 +79,8 @@ def main() -> None:
             began = time.monotonic()
             time.sleep(slow[task.current_round])
             print(f"clock slept {task.current_round} {began:.6f} {time.monotonic():.6f}", flush=True)
+        if args.gate:
+            wait_at_gate(Path(args.gate) / f"{site}-{task.current_round}")
         api.send(trained(model, shift, task.current_round), num_samples=samples)
     print(f"training script of {site} ended", flush=True)
 
