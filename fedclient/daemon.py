@@ -45,8 +45,9 @@ LOG_SHARE_LIMIT = 1 << 20
 ABORT_GRACE = 3.0
 SLOT_WAIT = 30.0
 """Seconds a job started while this site is at its max_concurrent_jobs waits for a slot before it is refused."""
-SESSION_WAIT = 60.0
-"""Seconds a daemon keeps registering while the server says another session of this site is connected."""
+SESSION_WAIT = 20.0
+"""Seconds a daemon keeps registering while the server says another session of this site is connected: a
+session of its own that a partition cut gives way once its heartbeats are overdue (heartbeat_timeout)."""
 REGISTER_WAIT = 5.0
 """Seconds one registration attempt waits for the server to be reachable before the daemon tries again."""
 REPORT_RETRY_FOR = 120.0
