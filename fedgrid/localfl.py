@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from fedgrid.exit_codes import ExitCode
+from fedgrid.files import write_json_atomic
 
 STATE_FILE = ".fl_running.json"
 
@@ -58,7 +59,7 @@ def start(n: int, workspaces: Path, timeout: float) -> int:
         for kit in [kits["server"][0], *sites]:
             _run_script(kit / "startup" / "start.sh")
             started.append(str(kit))
-            state.write_text(json.dumps({"prod": str(prod), "kits": started}, indent=2))
+            write_json_atomic(state, {"prod": str(prod), "kits": started})
     except SystemExit:
         stop(workspaces)
         raise

@@ -394,9 +394,7 @@ class JobRun:
         if state != "started":
             self._silent.pop(site, None)  # its worker ended: nothing is left to rejoin with
         if log_text:
-            path = self.result_dir / "sites" / site / "log.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(log_text)
+            write_atomic(self.result_dir / "sites" / site / "log.txt", log_text)
         if state == "started":
             self._set_state(site, "running")
             _resolve(self._started.get(site), "started")
@@ -499,7 +497,7 @@ class JobRun:
             handler.flush()
         log_file = self.job_dir / "log.txt"
         if log_file.exists():
-            (self.result_dir / "log.txt").write_bytes(log_file.read_bytes())
+            write_atomic(self.result_dir / "log.txt", log_file.read_bytes())
 
     def _summary(self, status: str, error: str, outcome: Outcome) -> dict[str, object]:
         """result.json: what the job's records say (its rounds are those in the job store, whatever way it

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedgrid import jobspec
 from fedgrid.errors import NotFoundError
+from fedgrid.files import write_atomic
 from fedgrid.serde import JobInfo, RoundInfo
 
 
@@ -28,13 +29,14 @@ def write_metrics(result_dir: Path, rounds: list[RoundInfo]) -> None:
         }
         for r in rounds
     ]
-    (result_dir / "metrics.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    write_atomic(result_dir / "metrics.json", json.dumps(rows, indent=2))
     columns = ["round", "sites_asked", "sites_answered", "seconds", "bytes_moved"]
     columns += sorted({k for r in rounds for k in r.metrics})
-    with open(result_dir / "metrics.csv", "w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(result_dir / "metrics.csv", table.getvalue())
 
 
 def plot_metrics(result_dir: Path, rounds: list[RoundInfo], title: str) -> Path | None:
