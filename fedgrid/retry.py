@@ -96,7 +96,11 @@ async def acall(
         before_sleep=_before_sleep(what, log),
         reraise=True,
     )
-    return await retrying(fn)
+
+    async def attempt() -> T:  # a coroutine function, so that tenacity awaits each attempt
+        return await fn()
+
+    return await retrying(attempt)
 
 
 class Backoff:
