@@ -89,6 +89,11 @@ async def acall(
     cap: float = CAP,
 ) -> T:
     """The asyncio form of `call`: waits without blocking the event loop."""
+
+    async def attempt() -> T:
+        # tenacity awaits only coroutine functions; `fn` may be a lambda that returns an awaitable.
+        return await fn()
+
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(retryable),
         wait=_wait(first, cap),
@@ -96,7 +101,7 @@ async def acall(
         before_sleep=_before_sleep(what, log),
         reraise=True,
     )
-    return await retrying(fn)
+    return await retrying(attempt)
 
 
 class Backoff:
