@@ -49,22 +49,30 @@ def main(argv: list[str] | None = None) -> int:
     except (KitError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
         return ExitCode.BAD_INPUT
+    from fedclient import metrics
     from fedclient.daemon import FatalError, SiteDaemon
 
     daemon = SiteDaemon(kit, settings)
+    endpoint = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.request_stop())
     ready = None if args.no_ready_file else kit.ready_path
     log.info("site %s of project %s starting (server %s:%d)", kit.name, kit.project, kit.server_host, kit.fed_port)
     try:
+        endpoint = metrics.serve(daemon, settings, kit.local_dir / SITE_SETTINGS_FILE)
         daemon.run(ready)
     except FatalError as exc:
         log.error("stopping: %s", exc)
         return ExitCode.REFUSED
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return ExitCode.BAD_INPUT
     finally:
         if ready is not None:
             ready.unlink(missing_ok=True)
         daemon.stop()
+        if endpoint is not None:
+            endpoint.close()
         log.info("site daemon stopped")
     return ExitCode.OK
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
+from fedclient import metrics
 from fedgrid import __version__, jobspec, retry
 from fedgrid.certs import identity_from_cert, verify_issued_by
 from fedgrid.errors import FedgridError, IdentityError, StateError
@@ -93,6 +94,19 @@ class SiteDaemon:
     def running_jobs(self) -> list[str]:
         with self.lock:
             return sorted(j.job_id for j in self.jobs.values() if not j.done.is_set())
+
+    @property
+    def connected(self) -> bool:
+        """Registered with the server and listening on the command stream."""
+        return bool(self.session_id) and self._stream is not None
+
+    def worker_pids(self) -> list[int]:
+        """The job workers running now, the one started ahead included."""
+        with self.lock:
+            processes = [job.process for job in self.jobs.values() if job.process is not None]
+            if self._warm is not None:
+                processes.append(self._warm)
+        return [process.pid for process in processes if process.poll() is None]
 
     def run(self, ready_file: Path | None) -> None:
         threading.Thread(target=self._warmer, name="warmer", daemon=True).start()
@@ -311,6 +325,7 @@ class SiteDaemon:
             process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=job_dir
             )
+        metrics.worker_started("on_demand")
         return process, False
 
     def _warmer(self) -> None:
@@ -339,6 +354,7 @@ class SiteDaemon:
                     stderr=subprocess.STDOUT,
                     cwd=self.workspace,
                 )
+            metrics.worker_started("ahead")
 
     def _prepare(self, job: JobProcess, command: fpb.StartJob) -> int:
         """Fetch, verify and unpack the job; returns the worker's torch thread count."""
@@ -401,6 +417,7 @@ class SiteDaemon:
     def _report(self, job_id: str, state: str, error: str, log_text: bytes = b"") -> None:
         """Tell the server how the job went here; retried while the server is unreachable."""
         report = fpb.JobReport(job_id=job_id, state=state, error=error, log=log_text)
+        metrics.job_report(state)
         try:
             retry.call(
                 lambda: self.stub.ReportJob(report, timeout=10),

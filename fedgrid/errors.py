@@ -11,6 +11,9 @@
     ├── TransferError            a streamed payload is truncated, oversized or fails its digest
     │   └── FrameError           bytes on a stream that are not a message of the expected type
     ├── PayloadError             a received tensor set or ciphertext does not match what was expected
+    │   ├── LayoutError          its tensor names, shapes or dtypes differ from the global model's
+    │   ├── NonFiniteError       it holds NaN, infinite or out-of-range values
+    │   └── SampleCountError     its sample count (its weight in the mean) is not a usable number
     ├── NotFoundError            a job, site or file that was asked for does not exist
     ├── StateError               the request is valid but not now (delete a running job, ...)
     ├── LimitError               the caller holds as many streams as it may, or went silent on one
@@ -67,6 +70,18 @@ class FrameError(TransferError):
 
 class PayloadError(FedgridError):
     """A tensor set or ciphertext does not match the expected layout."""
+
+
+class LayoutError(PayloadError):
+    """A tensor set's names, shapes or dtypes differ from the global model's."""
+
+
+class NonFiniteError(PayloadError):
+    """A tensor set holds NaN, infinite or out-of-range values (it would poison the mean)."""
+
+
+class SampleCountError(PayloadError):
+    """An update's sample count, its weight in the mean, is not a positive finite number in range."""
 
 
 class NotFoundError(FedgridError):

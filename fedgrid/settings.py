@@ -8,14 +8,15 @@ Provisioning writes the defaults below; the daemons read them once at start.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from fedgrid.errors import ConfigError
-from fedgrid.validation import Schema, drop_retired, one_line
+from fedgrid.validation import Schema, accepts, drop_retired, one_line
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ class Settings(Schema):
 _NO_LANE = "job workers use the federation port (fed_port) alone"
 
 
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+MetricsPort = Annotated[int, Field(ge=0, le=65535)]
+"""TCP port of a daemon's Prometheus endpoint (`/metrics`); 0 = no endpoint."""
+BindAddress = Annotated[
+    str, accepts(_is_ip_address, "an IP address of this machine (0.0.0.0 or :: for every interface)")
+]
+
+
 class ServerSettings(Settings):
     """The server operator's choices (`local/server.json` of the server kit)."""
 
@@ -59,6 +75,10 @@ class ServerSettings(Settings):
     closes it; job workers ping well within it while they train."""
     max_streams_per_identity: int = Field(32, ge=1)
     """Long-lived streams (job workers, command streams, job watches) one participant may hold at once."""
+    metrics_port: MetricsPort = 0
+    """Port of the server's Prometheus endpoint (/metrics, fedserver/metrics.py); 0 = none."""
+    metrics_address: BindAddress = "127.0.0.1"
+    """Address the metrics endpoint listens on: loopback unless the operator opens it to a Prometheus elsewhere."""
 
 
 class SiteSettings(Settings):
@@ -85,6 +105,10 @@ class SiteSettings(Settings):
     """Send each job's log to the server at the job's end, so it is in the job's result folder."""
     data_root: str = ""
     """Where this site's data lives; handed to training scripts as `fedclient.api.get_site_config()`."""
+    metrics_port: MetricsPort = 0
+    """Port of the site daemon's Prometheus endpoint (/metrics, fedclient/metrics.py); 0 = none."""
+    metrics_address: BindAddress = "127.0.0.1"
+    """Address the metrics endpoint listens on: loopback unless the operator opens it to a Prometheus elsewhere."""
 
 
 class AdminSettings(Settings):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import load_file as st_load_file
 
-from fedgrid.errors import PayloadError
+from fedgrid.errors import LayoutError, NonFiniteError, PayloadError
 from fedgrid.files import write_atomic
 
 FORMAT = "safetensors"
@@ -148,17 +148,17 @@ def check_layout(arrays: Mapping[str, np.ndarray], expected: Layout, what: str) 
             parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if extra:
             parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise PayloadError(f"{what}: tensor names differ from the global model ({'; '.join(parts)})")
+        raise LayoutError(f"{what}: tensor names differ from the global model ({'; '.join(parts)})")
     for name, spec in expected.items():
         array = arrays[name]
         if tuple(array.shape) != spec.shape:
-            raise PayloadError(f"{what}: tensor {name!r} has shape {tuple(array.shape)}, expected {spec.shape}")
+            raise LayoutError(f"{what}: tensor {name!r} has shape {tuple(array.shape)}, expected {spec.shape}")
         if str(array.dtype) != spec.dtype:
-            raise PayloadError(f"{what}: tensor {name!r} has dtype {array.dtype}, expected {spec.dtype}")
+            raise LayoutError(f"{what}: tensor {name!r} has dtype {array.dtype}, expected {spec.dtype}")
 
 
 def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
     """Refuse NaN or infinite values: one bad update would poison the global model."""
     for name, array in arrays.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise PayloadError(f"{what}: tensor {name!r} contains NaN or infinite values")
+            raise NonFiniteError(f"{what}: tensor {name!r} contains NaN or infinite values")

@@ -24,7 +24,7 @@ from fedgrid.serde import (
 )
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import admin_pb2_grpc, common_pb2
-from fedserver import limits
+from fedserver import limits, metrics
 from fedserver.admin_ops import AdminOps
 from fedserver.peers import PeerAuthority, peer_address
 from fedserver.registry import SiteRegistry
@@ -134,7 +134,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[apb.UploadFrame], context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.SubmitReply:
         cert_pem = context.auth_context()["x509_pem_cert"][0]
-        record = await self.ops.submit(caller, cert_pem, limits.messages(context, self.idle_timeout, "job upload"))
+        frames = metrics.counted("upload", limits.messages(context, self.idle_timeout, "job upload"))
+        record = await self.ops.submit(caller, cert_pem, frames)
         return apb.SubmitReply(job_id=record.job_id, name=record.name)
 
     @rpc
@@ -177,6 +178,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> AsyncIterator[apb.DownloadFrame]:
         for frame in self.ops.download_frames(caller, request.job_id):
             yield frame
+            metrics.sent("download", frame)
 
     @rpc
     async def JobLog(

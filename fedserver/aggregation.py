@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from fedgrid import tensors
-from fedgrid.errors import PayloadError
+from fedgrid.errors import LayoutError, NonFiniteError, PayloadError, SampleCountError
 from fedgrid.tensor_file import TensorSource, write_tensor_file
 from fedgrid.tensors import Arrays, Layout
 from fedserver.grid import Result
@@ -51,7 +51,7 @@ def accumulator_dtype(dtype: str) -> np.dtype:
 
 def check_weight(weight: float, what: str) -> None:
     if not math.isfinite(weight) or weight <= 0 or weight > MAX_WEIGHT:
-        raise PayloadError(f"{what}: sample count must be a number in (0, {MAX_WEIGHT:.3g}], got {weight}")
+        raise SampleCountError(f"{what}: sample count must be a number in (0, {MAX_WEIGHT:.3g}], got {weight}")
 
 
 def check_same_layout(got: Layout, expected: Layout, what: str) -> None:
@@ -60,12 +60,12 @@ def check_same_layout(got: Layout, expected: Layout, what: str) -> None:
     if missing or extra:
         parts = [f"missing {', '.join(missing[:5])}"] if missing else []
         parts += [f"unexpected {', '.join(extra[:5])}"] if extra else []
-        raise PayloadError(f"{what}: tensor names differ from the global model ({'; '.join(parts)})")
+        raise LayoutError(f"{what}: tensor names differ from the global model ({'; '.join(parts)})")
     for name, spec in expected.items():
         if got[name].shape != spec.shape:
-            raise PayloadError(f"{what}: tensor {name!r} has shape {got[name].shape}, expected {spec.shape}")
+            raise LayoutError(f"{what}: tensor {name!r} has shape {got[name].shape}, expected {spec.shape}")
         if got[name].dtype != spec.dtype:
-            raise PayloadError(f"{what}: tensor {name!r} has dtype {got[name].dtype}, expected {spec.dtype}")
+            raise LayoutError(f"{what}: tensor {name!r} has dtype {got[name].dtype}, expected {spec.dtype}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class WeightedMean:
             limit = np.finfo(accumulator_dtype(spec.dtype)).max / 2
             for block in source.blocks(name, BLOCK):
                 if not (np.abs(block) <= limit).all():
-                    raise PayloadError(
+                    raise NonFiniteError(
                         f"{what}: tensor {name!r} contains NaN, infinite or out-of-range values (beyond ±{limit:.3g})"
                     )
                 if reference is not None:

@@ -13,10 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedgrid.errors import ConfigError
 from fedgrid.kit import Kit
+from fedgrid.metrics_http import Endpoint
 from fedgrid.policy import POLICY_FILE, Policy
 from fedgrid.settings import SERVER_SETTINGS_FILE, ServerSettings, load_settings
 from fedgrid.tls import server_credentials
 from fedgrid.v1 import admin_pb2_grpc, federation_pb2_grpc
+from fedserver import metrics
 from fedserver.admin_ops import AdminOps
 from fedserver.admin_service import AdminService
 from fedserver.federation_service import FederationService
@@ -74,6 +76,7 @@ class ServerApp:
         )
         self.quota = StreamQuota(self.settings.max_streams_per_identity)
         self._servers: list[grpc.aio.Server] = []
+        self._metrics: Endpoint | None = None
 
     def _tracking_factory(self) -> object | None:
         try:
@@ -133,6 +136,9 @@ class ServerApp:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         self._bind(federation, self.kit.fed_port, "federation")
         self._bind(admin, self.kit.admin_port, "admin")
+        self._metrics = metrics.serve(
+            self.settings, self.kit.local_dir / SERVER_SETTINGS_FILE, scheduler=self.scheduler, peers=self.peers
+        )
         await self.scheduler.start()
         for server in (federation, admin):
             await server.start()
@@ -150,6 +156,8 @@ class ServerApp:
         log.info("server stopping")
         await self.scheduler.stop()
         await asyncio.gather(*(server.stop(grace=2.0) for server in self._servers))
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
         self.store.close()
 
     async def serve(self, ready_file: Path | None, stop: asyncio.Event) -> None:

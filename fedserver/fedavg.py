@@ -30,6 +30,7 @@ from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import ServerConfig
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import TensorSource, copy_file
+from fedserver import metrics
 from fedserver.aggregation import Aggregator, weighted_metrics
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
 from fedserver.model import MEMORY_LIMIT, Model
@@ -265,6 +266,7 @@ class FedAvg:
             )
         except (PayloadError, EncryptionError) as exc:
             self.log.warning("round %d: update from %s refused: %s", task.round, item.site, exc)
+            metrics.update_refused(exc)
             refused.append(f"{item.site}: {exc}")
         finally:
             self._dispose(item, task)

@@ -10,7 +10,7 @@ import grpc
 from fedgrid.certs import Identity
 from fedgrid.v1 import common_pb2, federation_pb2_grpc
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import limits
+from fedserver import limits, metrics
 from fedserver.limits import StreamQuota
 from fedserver.peers import PeerAuthority, peer_address
 from fedserver.registry import SiteRegistry
@@ -88,6 +88,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     async def FetchJob(self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity) -> None:
         async for frame in self.scheduler.run_for(request.job_id, caller.name).io.package_frames():
             await limits.write(context, frame, self.idle_timeout, f"job package for {caller.name}")
+            metrics.sent("package", frame)
 
     @rpc
     async def ReportJob(

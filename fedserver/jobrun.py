@@ -25,7 +25,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import TensorFile
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore, memory, results
+from fedserver import jobstore, memory, metrics, results
 from fedserver.aggregation import Aggregator, PlainAggregator
 from fedserver.fedavg import FedAvg, Outcome
 from fedserver.grid import Result, Task, TaskBoard
@@ -290,7 +290,8 @@ class JobRun:
             memory.trim()  # large models: hand the round's freed payload buffers back to the system
         # Off the event loop: the commit waits for the disk (fsync), and rounds and uploads go on meanwhile.
         await asyncio.to_thread(self.ctx.store.add_round, self.job_id, record)
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
+        metrics.round_completed(record.seconds)
+        values = ", ".join(f"{k} {v:.4f}" for k, v in record.metrics.items())
         self.log.info(
             "round %d/%d done in %.2f s: %d/%d sites answered, %s",
             record.round,
@@ -298,7 +299,7 @@ class JobRun:
             record.seconds,
             record.sites_answered,
             record.sites_asked,
-            metrics or "no metrics",
+            values or "no metrics",
         )
         if self.tracking is not None:
             self.tracking.global_metrics(

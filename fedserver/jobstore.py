@@ -186,6 +186,12 @@ class JobStore:
         with self._lock:
             return [_record(r) for r in self._db.execute(query, args).fetchall()]
 
+    def counts_by_status(self) -> dict[str, int]:
+        """How many jobs the store holds in each status."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {row[0]: row[1] for row in rows}
+
     def queued(self) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY submit_time", (SUBMITTED,)).fetchall()

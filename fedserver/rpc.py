@@ -4,6 +4,7 @@ Servicer methods are wrapped with `rpc(port)`: the wrapper identifies the caller
 certificate before the method runs (refusing certificates that do not belong on this port), passes
 the identity in, and turns a FedgridError into a status code with a clean message. Anything else is
 logged with its traceback and answered as INTERNAL, so one bad request never takes the daemon down.
+Every call is counted and timed here, by method and status code (fedserver/metrics.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from fedgrid import errors
 from fedgrid.grpc_errors import error_metadata, status_of
+from fedserver import metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +41,33 @@ def rpc(fn: Callable) -> Callable:
     before the body, so no method can forget it.
     """
     name = fn.__name__
+    # Register and Hello take a newer roster first, then call their wrapped body `_register` / `_hello`.
+    method = name[1:].capitalize() if name.startswith("_") else name
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                caller = self.identify(context, name)
-                async for item in fn(self, request, context, caller):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
-                await _abort(context, name, exc)
+            with metrics.rpc_call(method, context):
+                try:
+                    caller = self.identify(context, name)
+                    async for item in fn(self, request, context, caller):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
+                    await _abort(context, name, exc)
 
         return stream_wrapper
 
     @functools.wraps(fn)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            caller = self.identify(context, name)
-            return await fn(self, request, context, caller)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
-            await _abort(context, name, exc)
+        with metrics.rpc_call(method, context):
+            try:
+                caller = self.identify(context, name)
+                return await fn(self, request, context, caller)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
+                await _abort(context, name, exc)
 
     return unary_wrapper

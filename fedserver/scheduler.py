@@ -222,6 +222,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ tracking after the job
 
+    def late_deliveries(self) -> list[str]:
+        """Ended jobs whose pending tracking records are being delivered again (fedserver/metrics.py)."""
+        return list(self._late)
+
     def _deliver_later(self, job_id: str) -> None:
         if job_id not in self._late and self.ctx.tracking_factory is not None:
             self._late[job_id] = asyncio.create_task(self._late_delivery(job_id), name=f"tracking-{job_id}")

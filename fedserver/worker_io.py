@@ -22,7 +22,7 @@ import grpc
 from fedgrid.errors import FedgridError, FrameError, StateError, TransferError
 from fedgrid.transfer import Assembler, digest_checked
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import limits
+from fedserver import limits, metrics
 from fedserver.grid import Result
 from fedserver.tracking.events import TrackingEvent
 
@@ -47,12 +47,14 @@ class WorkerStream:
         hello = await self._read("hello")
         if hello is None:
             return
+        metrics.work_request(hello.WhichOneof("kind"))
         if hello.WhichOneof("kind") != "hello":
             raise FrameError(f"Work stream of {self.site}: the first message must be a hello")
         self.job_id = hello.hello.job_id
         await self._reply(fpb.Reply(idle_timeout=self.idle_timeout))
         while (message := await self._read("request")) is not None:
             kind = message.WhichOneof("kind")
+            metrics.work_request(kind)
             if kind == "ping":
                 continue
             try:
@@ -99,6 +101,7 @@ class WorkerStream:
             for message in run.io.task_messages(task, request.cached_sha256):
                 acknowledge = acknowledge or message.task.header.acknowledge
                 await self._write(message)
+                metrics.sent("task", message)
             if acknowledge:
                 await self._receipt(task.task_id)
 
@@ -136,6 +139,7 @@ class WorkerStream:
             async with run.io.uploading(self.site, header.payload_format if open_task else ""):
                 frame = first
                 while True:
+                    metrics.received("result", frame)
                     if frame.data and (assembler.hashing or not spool.in_memory):
                         # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
                         await asyncio.to_thread(assembler.feed, frame)
@@ -149,8 +153,10 @@ class WorkerStream:
             spool.discard()
             if isinstance(exc, FedgridError):
                 run.log.warning("%s: result refused: %s", self.site, exc)
+                metrics.update_refused(exc)
             raise
         if not open_task:
+            metrics.update_refused("late")
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
             raise StateError(f"task {header.task_id} is no longer open (late result dropped)")
         path, data, release = spool.payload()
@@ -167,6 +173,7 @@ class WorkerStream:
         )
         if not run.io.deliver(result):
             result.discard()
+            metrics.update_refused("late")
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
             return "late: dropped"
         return "accepted"

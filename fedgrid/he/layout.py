@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedgrid.errors import PayloadError
+from fedgrid.errors import LayoutError, NonFiniteError, PayloadError
 from fedgrid.he.params import HEParams, num
 from fedgrid.tensors import ALLOWED_DTYPES
 
@@ -50,7 +50,7 @@ def chunk_lengths(specs: list[Spec], slots: int) -> list[int]:
 
 
 def compare_layout(got: list[Spec], expected: list[Spec], against: str, what: str) -> None:
-    """PayloadError naming the first difference between two layouts."""
+    """LayoutError naming the first difference between two layouts."""
     if got == expected:
         return
     names, expected_names = {s.name for s in got}, {s.name for s in expected}
@@ -61,14 +61,14 @@ def compare_layout(got: list[Spec], expected: list[Spec], against: str, what: st
             for label, items in (("missing", missing), ("unexpected", extra))
             if items
         ]
-        raise PayloadError(f"{what}: tensor names differ from {against} ({'; '.join(parts)})")
+        raise LayoutError(f"{what}: tensor names differ from {against} ({'; '.join(parts)})")
     wanted = {s.name: s for s in expected}
     for spec in got:
         other = wanted[spec.name]
         if spec.shape != other.shape:
-            raise PayloadError(f"{what}: tensor {spec.name!r} has shape {spec.shape}, {against} has {other.shape}")
+            raise LayoutError(f"{what}: tensor {spec.name!r} has shape {spec.shape}, {against} has {other.shape}")
         if spec.dtype != other.dtype:
-            raise PayloadError(f"{what}: tensor {spec.name!r} has dtype {spec.dtype}, {against} has {other.dtype}")
+            raise LayoutError(f"{what}: tensor {spec.name!r} has dtype {spec.dtype}, {against} has {other.dtype}")
 
 
 def flatten(arrays: Mapping[str, Any], params: HEParams, what: str) -> tuple[list[Spec], np.ndarray]:
@@ -93,7 +93,7 @@ def flatten(arrays: Mapping[str, Any], params: HEParams, what: str) -> tuple[lis
             continue
         largest = max(float(part.max()), -float(part.min()))
         if not math.isfinite(largest):
-            raise PayloadError(f"{what}: tensor {spec.name!r} contains NaN or infinite values")
+            raise NonFiniteError(f"{what}: tensor {spec.name!r} contains NaN or infinite values")
         if largest * spec.shift > params.max_abs_value:
             limit = params.max_abs_value / spec.shift
             raise PayloadError(
