@@ -5,7 +5,8 @@ every site.
 <job>/
   meta.json                 {"name", "min_clients", "deploy_map": {<app>: ["@ALL"] | ["server", "site-1", ...]},
                              "resource_spec": {<site or "@ALL">: {"num_cpus": int, "memory_gb": number}}}
-  <app>/config/server.json  the server's workflow (FedAvg settings; in the app deployed to "server")
+  <app>/config/server.json  the server's rounds and strategy (fedgrid/strategy_config.py; in the app deployed to
+                            "server")
   <app>/config/client.json  {"script": "train.py" | "module:pkg.mod", "args": [...]} (in apps deployed to sites)
   <app>/config/initial_model.safetensors   the starting global model (server app)
   <app>/custom/...          the job's own code, run at the sites (never imported by the server)
@@ -19,6 +20,7 @@ or run anything, so nobody on the way, the server included, can change a job's c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fedgrid.errors import JobSpecError
+from fedgrid.strategy_config import FedAvgConfig, StrategyConfig, from_server_json
 
 META_FILE = "meta.json"
 SERVER_CONFIG = "config/server.json"
@@ -39,6 +42,7 @@ ALL = "@ALL"
 SERVER = "server"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WORKFLOWS = ("fedavg",)
+"""`workflow` is the round loop, the only one: older job folders name it; what varies is the `strategy`."""
 AGGREGATIONS = ("weighted_mean",)
 ENCRYPTIONS = ("none", "ckks")
 TRACKERS = ("mlflow", "tensorboard")
@@ -87,17 +91,21 @@ class ServerConfig:
     release_site: str = ""
     """HE: the site that uploads the decrypted final model (default: the first site of the job)."""
     server_lr: float = 1.0
-    """Server optimizer (FedAvgM): global += server_lr * velocity; 1.0 with momentum 0 is plain FedAvg."""
+    """Older job folders' FedAvgM (read into `strategy`): global += server_lr * velocity."""
     server_momentum: float = 0.0
     clip_norm: float = 0.0
     """Clip each site's update (its difference to the global model) to this L2 norm on the server; 0 = off."""
+    strategy: StrategyConfig = FedAvgConfig()
+    """What varies per algorithm: FedAvg, FedProx, FedOpt, SCAFFOLD or an installed module."""
+    evaluator: str = ""
+    """module:<installed module> evaluating each new global model at the server; "" = none."""
 
     @property
     def needs_plaintext(self) -> list[str]:
         """The settings that make the server compute on the updates' values (impossible under HE)."""
         found = []
-        if self.server_lr != 1.0 or self.server_momentum != 0.0:
-            found.append(f"a server optimizer (server_lr {self.server_lr}, server_momentum {self.server_momentum})")
+        if self.strategy.needs_plaintext:
+            found.append(self.strategy.needs_plaintext)
         if self.clip_norm > 0:
             found.append(f"clipping on the server (clip_norm {self.clip_norm})")
         if self.aggregation != "weighted_mean":
@@ -215,6 +223,8 @@ def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
             "server_lr",
             "server_momentum",
             "clip_norm",
+            "strategy",
+            "evaluator",
         },
     )
     min_clients = _int(data, "min_clients", where, 1, 100_000)
@@ -265,10 +275,12 @@ def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
         server_momentum=_float(data, "server_momentum", where, 0.0, 0.999, 0.0),
         clip_norm=_float(data, "clip_norm", where, 0.0, 1e9, 0.0),
     )
-    if config.client_fraction <= 0:
-        raise JobSpecError(f"{where}: client_fraction must be above 0")
     if config.server_lr <= 0:
         raise JobSpecError(f"{where}: server_lr must be above 0")
+    strategy, evaluator = from_server_json(data, where)
+    config = dataclasses.replace(config, strategy=strategy, evaluator=evaluator)
+    if config.client_fraction <= 0:
+        raise JobSpecError(f"{where}: client_fraction must be above 0")
     if config.encryption != "none" and config.needs_plaintext:
         needs = " and ".join(config.needs_plaintext)
         raise JobSpecError(

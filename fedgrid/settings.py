@@ -45,6 +45,8 @@ class ServerSettings:
     closes it; job workers ping well within it while they train."""
     max_streams_per_identity: int = 32
     """Long-lived streams (job workers, command streams, job watches) one participant may hold at once."""
+    data_root: str = ""
+    """The server operator's own data (a held-out set), for server-side evaluators a job names; never a job's."""
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import BLOCK_BYTES, TensorFile
 from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore, memory, results
+from fedserver import jobstore, memory, results, strategies
 from fedserver.aggregation import Aggregator, PlainAggregator
-from fedserver.fedavg import FedAvg, Outcome
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.registry import SiteRegistry
+from fedserver.rounds import Outcome, RoundLoop
+from fedserver.server_evaluation import ServerEvaluator
 from fedserver.spool import Spool
 from fedserver.watchers import Watchers
 
@@ -62,6 +63,8 @@ class RunContext:
     he_context: bytes | None
     tracking_factory: Callable[..., object] | None = None
     keep_uploads: bool = False
+    data_root: Path | None = None
+    """The server operator's data (local/server.json), for a job's server-side evaluator."""
 
 
 def job_logger(job_id: str, path: Path) -> logging.Logger:
@@ -238,9 +241,18 @@ class JobRun:
         await self._wait_ready()
         if self._slot_bytes:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
-        workflow = FedAvg(
+        where = f"{self.spec.server_app}/config/server.json"
+        forbidden = self.ctx.store.root
+        evaluator = None
+        if self.spec.server.evaluator:
+            name = self.spec.server.evaluator.removeprefix("module:")
+            evaluate = strategies.installed_evaluator(name, where, forbidden)
+            evaluator = ServerEvaluator(name, evaluate, self.ctx.data_root, self.log)
+        workflow = RoundLoop(
             config=self.spec.server,
             board=self.board,
+            strategy=strategies.build(self.spec.server, where, forbidden),
+            layout=self.layout,
             aggregator=self._aggregator,
             result_dir=self.result_dir,
             checkpoint_dir=self.job_dir / "checkpoint",
@@ -249,16 +261,19 @@ class JobRun:
             on_round=self._on_round,
             release_model=self._release_model,
             keep_dir=self.job_dir / "uploads" if self.ctx.keep_uploads else None,
+            evaluator=evaluator,
         )
+        self.log.info("strategy %s", self.spec.server.strategy.describe())
         return await workflow.run(initial)
 
-    def _aggregator(self, model: Model | None) -> Aggregator:
+    def _aggregator(self, model: Model | None, layout: tensors.Layout) -> Aggregator:
+        """Folds one round's results, whose tensors are `layout` (the model's and the strategy's own)."""
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
             assert self.ctx.he_context is not None  # checked at submit
-            return EncryptedAggregator(self.ctx.he_context, self.layout)
-        return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
+            return EncryptedAggregator(self.ctx.he_context, layout)
+        return PlainAggregator(layout, model, self.spec.server.clip_norm)
 
     async def _on_round(self, record: RoundInfo) -> None:
         if self._slot_bytes:
@@ -393,6 +408,7 @@ class JobRun:
             upload_slot=bool(self._slot_bytes) and task.kind in ("train", "release"),
             evaluate_task_id=task.evaluate_task_id,
             evaluate_round=task.evaluate_round,
+            settings=task.settings,
         )
         if model is None or (cached_sha256 and cached_sha256 == model.sha256):
             header.payload_cached = model is not None

@@ -52,6 +52,9 @@ def job_params(spec: JobSpec, sites: Sequence[str]) -> dict[str, str | float | i
         value = getattr(spec.server, field.name)
         if isinstance(value, bool | int | float | str):
             params[field.name] = value
+    params["strategy"] = spec.server.strategy.describe()
+    if spec.server.evaluator:
+        params["evaluator"] = spec.server.evaluator
     target = spec.server.target_metric
     if target is not None:
         params["target_metric"] = f"{target.name} {'>=' if target.mode == 'max' else '<='} {target.value}"
