@@ -52,12 +52,14 @@ def log_text(kit: Path) -> str:
 class Federation:
     """The daemons of one provisioned project, started on demand and always stopped at the end."""
 
-    def __init__(self, project: ProvisionedProject) -> None:
+    def __init__(self, project: ProvisionedProject, env: dict[str, str] | None = None) -> None:
         self.project = project
         self.running: list[Path] = []
+        self.env = {**ENV, **(env or {})}
+        """The daemons' environment (e.g. a PYTHONPATH with modules "installed" on the server)."""
 
     def start(self, kit: Path) -> None:
-        result = subprocess.run([str(kit / "startup" / "start.sh")], env=ENV, capture_output=True, text=True)
+        result = subprocess.run([str(kit / "startup" / "start.sh")], env=self.env, capture_output=True, text=True)
         if result.returncode != 0:
             raise AssertionError(
                 f"{kit.name} did not start:\n{result.stdout}\n{result.stderr}\n{log_text(kit)[-3000:]}"
@@ -96,9 +98,11 @@ class Federation:
 
 
 @contextlib.contextmanager
-def running(project: ProvisionedProject, sites: Iterable[Path] | None = None) -> Iterator[Federation]:
+def running(
+    project: ProvisionedProject, sites: Iterable[Path] | None = None, env: dict[str, str] | None = None
+) -> Iterator[Federation]:
     """The project's server and sites (all, or `sites`) running for the duration of a with-block."""
-    federation = Federation(project)
+    federation = Federation(project, env)
     try:
         federation.start_all(sites)
         yield federation
