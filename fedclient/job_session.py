@@ -250,7 +250,7 @@ class JobSession:
         metrics: Mapping[str, float],
         plaintext: bool,
     ) -> bool:
-        """True when the server took the result."""
+        """True when the server took the result into its round (not a late one it dropped)."""
         self.flush_events()
         if arrays and self.encrypted and not plaintext:
             payload_format = "ckks"
@@ -275,11 +275,13 @@ class JobSession:
         try:
             if task.upload_slot and payload_format:
                 self.stream.upload_slot(task.task_id)
-            self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
+            reply = self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
             return False
-        return True
+        if reply != "accepted":
+            log.warning("the server did not take the result of %s: %s", task.task_id, reply)
+        return reply == "accepted"
 
     def _encrypted(self, task_id: str, arrays: dict[str, np.ndarray], weight: float) -> Iterator[bytes]:
         """The encrypted update, piece by piece, so that each ciphertext goes out while the next is made."""

@@ -161,7 +161,11 @@ class Scaffold:
     c: Arrays = field(default_factory=dict)
     c_site: dict[str, Arrays] = field(default_factory=dict)
 
-    def run(self, rounds: Sequence[Sequence[Site]], initial: Arrays = INITIAL) -> list[Arrays]:
+    def run(
+        self, rounds: Sequence[Sequence[Site]], initial: Arrays = INITIAL, asked: Sequence[int] = ()
+    ) -> list[Arrays]:
+        """Round r's updates come from the sites in rounds[r-1], of asked[r-1] sites asked (default: all
+        of them answered); a site that did not answer keeps its c_i."""
         x = {name: value.astype(np.float64) for name, value in initial.items()}
         self.c = {name: np.zeros_like(value) for name, value in x.items()}
         models = []
@@ -176,7 +180,7 @@ class Scaffold:
                 self.c_site[site.name] = new_c_i
                 updates.append((y, float(site.samples)))
             mean = weighted_mean(updates)
-            share = len(sites) / self.n_sites
+            share = (asked[round_no - 1] if asked else len(sites)) / self.n_sites
             self.c = {name: self.c[name] + share * sum(d[name] for d in deltas) / len(deltas) for name in x}
             x = {name: x[name] + self.server_lr * (mean[name] - x[name]) for name in x}
             models.append(x)

@@ -40,7 +40,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    with running(project, project.sites[:2]) as fed:
+    plugins = Path(__file__).parent / "plugins"  # strategy_plugins, "installed" on the server
+    with running(project, project.sites[:2], env={"PYTHONPATH": str(plugins)}) as fed:
         yield fed
 
 
@@ -159,6 +160,13 @@ def test_settings_that_need_plaintext_are_refused_at_submit(
     config.write_text(json.dumps({**json.loads(config.read_text()), "clip_norm": 1.0}))
     with federation.session() as session, pytest.raises(JobSpecError, match="clipping on the server"):
         session.submit_job(folder)
+    installed = tiny("he-installed", strategy="module:strategy_plugins.halfstep").export(tmp_path / "c")
+    with federation.session() as session, pytest.raises(JobSpecError, match="computes on the plaintext aggregate"):
+        session.submit_job(installed)
+    with pytest.raises(JobSpecError, match="cannot be combined with a server optimizer"):
+        tiny("he-fedadam", strategy={"name": "fedopt", "optimizer": "adam"}).export(tmp_path / "d")
+    with pytest.raises(JobSpecError, match="evaluator 'module:strategy_plugins.holdout' cannot run on an encrypted"):
+        tiny("he-evaluator", evaluator="module:strategy_plugins.holdout").export(tmp_path / "e")
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "scaffold"])

@@ -147,6 +147,27 @@ def test_scaffold_control_variates_and_models_follow_the_paper_with_a_client_fra
     assert not any(name.startswith(SCAFFOLD_PREFIX) for name in final(result)), "the result holds the model only"
 
 
+def test_scaffold_leaves_a_stragglers_late_update_out_of_the_model_and_of_every_control_variate(
+    federation: Federation, tmp_path: Path, project: ProvisionedProject
+) -> None:
+    """site-2 answers round 1 after the timeout: round 1 folds site-1 alone (k = 1 of |S| = 2), and site-2,
+    whose late update was dropped, keeps its c_i = 0 for round 2."""
+    sites = [ONE, TWO]
+    more = dict(train_args=train_args(sites, slow=[("site-2", 1, 5.0)]), sites=["site-1", "site-2"], min_clients=2)
+    recipe = ScaffoldRecipe(**options(rounds=2, round_timeout=3.0, min_responses=1, **more))
+    job_id, detail, result = run(federation, tmp_path, recipe)
+    assert [(r.sites_asked, r.sites_answered) for r in detail.rounds] == [(2, 1), (2, 2)]
+    scaffold = Scaffold(n_sites=2)
+    expected = scaffold.run([[ONE], sites], asked=[2, 2])
+    assert_model(final(result), expected[1], "final model")
+    server_c = tensors.load_file(project.server / "workspace" / "jobs" / job_id / "checkpoint" / "strategy.safetensors")
+    for name in INITIAL:
+        np.testing.assert_allclose(server_c[name], scaffold.c[name], rtol=1e-5, atol=1e-5, err_msg=f"server c {name}")
+    site_2 = tensors.load_file(workspace_dir(project.sites[1]) / "jobs" / job_id / "scaffold_control.safetensors")
+    for name in INITIAL:
+        np.testing.assert_allclose(site_2[name], scaffold.c_site["site-2"][name], rtol=1e-5, atol=1e-5)
+
+
 def test_an_installed_strategy_and_a_server_evaluator_join_the_round_records(
     federation: Federation, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedgrid.errors import JobSpecError
 from fedgrid.jobspec import JobSpec, ServerConfig
 from fedgrid.strategy_config import FedOptConfig, FedProxConfig, ModuleConfig, ScaffoldConfig
 from fedserver.strategies.base import Aggregate, RoundContext, Strategy, StrategyState, TrainPlan
@@ -54,6 +55,11 @@ def build(config: ServerConfig, where: str, forbidden: Path | None = None) -> St
 def check(spec: JobSpec, forbidden: Path | None) -> None:
     """At submit: refuse (JobSpecError naming server.json) a strategy or evaluator this server cannot run."""
     where = f"{spec.server_app}/config/server.json"
-    build(spec.server, where, forbidden)
+    strategy = build(spec.server, where, forbidden)
+    if strategy.needs_plaintext and spec.server.encryption != "none":
+        raise JobSpecError(
+            f"{where}: strategy {spec.server.strategy.describe()} computes on the plaintext aggregate and cannot "
+            "run on an encrypted job (the server only adds ciphertexts); remove the encryption or pick another"
+        )
     if spec.server.evaluator:
         installed_evaluator(spec.server.evaluator.removeprefix("module:"), where, forbidden)

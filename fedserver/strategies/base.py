@@ -77,6 +77,9 @@ class Strategy:
     """FedAvg, and the base of every other strategy: override the hooks that differ."""
 
     name = "fedavg"
+    needs_plaintext = False
+    """True when aggregate_train reads the aggregate's values: such a strategy is refused for encrypted jobs
+    (under encryption the aggregate is a sum of ciphertexts with its total weight)."""
 
     def configure_train(self, round_no: int, active: list[str], model: Model, ctx: RoundContext) -> TrainPlan:
         """Sample a fraction of the active sites (at least min_clients), all with the global model."""

@@ -51,6 +51,7 @@ def step(
 
 class FedOpt(Strategy):
     name = "fedopt"
+    needs_plaintext = True
 
     def __init__(self, config: FedOptConfig) -> None:
         self.config = config

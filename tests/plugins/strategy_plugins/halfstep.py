@@ -13,6 +13,7 @@ from fedserver.strategies.base import build_model, read_tensor
 
 class HalfStep(Strategy):
     name = "halfstep"
+    needs_plaintext = True
 
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
