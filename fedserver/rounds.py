@@ -12,6 +12,9 @@ evaluator may add its own. Checkpoint (with the strategy's state), track the bes
 
 With encryption the same loop runs on ciphertexts: the aggregator adds them without decrypting, the
 sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models.
+
+One module of about 400 lines: the loop is meant to be read in one place, top to bottom; what varies
+per algorithm lives in fedserver/strategies/.
 """
 
 from __future__ import annotations
