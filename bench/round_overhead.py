@@ -2,6 +2,7 @@
 
     python bench/round_overhead.py [--rounds 20] [--sites 4] [--val_samples 32] [--profile]
     python bench/round_overhead.py --compare DIR [options]   # another checkout, then this one, side by side
+    python bench/round_overhead.py --strategy scaffold [options]   # fedavg (default), fedprox, fedadam, scaffold
 
 Provisions a throw-away project on loopback, starts a real federation from the kits' start.sh (server
 and site daemons over mutual TLS; each job worker keeps one gRPC stream to the server) and runs one FedAvg
@@ -27,6 +28,10 @@ Printed:
 --hidden W shrinks or grows the MLP (784-W-W-10), to separate the fixed cost of a round from its
 cost per byte of model. --profile also runs the server under cProfile (and prints its top
 functions) and profiles site-1's calls into fedclient.api; the round figures are then inflated.
+
+--strategy runs the same job under another strategy (fedprox mu 0.01, fedadam lr 0.01, scaffold), the
+site's one step with that strategy's helpers (the proximal term; SCAFFOLD's correction and update), so
+that a strategy's cost per round can be set beside FedAvg's: run it twice and compare the medians.
 
 --compare DIR runs DIR's own copy of this benchmark on DIR's code (a checkout of another release, e.g.
 `git worktree add /tmp/base <commit>`), then this checkout's, one after the other with the same options,
@@ -69,6 +74,12 @@ REFERENCE = (
 )
 """Seconds per one-batch round of the other frameworks on this machine: figures from our issue, not re-measured."""
 TIMING_MARK = "BENCH-TIMING "
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "fedavg": {"name": "fedavg"},
+    "fedprox": {"name": "fedprox", "mu": 0.01},
+    "fedadam": {"name": "fedopt", "optimizer": "adam", "server_lr": 0.01},
+    "scaffold": {"name": "scaffold"},
+}
 
 Timings = dict[tuple[int, str], list[dict[str, Any]]]
 """(round, task kind) -> one timing record per site; records without a round are filed under round 0."""
@@ -143,8 +154,10 @@ def site_main(args: argparse.Namespace) -> None:
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch[0]), batch[1])
-            loss.backward()
+            (loss + api.proximal_term(model, task)).backward()
+            api.scaffold_correction(model, task)
             optimizer.step()
+            api.scaffold_update(model, task, lr=0.01)
             train_loss = loss.item()
             computed, cpu = time.time(), time.thread_time() - cpu
             if profile is not None:
@@ -497,6 +510,7 @@ def run_job(args: argparse.Namespace, tmp: Path, server_profile: Path) -> Measur
         ]
         site_args += ["--profile"] * args.profile
         recipe = FedAvgRecipe(
+            strategy=STRATEGIES[args.strategy],
             name="round_overhead",
             model=MLP(hidden=args.hidden),
             train_script=Path(__file__),
@@ -563,7 +577,7 @@ def report(args: argparse.Namespace, m: Measured) -> None:
     median = statistics.median(cadence) if cadence else statistics.median(reported)
     print()
     print(
-        f"round overhead: {args.sites} sites, MLP 784-{args.hidden}-{args.hidden}-10 "
+        f"round overhead ({args.strategy}): {args.sites} sites, MLP 784-{args.hidden}-{args.hidden}-10 "
         f"({count_parameters(MLP(hidden=args.hidden)):,} parameters), one step of "
         f"batch {args.batch_size} per round, evaluation on {args.val_samples} images per site, {len(rounds)} rounds"
         f"{' (PROFILED: figures inflated)' if args.profile else ''}"
@@ -711,6 +725,7 @@ def main() -> int:
         "ready; 0: submit the moment the sites are up, as scripts/quickstart.sh does)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
+    parser.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES), help="the job's strategy")
     parser.add_argument("--compare", type=Path, help="another checkout to run first and compare with (see above)")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)

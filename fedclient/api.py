@@ -20,6 +20,14 @@ while api.is_running():
 The same script runs plain and encrypted jobs: with encryption on, `receive` decrypts and `send`
 encrypts with the site's CKKS context, scaled by `num_samples` so that the server can only add.
 Tensors leave the process as safetensors (or ciphertexts), never as pickle.
+
+Strategies that need the site's help (the job's server.json names the strategy) take one line each:
+
+```python
+loss = loss_fn(model(x), y) + api.proximal_term(model, task)     # FedProx (zero under other strategies)
+loss.backward(); api.scaffold_correction(model, task); optimizer.step()      # SCAFFOLD, every step
+api.scaffold_update(model, task, lr=args.lr)                      # SCAFFOLD, after training, before send()
+```
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedclient import strategy
 from fedclient.job_session import FLModel, JobSession
 from fedgrid.errors import StateError
 from fedgrid.jobspec import SERVER_CONFIG
@@ -82,6 +93,29 @@ def send(
     """Answer the current task: the trained weights (a state dict) with the number of samples they
     were trained on (the weight in the average), and metrics; for an evaluation, metrics only."""
     _current().send(model, num_samples, metrics or {})
+
+
+def proximal_term(model: torch.nn.Module, task: FLModel) -> torch.Tensor:
+    """FedProx: mu/2·||w − w_global||² over the model's trainable parameters, with mu from the server
+    (task.settings["mu"]); add it to the loss. A zero tensor when the job is not FedProx."""
+    return strategy.proximal_term(model, task.reference, task.settings.get("mu", 0.0))
+
+
+def scaffold_correction(model: torch.nn.Module, task: FLModel) -> None:
+    """SCAFFOLD: add c − c_i to each parameter's gradient; call after every backward(), before the step.
+    Does nothing when the job is not SCAFFOLD."""
+    if task.scaffold is not None:
+        task.scaffold.correct(model)
+
+
+def scaffold_update(
+    model: torch.nn.Module | Mapping[str, Any], task: FLModel, lr: float, steps: int | None = None
+) -> None:
+    """SCAFFOLD: after training, compute this site's new control variate from the trained weights, the local
+    learning rate `lr` and the steps taken (those corrected, unless `steps` is given); `send()` then carries
+    it and the site keeps it in its job folder. Does nothing when the job is not SCAFFOLD."""
+    if task.scaffold is not None:
+        task.scaffold.update(model, lr, steps)
 
 
 def get_site_name() -> str:
@@ -156,6 +190,9 @@ __all__ = [
     "get_site_name",
     "init",
     "is_running",
+    "proximal_term",
     "receive",
+    "scaffold_correction",
+    "scaffold_update",
     "send",
 ]

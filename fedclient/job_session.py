@@ -6,7 +6,9 @@
 - the evaluation's answer is held and rides on the training result, one request less per round;
 - with encryption on, a received model is decrypted and an update is encrypted (scaled by its sample
   count) while it streams out; only global models this worker decrypted itself may be released;
-- tracking events are batched and travel on the same stream.
+- tracking events are batched and travel on the same stream;
+- a strategy's own tensors in a task (SCAFFOLD's control variate) are split from the model's, and what a
+  strategy staged for the result (fedclient/strategy.py) goes with the update.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedclient.strategy import ScaffoldRound, server_control, split_reserved
 from fedclient.work_stream import WorkStream
 from fedgrid import tensors, transfer
 from fedgrid.errors import FedgridError, StateError, TransferError
@@ -45,6 +48,12 @@ class FLModel:
     kind: str
     job_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, float] = field(default_factory=dict)
+    """The strategy's settings for this task, e.g. FedProx's "mu"."""
+    reference: dict[str, torch.Tensor] | None = None
+    """Training under FedProx or SCAFFOLD: a copy of the global model as received (for the proximal term)."""
+    scaffold: ScaffoldRound | None = None
+    """Training under SCAFFOLD: the control variates of this task (api.scaffold_correction / scaffold_update)."""
 
     @property
     def is_train(self) -> bool:
@@ -74,6 +83,7 @@ class JobSession:
         self.settings = load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE)
         spec = load_job(job_dir / "job")
         self.encrypted = spec.server.encryption == "ckks"
+        self.strategy = spec.server.strategy.name
         self.he = None
         if self.encrypted:
             from fedgrid import he
@@ -88,6 +98,10 @@ class JobSession:
         self.last_task_id = ""
         self.cached_sha256 = b""
         self.cached_arrays: dict[str, np.ndarray] = {}
+        self.cached_extra: dict[str, np.ndarray] = {}
+        """A strategy's tensors that came with the cached model (SCAFFOLD's), by model tensor name."""
+        self.scaffold: ScaffoldRound | None = None
+        """The SCAFFOLD state of the training task in hand."""
         self.decrypted: set[bytes] = set()
         """Digests of the global models this worker decrypted as tasks: the only ones it may release."""
         self.held: fpb.Evaluation | None = None
@@ -141,18 +155,31 @@ class JobSession:
         themselves, and the worker forgets them: a server that sends the same model again sends it whole.
         """
         self.task = Pending(task_id=task_id, kind=kind, upload_slot=header.upload_slot and kind != "evaluate")
-        arrays = self.cached_arrays
+        arrays, extra = self.cached_arrays, self.cached_extra
         if kind == "evaluate" and self.next_train is not None:
             params = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
         else:
-            self.cached_sha256, self.cached_arrays = b"", {}
+            self.cached_sha256, self.cached_arrays, self.cached_extra = b"", {}, {}
             params = {
                 name: torch.from_numpy(array if array.flags.writeable else array.copy())
                 for name, array in arrays.items()
             }
-        return FLModel(
-            params=params, current_round=round_no, total_rounds=header.total_rounds, kind=kind, job_id=self.job_id
+        task = FLModel(
+            params=params,
+            current_round=round_no,
+            total_rounds=header.total_rounds,
+            kind=kind,
+            job_id=self.job_id,
+            settings=dict(header.settings) if kind == "train" else {},
         )
+        self.scaffold = None
+        if kind == "train" and self.strategy in ("fedprox", "scaffold"):
+            task.reference = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
+        if kind == "train" and self.strategy == "scaffold":
+            control = server_control(extra, header.payload_format, header.total_weight, task.settings)
+            reference = {name: arrays[name] for name in control}
+            task.scaffold = self.scaffold = ScaffoldRound(self.job_dir, control, reference, task.settings)
+        return task
 
     def _decode(self, header: fpb.TaskHeader, payload: bytes) -> dict[str, np.ndarray]:
         if not header.payload_format:
@@ -179,7 +206,8 @@ class JobSession:
         else:
             raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
         tensors.check_finite(arrays, f"global model of {header.task_id}")
-        self.cached_sha256, self.cached_arrays = header.payload_sha256, arrays
+        arrays, extra = split_reserved(arrays)
+        self.cached_sha256, self.cached_arrays, self.cached_extra = header.payload_sha256, arrays, extra
         return arrays
 
     # ------------------------------------------------------------------ results
@@ -193,7 +221,11 @@ class JobSession:
             self.task = None
             return
         arrays = to_numpy(params) if params is not None else {}
-        self._answer(self.task, arrays, num_samples, metrics)
+        scaffold, self.scaffold = self.scaffold, None
+        if scaffold is not None and arrays:
+            arrays.update(scaffold.result_tensors(num_samples))
+        if self._answer(self.task, arrays, num_samples, metrics) and scaffold is not None:
+            scaffold.commit()
 
     def flush_evaluation(self) -> None:
         """Send a held evaluation answer on its own (the script ended before it trained)."""
@@ -206,9 +238,9 @@ class JobSession:
 
     def _answer(
         self, task: Pending, arrays: dict[str, np.ndarray], num_samples: float, metrics: Mapping[str, float]
-    ) -> None:
+    ) -> bool:
         self.task = None
-        self._send(task, arrays, num_samples, metrics, plaintext=False)
+        return self._send(task, arrays, num_samples, metrics, plaintext=False)
 
     def _send(
         self,
@@ -217,7 +249,8 @@ class JobSession:
         num_samples: float,
         metrics: Mapping[str, float],
         plaintext: bool,
-    ) -> None:
+    ) -> bool:
+        """True when the server took the result into its round (not a late one it dropped)."""
         self.flush_events()
         if arrays and self.encrypted and not plaintext:
             payload_format = "ckks"
@@ -242,9 +275,13 @@ class JobSession:
         try:
             if task.upload_slot and payload_format:
                 self.stream.upload_slot(task.task_id)
-            self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
+            reply = self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
+            return False
+        if reply != "accepted":
+            log.warning("the server did not take the result of %s: %s", task.task_id, reply)
+        return reply == "accepted"
 
     def _encrypted(self, task_id: str, arrays: dict[str, np.ndarray], weight: float) -> Iterator[bytes]:
         """The encrypted update, piece by piece, so that each ciphertext goes out while the next is made."""

@@ -48,6 +48,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the data split and of training")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--momentum", type=float, default=0.9, help="local SGD momentum (default 0.9)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument(
         "--max_samples", type=int, default=0, help="train on at most this many samples per site (default 0: all)"
@@ -107,8 +108,15 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return root.resolve()
 
 
-def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object) -> FedAvgRecipe:
-    """The FedAvg recipe of the example jobs: the packaged training script on this split, with `args`' settings."""
+def fashion_mnist_recipe(
+    name: str,
+    args: argparse.Namespace,
+    recipe: type[FedAvgRecipe] = FedAvgRecipe,
+    train_script: Path = FASHION_MNIST_TRAIN,
+    **options: object,
+) -> FedAvgRecipe:
+    """The recipe of the example jobs (FedAvg unless `recipe` is another strategy's, with its parameters in
+    `options`): `train_script` (the packaged one by default) on this split, with `args`' settings."""
     from fedgrid.models import build_model
 
     data_root = ensure_data(args)
@@ -121,6 +129,8 @@ def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object)
         str(args.epochs),
         "--lr",
         str(args.lr),
+        "--momentum",
+        str(args.momentum),
         "--batch_size",
         str(args.batch_size),
         "--seed",
@@ -128,10 +138,10 @@ def fashion_mnist_recipe(name: str, args: argparse.Namespace, **options: object)
     ]
     if args.max_samples:
         train_args += ["--max_samples", str(args.max_samples)]
-    return FedAvgRecipe(
+    return recipe(
         name=name,
         model=build_model(args.model),
-        train_script=FASHION_MNIST_TRAIN,
+        train_script=train_script,
         train_args=train_args,
         num_rounds=args.num_rounds,
         min_clients=args.n_clients,

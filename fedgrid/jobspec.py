@@ -5,7 +5,8 @@ every site.
 <job>/
   meta.json                 {"name", "min_clients", "deploy_map": {<app>: ["@ALL"] | ["server", "site-1", ...]},
                              "resource_spec": {<site or "@ALL">: {"num_cpus": number, "memory_gb": number}}}
-  <app>/config/server.json  the server's workflow (FedAvg settings; in the app deployed to "server")
+  <app>/config/server.json  the server's rounds and strategy (fedgrid/strategy_config.py; in the app deployed to
+                            "server")
   <app>/config/client.json  {"script": "train.py" | "module:pkg.mod", "args": [...]} (in apps deployed to sites)
   <app>/config/initial_model.safetensors   the starting global model (server app)
   <app>/custom/...          the job's own code, run at the sites (never imported by the server)
@@ -38,6 +39,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fedgrid import tensors
 from fedgrid.errors import JobSpecError, PayloadError
+from fedgrid.strategy_config import FedAvgConfig, from_server_json
 from fedgrid.validation import Schema, accepts, one_line
 
 META_FILE = "meta.json"
@@ -101,19 +103,18 @@ class ServerConfig(Schema):
     release_site: str = ""
     """HE: the site that uploads the decrypted final model (default: the first site of the job)."""
     server_lr: float = Field(1.0, gt=0, le=100)
-    """Server optimizer (FedAvgM): global += server_lr * velocity; 1.0 with momentum 0 is plain FedAvg."""
+    """Older job folders' FedAvgM (read into `strategy`): global += server_lr * velocity."""
     server_momentum: float = Field(0.0, ge=0, le=0.999)
     clip_norm: float = Field(0.0, ge=0, le=1e9)
     """Clip each site's update (its difference to the global model) to this L2 norm on the server; 0 = off."""
+    strategy: Any = Field(default_factory=FedAvgConfig)
+    """What varies per algorithm: FedAvg, FedProx, FedOpt, SCAFFOLD or an installed module: a
+    `StrategyConfig` once `parse_server_config` has checked it (fedgrid/strategy_config.py)."""
+    evaluator: str = ""
+    """module:<installed module> evaluating each new global model at the server; "" = none."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
-        if self.encryption != "none" and self.needs_plaintext:
-            needs = " and ".join(self.needs_plaintext)
-            raise ValueError(
-                f"encryption {self.encryption!r} cannot be combined with {needs}: the server only adds "
-                "ciphertexts and never sees the values; remove those settings or the encryption"
-            )
         if self.min_responses > self.min_clients:
             raise ValueError(f"min_responses ({self.min_responses}) is above min_clients ({self.min_clients})")
         return self
@@ -122,8 +123,8 @@ class ServerConfig(Schema):
     def needs_plaintext(self) -> list[str]:
         """The settings that make the server compute on the updates' values (impossible under HE)."""
         found = []
-        if self.server_lr != 1.0 or self.server_momentum != 0.0:
-            found.append(f"a server optimizer (server_lr {self.server_lr}, server_momentum {self.server_momentum})")
+        if getattr(self.strategy, "needs_plaintext", ""):
+            found.append(self.strategy.needs_plaintext)
         if self.clip_norm > 0:
             found.append(f"clipping on the server (clip_norm {self.clip_norm})")
         if self.aggregation != "weighted_mean":
@@ -249,7 +250,16 @@ def _validated(model: type[S], data: Any, where: str) -> S:
 
 def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
     """Validate a server config given as a dict (as read from JSON); JobSpecError names `where`."""
-    return _validated(ServerConfig, data, where)
+    config = _validated(ServerConfig, data, where)
+    strategy, evaluator = from_server_json(data, where)
+    config = config.model_copy(update={"strategy": strategy, "evaluator": evaluator})
+    if config.encryption != "none" and config.needs_plaintext:
+        needs = " and ".join(config.needs_plaintext)
+        raise JobSpecError(
+            f"{where}: encryption {config.encryption!r} cannot be combined with {needs}: the server only adds "
+            "ciphertexts and never sees the values; remove those settings or the encryption"
+        )
+    return config
 
 
 def parse_client_config(data: dict[str, Any], where: str) -> ClientConfig:

@@ -9,6 +9,11 @@ run.wait(progress=print)
 print("Result can be found in:", run.get_result())
 ```
 
+Each strategy has its recipe, with the same options plus the strategy's parameters
+(fedgrid/strategy_config.py): `FedProxRecipe(mu=0.01, ...)`, `FedOptRecipe(optimizer="adam", server_lr=0.01,
+...)`, `ScaffoldRecipe(...)`; `FedAvgRecipe(strategy="module:acme.fedbuff")` names one the server's
+operator installed, and `evaluator="module:..."` an evaluator at the server.
+
 `export(folder)` writes exactly the job folder format of `fedgrid.jobspec` (meta.json, the app's
 config, the initial model as safetensors, the training script as custom code), so a job built here
 can also be submitted by hand with the console's `submit_job`.
@@ -24,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedgrid import jobspec, tensors
+from fedgrid import jobspec, strategy_config, tensors
 from fedgrid.errors import ConfigError
 from fedgrid.jobspec import TargetMetric, Tracking
 from fedgrid.serde import JobInfo, RoundInfo
@@ -72,9 +77,12 @@ class FedAvgRecipe:
         server_momentum: float = 0.0,
         clip_norm: float = 0.0,
         resource_spec: Mapping[str, Mapping[str, float]] | None = None,
+        strategy: str | Mapping[str, Any] = "fedavg",
+        evaluator: str = "",
     ) -> None:
         """`resource_spec` maps a site (or "@ALL") to what the job needs there, {"num_cpus", "memory_gb"}:
-        the server starts the job on sites that have it free (`local/site.json` says what a site offers)."""
+        the server starts the job on sites that have it free (`local/site.json` says what a site offers).
+        `server_lr`/`server_momentum` other than 1.0/0.0 make it FedAvgM (FedOpt with optimizer "avgm")."""
         self.name = name
         self.model = model
         self.train_script = Path(train_script)
@@ -95,6 +103,13 @@ class FedAvgRecipe:
         self.server_momentum = server_momentum
         self.clip_norm = clip_norm
         self.resource_spec = {site: dict(needs) for site, needs in (resource_spec or {}).items()}
+        self.strategy: dict[str, Any] = {"name": strategy} if isinstance(strategy, str) else dict(strategy)
+        legacy = strategy_config.legacy_fedavgm(server_lr, server_momentum)
+        if legacy is not None:
+            if self.strategy != {"name": "fedavg"}:
+                raise ConfigError("server_lr/server_momentum make the job FedAvgM: give them or a strategy, not both")
+            self.strategy = legacy.model_dump(exclude_none=True)
+        self.evaluator = evaluator
         self.tracking: list[Tracking] = []
 
     def add_experiment_tracking(self, tracking_type: str, tracking_uri: str = "", experiment_name: str = "") -> None:
@@ -108,7 +123,7 @@ class FedAvgRecipe:
 
     def server_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
-            "workflow": "fedavg",
+            "strategy": self.strategy,
             "num_rounds": self.num_rounds,
             "min_clients": self.min_clients,
             "client_fraction": self.client_fraction,
@@ -124,8 +139,8 @@ class FedAvgRecipe:
             config["target_metric"] = self.target_metric.model_dump()
         if self.release_site:
             config["release_site"] = self.release_site
-        if self.server_lr != 1.0 or self.server_momentum:
-            config["server_lr"], config["server_momentum"] = self.server_lr, self.server_momentum
+        if self.evaluator:
+            config["evaluator"] = self.evaluator
         if self.clip_norm:
             config["clip_norm"] = self.clip_norm
         return config
@@ -169,6 +184,42 @@ class FedAvgRecipe:
             session = env.session()
             job_id = session.submit_job(folder)
         return Run(session, job_id, self.num_rounds)
+
+
+class FedProxRecipe(FedAvgRecipe):
+    """FedProx: FedAvg, with mu sent to the sites, whose scripts add `fedclient.api.proximal_term`."""
+
+    def __init__(self, *, mu: float = 0.01, **options: Any) -> None:
+        super().__init__(strategy={"name": "fedprox", "mu": mu}, **options)
+
+
+class FedOptRecipe(FedAvgRecipe):
+    """FedOpt: FedAvgM, FedAdam, FedYogi or FedAdagrad at the server, on the averaged update (plaintext jobs)."""
+
+    def __init__(
+        self,
+        *,
+        optimizer: str = "adam",
+        server_lr: float | None = None,
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 0.001,
+        **options: Any,
+    ) -> None:
+        strategy = {"name": "fedopt", "optimizer": optimizer, "momentum": momentum, "beta1": beta1}
+        strategy.update({"beta2": beta2, "tau": tau})
+        if server_lr is not None:
+            strategy["server_lr"] = server_lr
+        super().__init__(strategy=strategy, **options)
+
+
+class ScaffoldRecipe(FedAvgRecipe):
+    """SCAFFOLD: control variates at the server and the sites, whose scripts call
+    `fedclient.api.scaffold_correction` each step and `scaffold_update` before sending."""
+
+    def __init__(self, *, server_lr: float = 1.0, **options: Any) -> None:
+        super().__init__(strategy={"name": "scaffold", "server_lr": server_lr}, **options)
 
 
 class ProdEnv:

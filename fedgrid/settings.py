@@ -79,6 +79,8 @@ class ServerSettings(Settings):
     """Port of the server's Prometheus endpoint (/metrics, fedserver/metrics.py); 0 = none."""
     metrics_address: BindAddress = "127.0.0.1"
     """Address the metrics endpoint listens on: loopback unless the operator opens it to a Prometheus elsewhere."""
+    data_root: str = ""
+    """The server operator's own data (a held-out set), for server-side evaluators a job names; never a job's."""
 
 
 class SiteSettings(Settings):

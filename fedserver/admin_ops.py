@@ -28,7 +28,7 @@ from fedgrid.serde import JobDetail, JobInfo, job_info_to_proto, round_info_to_p
 from fedgrid.settings import ServerSettings
 from fedgrid.transfer import Chunks, frames, receive_async, split
 from fedgrid.v1 import admin_pb2 as apb
-from fedserver import jobstore, results
+from fedserver import jobstore, results, strategies
 from fedserver.job_io import MANIFEST, PACKAGE, SUBMITTER_CERT
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.peers import PeerAuthority
@@ -121,6 +121,7 @@ class AdminOps:
                 "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
             )
         check_installed(spec)
+        strategies.check(spec, forbidden=self.store.root)
         write_atomic(staged / PACKAGE, package)
         write_atomic(staged / MANIFEST, signed_manifest)
         write_atomic(staged / SUBMITTER_CERT, cert_pem)

@@ -38,6 +38,7 @@ class Aggregator(Protocol):
 
     payload_format: str
     count: int
+    total_weight: float
 
     def add(self, result: Result) -> None: ...
 

@@ -63,6 +63,7 @@ class ServerApp:
             he_context=he_context,
             tracking_factory=self._tracking_factory(),
             keep_uploads=self.settings.keep_uploads,
+            data_root=Path(self.settings.data_root) if self.settings.data_root else None,
         )
         self.scheduler = Scheduler(store=self.store, registry=self.registry, settings=self.settings, ctx=ctx)
         self.ops = AdminOps(

@@ -13,7 +13,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,6 +38,8 @@ class Task:
     evaluate_task_id: str = ""
     """Set on a training task whose sites first evaluate the model it brings, answering this task id."""
     evaluate_round: int = 0
+    settings: Mapping[str, float] = field(default_factory=dict)
+    """The strategy's settings for this task (e.g. FedProx's mu), sent in TaskHeader.settings."""
 
 
 END = Task(task_id="end", kind="end", round=0, total_rounds=0)

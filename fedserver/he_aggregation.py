@@ -31,6 +31,10 @@ class EncryptedAggregator:
     def count(self) -> int:
         return self._sum.count
 
+    @property
+    def total_weight(self) -> float:
+        return self._sum.total_weight
+
     def add(self, result: Result) -> None:
         what = f"update from {result.site}"
         if result.payload_format != FORMAT or not result.has_payload:

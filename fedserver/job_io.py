@@ -120,6 +120,7 @@ class JobIO:
             upload_slot=bool(self._slot_bytes) and task.kind in ("train", "release"),
             evaluate_task_id=task.evaluate_task_id,
             evaluate_round=task.evaluate_round,
+            settings=task.settings,
         )
         if model is None or (cached_sha256 and cached_sha256 == model.sha256):
             header.payload_cached = model is not None

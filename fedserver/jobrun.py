@@ -25,14 +25,15 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import TensorFile
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore, memory, metrics, results
+from fedserver import jobstore, memory, metrics, results, strategies
 from fedserver.aggregation import Aggregator, PlainAggregator
-from fedserver.fedavg import FedAvg, Outcome
 from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.registry import SiteRegistry
+from fedserver.rounds import Outcome, RoundLoop
+from fedserver.server_evaluation import ServerEvaluator
 from fedserver.watchers import Watchers
 
 START_TIMEOUT = 120.0
@@ -53,6 +54,8 @@ class RunContext:
     he_context: bytes | None
     tracking_factory: Callable[..., object] | None = None
     keep_uploads: bool = False
+    data_root: Path | None = None
+    """The server operator's data (local/server.json), for a job's server-side evaluator."""
 
 
 def job_logger(job_id: str, path: Path) -> logging.Logger:
@@ -258,9 +261,18 @@ class JobRun:
         await self._wait_ready()
         if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
-        workflow = FedAvg(
+        where = f"{self.spec.server_app}/config/server.json"
+        forbidden = self.ctx.store.root
+        evaluator = None
+        if self.spec.server.evaluator:
+            name = self.spec.server.evaluator.removeprefix("module:")
+            evaluate = strategies.installed_evaluator(name, where, forbidden)
+            evaluator = ServerEvaluator(name, evaluate, self.ctx.data_root, self.log)
+        workflow = RoundLoop(
             config=self.spec.server,
             board=self.board,
+            strategy=strategies.build(self.spec.server, where, forbidden),
+            layout=self.layout,
             aggregator=self._aggregator,
             result_dir=self.result_dir,
             checkpoint_dir=self.job_dir / "checkpoint",
@@ -270,16 +282,19 @@ class JobRun:
             on_round_start=self._round_started,
             release_model=self._release_model,
             keep_dir=self.job_dir / "uploads" if self.ctx.keep_uploads else None,
+            evaluator=evaluator,
         )
+        self.log.info("strategy %s", self.spec.server.strategy.describe())
         return await workflow.run(initial)
 
-    def _aggregator(self, model: Model | None) -> Aggregator:
+    def _aggregator(self, model: Model | None, layout: tensors.Layout) -> Aggregator:
+        """Folds one round's results, whose tensors are `layout` (the model's and the strategy's own)."""
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
             assert self.ctx.he_context is not None  # checked at submit
-            return EncryptedAggregator(self.ctx.he_context, self.layout)
-        return PlainAggregator(self.layout, model, self.spec.server.clip_norm)
+            return EncryptedAggregator(self.ctx.he_context, layout)
+        return PlainAggregator(layout, model, self.spec.server.clip_norm)
 
     async def _round_started(self, round_no: int) -> None:
         """The round in progress is the job's current round (what list_jobs shows, and where a crash stopped it)."""

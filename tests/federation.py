@@ -56,14 +56,21 @@ class Federation:
     tests/test_netns.py); none by default.
     """
 
-    def __init__(self, project: ProvisionedProject, launcher: Callable[[Path], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        project: ProvisionedProject,
+        launcher: Callable[[Path], list[str]] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.project = project
         self.launcher = launcher or (lambda kit: [])
         self.running: list[Path] = []
+        self.env = {**ENV, **(env or {})}
+        """The daemons' environment (e.g. a PYTHONPATH with modules "installed" on the server)."""
 
     def start(self, kit: Path) -> None:
         command = [*self.launcher(kit), str(kit / "startup" / "start.sh")]
-        result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True)
         if result.returncode != 0:
             raise AssertionError(
                 f"{kit.name} did not start:\n{result.stdout}\n{result.stderr}\n{log_text(kit)[-3000:]}"
@@ -102,9 +109,11 @@ class Federation:
 
 
 @contextlib.contextmanager
-def running(project: ProvisionedProject, sites: Iterable[Path] | None = None) -> Iterator[Federation]:
+def running(
+    project: ProvisionedProject, sites: Iterable[Path] | None = None, env: dict[str, str] | None = None
+) -> Iterator[Federation]:
     """The project's server and sites (all, or `sites`) running for the duration of a with-block."""
-    federation = Federation(project)
+    federation = Federation(project, env=env)
     try:
         federation.start_all(sites)
         yield federation

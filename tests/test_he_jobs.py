@@ -16,12 +16,14 @@ import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
 from federation import Federation, running, set_local, wait_until
+from replay import INITIAL, SCRIPT, Scaffold, Site, replay, train_args
 from rogue import RogueSite
 
 from fedgrid import he, jobspec, tensors
 from fedgrid.errors import EncryptionError, JobSpecError
 from fedgrid.examples import FASHION_MNIST_TRAIN
-from fedgrid.recipe import FedAvgRecipe
+from fedgrid.kit import workspace_dir
+from fedgrid.recipe import FedAvgRecipe, FedProxRecipe, ScaffoldRecipe
 from fedgrid.session import Session
 from fedgrid.v1 import federation_pb2 as fpb
 
@@ -38,7 +40,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
 
 @pytest.fixture(scope="module")
 def federation(project: ProvisionedProject) -> Iterator[Federation]:
-    with running(project, project.sites[:2]) as fed:
+    plugins = Path(__file__).parent / "plugins"  # strategy_plugins, "installed" on the server
+    with running(project, project.sites[:2], env={"PYTHONPATH": str(plugins)}) as fed:
         yield fed
 
 
@@ -157,6 +160,44 @@ def test_settings_that_need_plaintext_are_refused_at_submit(
     config.write_text(json.dumps({**json.loads(config.read_text()), "clip_norm": 1.0}))
     with federation.session() as session, pytest.raises(JobSpecError, match="clipping on the server"):
         session.submit_job(folder)
+    installed = tiny("he-installed", strategy="module:strategy_plugins.halfstep").export(tmp_path / "c")
+    with federation.session() as session, pytest.raises(JobSpecError, match="computes on the plaintext aggregate"):
+        session.submit_job(installed)
+    with pytest.raises(JobSpecError, match="cannot be combined with a server optimizer"):
+        tiny("he-fedadam", strategy={"name": "fedopt", "optimizer": "adam"}).export(tmp_path / "d")
+    with pytest.raises(JobSpecError, match="evaluator 'module:strategy_plugins.holdout' cannot run on an encrypted"):
+        tiny("he-evaluator", evaluator="module:strategy_plugins.holdout").export(tmp_path / "e")
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "scaffold"])
+def test_fedprox_and_scaffold_run_on_ciphertexts_and_match_their_plaintext_replay(
+    project: ProvisionedProject, federation: Federation, tmp_path: Path, strategy: str
+) -> None:
+    """SCAFFOLD's control variates ride in the encrypted update and aggregate: the server only adds them,
+    the sites finish c's step after decrypting; the models and every site's c_i match the plaintext replay
+    within CKKS's precision."""
+    sites = [Site("site-1", shift=1.0, samples=100), Site("site-2", shift=4.0, samples=300)]
+    common = dict(name=f"he-{strategy}", model=INITIAL, train_script=SCRIPT, train_args=train_args(sites), num_rounds=3)
+    if strategy == "fedprox":
+        recipe: FedAvgRecipe = FedProxRecipe(mu=0.4, min_clients=2, encryption=True, **common)
+    else:
+        recipe = ScaffoldRecipe(min_clients=2, encryption=True, **common)
+    with federation.session() as session:
+        job_id = session.submit_job(recipe.export(tmp_path / "job"))
+        info = session.wait(job_id)
+        assert info.status == "FINISHED:COMPLETED", info.error
+        result = session.download_job(job_id, tmp_path / "result")
+    final = tensors.load_file(result / "final_model.safetensors")
+    scaffold = Scaffold(n_sites=2)
+    expected = replay([sites] * 3, mu=0.4)[2] if strategy == "fedprox" else scaffold.run([sites] * 3)[2]
+    assert set(final) == set(INITIAL)
+    for name in INITIAL:
+        np.testing.assert_allclose(final[name], expected[name], atol=1e-3, err_msg=f"final model {name}")
+    if strategy == "scaffold":
+        for kit in project.sites[:2]:
+            site_c = tensors.load_file(workspace_dir(kit) / "jobs" / job_id / "scaffold_control.safetensors")
+            for name in INITIAL:
+                np.testing.assert_allclose(site_c[name], scaffold.c_site[kit.name][name], atol=1e-3)
 
 
 @pytest.mark.skipif(

@@ -198,7 +198,14 @@ class TaskFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[_common_pb2.Trailer, _Mapping]] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason", "upload_slot", "evaluate_task_id", "evaluate_round", "acknowledge")
+    __slots__ = ("job_id", "task_id", "kind", "round", "total_rounds", "payload_format", "payload_cached", "payload_sha256", "payload_size", "total_weight", "reason", "upload_slot", "evaluate_task_id", "evaluate_round", "acknowledge", "settings")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +221,7 @@ class TaskHeader(_message.Message):
     EVALUATE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ROUND_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     task_id: str
     kind: str
@@ -229,7 +237,8 @@ class TaskHeader(_message.Message):
     evaluate_task_id: str
     evaluate_round: int
     acknowledge: bool
-    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ..., upload_slot: _Optional[bool] = ..., evaluate_task_id: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., acknowledge: _Optional[bool] = ...) -> None: ...
+    settings: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., payload_format: _Optional[str] = ..., payload_cached: _Optional[bool] = ..., payload_sha256: _Optional[bytes] = ..., payload_size: _Optional[int] = ..., total_weight: _Optional[float] = ..., reason: _Optional[str] = ..., upload_slot: _Optional[bool] = ..., evaluate_task_id: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., acknowledge: _Optional[bool] = ..., settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UploadSlotRequest(_message.Message):
     __slots__ = ("job_id", "task_id")

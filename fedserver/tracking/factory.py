@@ -51,6 +51,9 @@ def job_params(spec: JobSpec, sites: Sequence[str]) -> dict[str, str | float | i
         value = getattr(spec.server, name)
         if isinstance(value, bool | int | float | str):
             params[name] = value
+    params["strategy"] = spec.server.strategy.describe()
+    if spec.server.evaluator:
+        params["evaluator"] = spec.server.evaluator
     target = spec.server.target_metric
     if target is not None:
         params["target_metric"] = f"{target.name} {'>=' if target.mode == 'max' else '<='} {target.value}"

@@ -1,7 +1,10 @@
 """A training script whose answers are known functions of what it receives, so that a test can replay
 every round with numpy (tests/replay.py) and compare with what the server made of them.
 
-Training sends `trained(global model, shift, round)` with the site's sample count as its weight.
+Training sends `trained(global model, shift, round)` with the site's sample count as its weight, moved
+by one gradient step of size STEP through fedclient.api's strategy helpers: the gradient of
+`api.proximal_term` (FedProx) plus `api.scaffold_correction` (SCAFFOLD), both zero under other strategies;
+under SCAFFOLD, `api.scaffold_update` then counts that one step.
 Evaluation reports "accuracy" from the --accuracy curve (its value for the round whose model is
 evaluated), "mean" (the mean of every value of the model received) and "shift" (the site's own).
 
@@ -25,6 +28,8 @@ import numpy as np
 
 KEEP = 0.5
 ROUND_STEP = 0.25
+STEP = 0.5
+"""The learning rate of the one strategy-helper gradient step after `trained`."""
 
 
 def trained(model: dict[str, np.ndarray], shift: float, round_no: int) -> dict[str, np.ndarray]:
@@ -41,6 +46,25 @@ def wait_at_gate(gate: Path, timeout: float = 300.0) -> None:
             raise SystemExit(f"the gate {gate} stayed shut for {timeout:.0f} s")
         time.sleep(0.05)
     print(f"clock passed gate {gate.name} {time.monotonic():.6f}", flush=True)
+
+
+def helper_step(api: object, task: object, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One step of size STEP along the gradient that FedProx's and SCAFFOLD's helpers give at `update`."""
+    import torch
+
+    params = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.from_numpy(v.copy())) for n, v in update.items()})
+    penalty = api.proximal_term(params, task)
+    if penalty.requires_grad:
+        penalty.backward()
+    for param in params.values():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    api.scaffold_correction(params, task)
+    with torch.no_grad():
+        for param in params.values():
+            param -= STEP * param.grad
+    api.scaffold_update(params, task, lr=STEP)
+    return {name: param.detach().numpy() for name, param in params.items()}
 
 
 def main() -> None:
@@ -81,7 +105,7 @@ def main() -> None:
             print(f"clock slept {task.current_round} {began:.6f} {time.monotonic():.6f}", flush=True)
         if args.gate:
             wait_at_gate(Path(args.gate) / f"{site}-{task.current_round}")
-        api.send(trained(model, shift, task.current_round), num_samples=samples)
+        api.send(helper_step(api, task, trained(model, shift, task.current_round)), num_samples=samples)
     print(f"training script of {site} ended", flush=True)
 
 

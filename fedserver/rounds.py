@@ -1,14 +1,20 @@
-"""The FedAvg workflow: a round loop that reads top to bottom.
+"""The round loop of every job: it reads top to bottom, and a `Strategy` decides what varies per algorithm.
 
-Each round: choose sites (fraction C of those still in the job, at least min_clients), send them
-the global model, fold each update into a running weighted mean as it arrives, close the round when
-everyone answered (or after `round_timeout` with at least `min_responses` updates; a straggler's late
-update is dropped), then ask every site to evaluate the new global model on its validation data and
-keep the sample-weighted metrics. Checkpoint, track the best model, stop at `num_rounds` or once the
-target metric is reached.
+Each round: the strategy chooses the sites (by default a fraction C of those still in the job, at least
+min_clients) and what their training task carries (the global model, settings such as FedProx's mu,
+tensors such as SCAFFOLD's control variate); each update is folded into a running weighted mean as it
+arrives; the round closes when everyone answered (or after `round_timeout` with at least `min_responses`
+updates; a straggler's late update is dropped); the strategy turns the aggregate into the new global model
+(FedOpt's server optimizer, SCAFFOLD's steps). Every site then evaluates that model on its validation data
+(riding on the next round's task), the strategy combines the metrics, and an operator's server-side
+evaluator may add its own. Checkpoint (with the strategy's state), track the best model, stop at
+`num_rounds` or once the target metric is reached.
 
 With encryption the same loop runs on ciphertexts: the aggregator adds them without decrypting, the
 sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models.
+
+One module of about 400 lines: the loop is meant to be read in one place, top to bottom; what varies
+per algorithm lives in fedserver/strategies/.
 """
 
 from __future__ import annotations
@@ -22,18 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
 from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import ServerConfig
 from fedgrid.serde import RoundInfo
-from fedgrid.tensor_file import TensorSource, copy_file
+from fedgrid.tensor_file import copy_file
 from fedserver import metrics
-from fedserver.aggregation import Aggregator, weighted_metrics
+from fedserver.aggregation import Aggregator
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
-from fedserver.model import MEMORY_LIMIT, Model
+from fedserver.model import Model
+from fedserver.server_evaluation import ServerEvaluator
+from fedserver.strategies import Aggregate, RoundContext, Strategy, StrategyState
 
 
 class RoundFailed(FedgridError):
@@ -66,15 +72,19 @@ class Finished:
     answered: int
     moved: int
     recorded: bool = False
+    server_metrics: asyncio.Future[dict[str, float]] | None = None
+    """The server-side evaluation of `model`, running while the next round trains."""
 
 
-class FedAvg:
+class RoundLoop:
     def __init__(
         self,
         *,
         config: ServerConfig,
         board: TaskBoard,
-        aggregator: Callable[[Model], Aggregator],
+        strategy: Strategy,
+        layout: tensors.Layout,
+        aggregator: Callable[[Model, tensors.Layout], Aggregator],
         result_dir: Path,
         checkpoint_dir: Path,
         model_dir: Path,
@@ -83,9 +93,13 @@ class FedAvg:
         on_round_start: Callable[[int], Awaitable[None]] | None = None,
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
         keep_dir: Path | None = None,
+        evaluator: ServerEvaluator | None = None,
     ) -> None:
         self.config = config
         self.board = board
+        self.strategy = strategy
+        self.layout = layout
+        """The global model's tensors (a training result may hold more: `strategy.result_layout`)."""
         self.new_aggregator = aggregator
         self.result_dir = result_dir
         self.checkpoint_dir = checkpoint_dir
@@ -97,9 +111,15 @@ class FedAvg:
         self.release_model = release_model
         self.keep_dir = keep_dir
         """When set, received updates are moved here after folding instead of deleted (audit)."""
-        self.rng = random.Random(config.seed)
+        self.evaluator = evaluator
+        self.context = RoundContext(
+            sites=tuple(board.active_sites()),
+            client_fraction=config.client_fraction,
+            min_clients=config.min_clients,
+            rng=random.Random(config.seed),
+            model_dir=model_dir,
+        )
         self.model: Model | None = None
-        self.velocity: tensors.Arrays | None = None
         self._recording = Background()
         """Round records on their way to the store, the watchers and the best-model file."""
         self._saving = Background()
@@ -108,15 +128,14 @@ class FedAvg:
     def min_responses(self) -> int:
         return self.config.min_responses or self.config.min_clients
 
-    def choose_sites(self, round_no: int) -> list[str]:
+    def active_sites(self, round_no: int) -> list[str]:
         active = self.board.active_sites()
         if len(active) < self.config.min_clients:
             raise RoundFailed(
                 f"round {round_no}: only {len(active)} sites are still in the job "
                 f"({', '.join(active) or 'none'}); min_clients is {self.config.min_clients}"
             )
-        count = max(self.config.min_clients, round(self.config.client_fraction * len(active)))
-        return sorted(self.rng.sample(active, min(count, len(active))))
+        return active
 
     async def run(self, initial: Model) -> Outcome:
         """Rounds until `num_rounds` or the target metric; returns what the job produced.
@@ -140,27 +159,32 @@ class FedAvg:
             started = time.monotonic()
             if self.on_round_start is not None:
                 await self.on_round_start(round_no)
-            sites = self.choose_sites(round_no)
+            active = self.active_sites(round_no)
+            plan = await asyncio.to_thread(self.strategy.configure_train, round_no, active, model, self.context)
             evaluation = self._evaluation_task(previous) if previous is not None else None
             train = Task(
                 task_id=f"round-{round_no}-train",
                 kind="train",
                 round=round_no,
                 total_rounds=cfg.num_rounds,
-                model=model,
+                model=plan.payload,
                 evaluate_task_id=evaluation.task_id if evaluation else "",
                 evaluate_round=evaluation.round if evaluation else 0,
+                settings=dict(plan.settings),
             )
             self.model = model
-            trained = await self._round(train, sites, evaluation, previous, outcome)
+            trained = await self._round(train, plan.sites, evaluation, previous, outcome)
             if trained is None:
                 break
             seconds = time.monotonic() - started
-            previous = Finished(round_no, trained[0], seconds, len(sites), trained[1], trained[2])
+            previous = Finished(round_no, trained[0], seconds, len(plan.sites), trained[1], trained[2])
+            if self.evaluator is not None:
+                previous.server_metrics = self.evaluator.start(round_no, previous.model)
             model = previous.model
             self._prune([model, train.model, outcome.best])
             state = self._state(model, round_no, outcome)
-            await self._saving.start(asyncio.to_thread(self._checkpoint, model, state))
+            snapshot = self.strategy.state()
+            await self._saving.start(asyncio.to_thread(self._checkpoint, model, state, snapshot))
         else:
             if previous is not None:
                 await self._evaluate_alone(previous, outcome)
@@ -196,7 +220,7 @@ class FedAvg:
                 await self.board.ask(evaluation, others)
         await self.board.ask(train, sites)
         self.log.info("round %d: model sent to %s", train.round, ", ".join(sites))
-        aggregator = self.new_aggregator(self.model)
+        aggregator = self.new_aggregator(self.model, self.strategy.result_layout(self.layout))
         moved = train.model.size * len(active) if train.model else 0
         refused: list[str] = []
         scores: list[tuple[dict[str, float], float]] = []
@@ -248,8 +272,9 @@ class FedAvg:
             model.size,
             "" if model.data is not None else f", in {model.path}",
         )
-        if self.config.server_lr != 1.0 or self.config.server_momentum != 0.0:
-            model = await asyncio.to_thread(self._server_step, model, f"round-{train.round}-step.safetensors")
+        aggregate = Aggregate(model, aggregator.count, aggregator.total_weight)
+        assert self.model is not None
+        model = await asyncio.to_thread(self.strategy.aggregate_train, train.round, self.model, aggregate, self.context)
         return model, answered, moved
 
     async def _fold(self, aggregator: Aggregator, item: Result, task: Task, refused: list[str]) -> None:
@@ -289,13 +314,15 @@ class FedAvg:
         finished.recorded = True
         if not scores:
             self.log.warning("round %d: no site reported evaluation metrics", finished.round)
-        metrics = weighted_metrics(scores)
+        metrics = self.strategy.aggregate_evaluate(finished.round, scores)
         self.log.info(
             "round %d: global model evaluated by %d sites: %s",
             finished.round,
             len(scores),
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no metrics",
         )
+        if finished.server_metrics is not None:
+            metrics = {**metrics, **await finished.server_metrics}
         record = RoundInfo(
             round=finished.round,
             sites_asked=finished.asked,
@@ -329,26 +356,6 @@ class FedAvg:
             await asyncio.to_thread(best.save, self.result_dir / "best_model.safetensors")
         await self.on_round(record)
 
-    def _server_step(self, averaged: Model, name: str) -> Model:
-        """FedAvgM: move the global model along a momentum of the averaged updates (plaintext jobs only)."""
-        assert self.model is not None
-        current = read_arrays(self.model.source("global model"))
-        mean = read_arrays(averaged.source("averaged model"))
-        if self.velocity is None:
-            self.velocity = {k: np.zeros_like(v, dtype=np.float64) for k, v in current.items()}
-        out = {}
-        for name, value in current.items():
-            if value.dtype.kind != "f":
-                out[name] = mean[name]
-                continue
-            self.velocity[name] = self.config.server_momentum * self.velocity[name] + (mean[name] - value)
-            out[name] = (value + self.config.server_lr * self.velocity[name]).astype(value.dtype)
-        data = tensors.encode(out)
-        if len(data) <= MEMORY_LIMIT:
-            return Model.in_memory(tensors.FORMAT, data)
-        write_atomic(self.model_dir / name, data)
-        return Model.on_disk(tensors.FORMAT, self.model_dir / name)
-
     def _prune(self, keep: list[Model | None]) -> None:
         """Delete the model files of earlier rounds that no task, evaluation or best model refers to."""
         wanted = {m.path for m in keep if m is not None and m.path is not None}
@@ -380,9 +387,13 @@ class FedAvg:
             "best_value": outcome.best_value,
         }
 
-    def _checkpoint(self, model: Model, state: dict[str, object]) -> None:
+    def _checkpoint(self, model: Model, state: dict[str, object], strategy: StrategyState) -> None:
+        """The global model, the strategy's tensors, then state.json (written last: it names a complete set)."""
         suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
         model.save(self.checkpoint_dir / f"global_model.{suffix}")
+        if strategy.tensors:
+            tensors.save_file(dict(strategy.tensors), self.checkpoint_dir / "strategy.safetensors")
+        state = {**state, "strategy": {"name": self.strategy.name, **strategy.values}}
         write_json_atomic(self.checkpoint_dir / "state.json", state)
 
     async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
@@ -420,13 +431,3 @@ class Background:
         task, self._task = self._task, None
         if task is not None:
             await task
-
-
-def read_arrays(source: TensorSource) -> tensors.Arrays:
-    """Every tensor of `source` whole, in its shape (for server steps that need the full model)."""
-    return {
-        name: np.concatenate([block.copy() for block in source.blocks(name, 1 << 20)] or [np.zeros(0, spec.dtype)])
-        .astype(spec.dtype)
-        .reshape(spec.shape)
-        for name, spec in source.layout.items()
-    }
