@@ -369,7 +369,7 @@ class JobRun:
         waiting = [f for s, f in self._ended.items() if not f.done() and s in active]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
-        late = [site for site in active if not self._ended[site].done()]
+        late = [site for site in active if site in self._ended and not self._ended[site].done()]
         for site in late:
             self._set_state(site, "no final report")
         if late and status == jobstore.COMPLETED:
