@@ -250,7 +250,12 @@ def _validated(model: type[S], data: Any, where: str) -> S:
 
 def parse_server_config(data: dict[str, Any], where: str) -> ServerConfig:
     """Validate a server config given as a dict (as read from JSON); JobSpecError names `where`."""
-    config = _validated(ServerConfig, data, where)
+    return _with_strategy(_validated(ServerConfig, data, where), data, where)
+
+
+def _with_strategy(config: ServerConfig, data: dict[str, Any], where: str) -> ServerConfig:
+    """`config` with its strategy and evaluator checked (fedgrid/strategy_config.py), and the settings
+    that need plaintext refused under encryption."""
     strategy, evaluator = from_server_json(data, where)
     config = config.model_copy(update={"strategy": strategy, "evaluator": evaluator})
     if config.encryption != "none" and config.needs_plaintext:
@@ -301,7 +306,10 @@ def load_job(folder: Path, *, known_sites: set[str] | None = None) -> JobSpec:
     if len(server_apps) != 1:
         raise JobSpecError(f'{META_FILE}: deploy_map must send exactly one app to the server ("server" or "@ALL")')
     server_app = server_apps[0]
-    server = _read(folder, f"{server_app}/{SERVER_CONFIG}", ServerConfig)
+    rel = f"{server_app}/{SERVER_CONFIG}"
+    server = _read(folder, rel, ServerConfig)
+    raw = json.loads(_job_file(folder, f"{server_app}/config", "server.json").read_bytes())
+    server = _with_strategy(server, raw, rel)
     _check_initial_model(folder, server_app, server)
     clients: dict[str, ClientConfig] = {}
     for app, targets in deploy_map.items():
