@@ -235,9 +235,14 @@ class SiteDaemon:
         job_id = command.job_id
         job_dir = self.workspace / "jobs" / job_id
         with self.lock:
-            if job_id in self.jobs and not self.jobs[job_id].done.is_set():
-                return
-            job = self.jobs[job_id] = JobProcess(job_id, job_dir)
+            running = job_id in self.jobs and not self.jobs[job_id].done.is_set()
+            if not running:
+                job = self.jobs[job_id] = JobProcess(job_id, job_dir)
+        if running:
+            # The server restarted and resumes the job: its worker here is still at it, and reconnects.
+            log.info("job %s: started again by the server; its worker is still running", job_id)
+            self._report(job_id, "started", "")
+            return
         busy = self._wait_for_slot(job)
         if busy >= self.settings.max_concurrent_jobs:
             reason = (

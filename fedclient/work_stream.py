@@ -32,8 +32,9 @@ from fedgrid.v1 import federation_pb2_grpc
 
 log = logging.getLogger("fedclient.api")
 
-RETRY_FOR = 120.0
-"""Seconds a request keeps being retried while the server is unreachable before the worker gives up."""
+RETRY_FOR = 3600.0
+"""Seconds a request keeps being retried while the server is unreachable before the worker gives up: a
+restarted server resumes the job and its workers carry on (one that drops the job has the site end them)."""
 MAX_TASK_BYTES = 1 << 34
 T = TypeVar("T")
 

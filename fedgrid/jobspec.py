@@ -97,6 +97,9 @@ class ServerConfig(Schema):
     key_metric_mode: Literal["max", "min"] = "max"
     encryption: Literal[ENCRYPTIONS] = "none"  # type: ignore[valid-type]
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    resume: bool = True
+    """Resume from the last checkpoint when the server restarts under the job (unless the server's operator
+    turned that off); false ends the job instead."""
     initial_model: str = INITIAL_MODEL
     """A safetensors file in <app>/config/."""
     tracking: tuple[Tracking, ...] = Field((), strict=False)

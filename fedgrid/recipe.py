@@ -79,11 +79,14 @@ class FedAvgRecipe:
         resource_spec: Mapping[str, Mapping[str, float]] | None = None,
         strategy: str | Mapping[str, Any] = "fedavg",
         evaluator: str = "",
+        resume: bool = True,
     ) -> None:
         """`resource_spec` maps a site (or "@ALL") to what the job needs there, {"num_cpus", "memory_gb"}:
         the server starts the job on sites that have it free (`local/site.json` says what a site offers).
-        `server_lr`/`server_momentum` other than 1.0/0.0 make it FedAvgM (FedOpt with optimizer "avgm")."""
+        `server_lr`/`server_momentum` other than 1.0/0.0 make it FedAvgM (FedOpt with optimizer "avgm").
+        `resume=False` ends the job, rather than resume it from its checkpoint, if the server restarts under it."""
         self.name = name
+        self.resume = resume
         self.model = model
         self.train_script = Path(train_script)
         self.train_args = shlex.split(train_args) if isinstance(train_args, str) else list(train_args)
@@ -143,6 +146,8 @@ class FedAvgRecipe:
             config["evaluator"] = self.evaluator
         if self.clip_norm:
             config["clip_norm"] = self.clip_norm
+        if not self.resume:
+            config["resume"] = False
         return config
 
     def export(self, folder: str | Path) -> Path:

@@ -75,6 +75,9 @@ class ServerSettings(Settings):
     closes it; job workers ping well within it while they train."""
     max_streams_per_identity: int = Field(32, ge=1)
     """Long-lived streams (job workers, command streams, job watches) one participant may hold at once."""
+    resume_jobs: bool = True
+    """Jobs running when the server stopped (or crashed) resume from their last checkpoint when it starts
+    again (a job may say `"resume": false`); false ends them instead, aborted or failed."""
     metrics_port: MetricsPort = 0
     """Port of the server's Prometheus endpoint (/metrics, fedserver/metrics.py); 0 = none."""
     metrics_address: BindAddress = "127.0.0.1"

@@ -25,7 +25,7 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import TensorFile
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore, memory, metrics, results, strategies
+from fedserver import checkpoint, jobstore, memory, metrics, results, strategies
 from fedserver.aggregation import Aggregator, PlainAggregator
 from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
@@ -69,10 +69,16 @@ def job_logger(job_id: str, path: Path) -> logging.Logger:
 
 
 class JobRun:
-    def __init__(self, *, job_id: str, spec: JobSpec, sites: list[str], ctx: RunContext) -> None:
+    def __init__(
+        self, *, job_id: str, spec: JobSpec, sites: list[str], ctx: RunContext, attempt: int = 0
+    ) -> None:
         self.job_id = job_id
         self.spec = spec
         self.ctx = ctx
+        self.attempt = attempt
+        """0 for a job's first run; n for its n-th resumption after the server restarted."""
+        self._interrupted = False
+        """Set when the server stops gracefully: the job is left RUNNING, to resume when it starts again."""
         self.job_dir = ctx.store.job_dir(job_id)
         self.result_dir = self.job_dir / "result"
         self.result_dir.mkdir(exist_ok=True)
@@ -106,6 +112,24 @@ class JobRun:
         self._task = asyncio.create_task(self.run(), name=f"job-{self.job_id}")
         return self._task
 
+    async def interrupt(self) -> None:
+        """The server stops: end the run here without ending the job, which stays RUNNING and resumes from its
+        checkpoint when the server starts again; the sites' workers wait for it meanwhile."""
+        if self._task is None or self._task.done() or self.abort_reason:
+            return
+        self._interrupted = True
+        self._task.cancel()
+        await asyncio.wait({self._task})
+
+    async def _leave_for_restart(self, workflow: asyncio.Task[Outcome] | None) -> None:
+        if workflow is not None and not workflow.done():
+            workflow.cancel()
+            await asyncio.gather(workflow, return_exceptions=True)
+        self.log.warning("the server is stopping; the job resumes from its checkpoint when it starts again")
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
+
     async def abort(self, reason: str) -> None:
         """Cancel the run; returns when the job is recorded as aborted and the sites were told.
 
@@ -125,9 +149,13 @@ class JobRun:
         outcome = Outcome()
         workflow: asyncio.Task[Outcome] | None = None
         try:
-            store.update(self.job_id, status=jobstore.RUNNING, start_time=time.time(), sites=self.sites)
+            if self.attempt:
+                store.update(self.job_id, status=jobstore.RUNNING, sites=self.sites, error="")
+                self.log.info("job %s (%s) resuming on %s", self.job_id, self.spec.name, ", ".join(self.sites))
+            else:
+                store.update(self.job_id, status=jobstore.RUNNING, start_time=time.time(), sites=self.sites)
+                self.log.info("job %s (%s) starting on %s", self.job_id, self.spec.name, ", ".join(self.sites))
             await self.ctx.watchers.status(self.job_id)
-            self.log.info("job %s (%s) starting on %s", self.job_id, self.spec.name, ", ".join(self.sites))
             initial = await asyncio.to_thread(self._initial_model)
             self._start_tracking()
             workflow = asyncio.create_task(self._workflow(initial))
@@ -139,6 +167,9 @@ class JobRun:
                 raise StateError(self._fatal.result())
             outcome = workflow.result()
         except asyncio.CancelledError:
+            if self._interrupted:
+                await self._leave_for_restart(workflow)
+                return
             status, error = jobstore.ABORTED, self.abort_reason or "aborted"
             self.log.warning("job aborted: %s", error)
             if workflow is not None and not workflow.done():
@@ -154,7 +185,8 @@ class JobRun:
             status, error = jobstore.FAILED, f"internal error: {type(exc).__name__}: {exc}"
             self.log.error("job failed with an internal error:\n%s", traceback.format_exc())
         finally:
-            await self._end(status, error, outcome)
+            if not self._interrupted:
+                await self._end(status, error, outcome)
 
     async def _end(self, status: str, error: str, outcome: Outcome) -> None:
         """Tell the sites, write the result folder, record the end. A step that fails (a full disk, a folder
@@ -283,9 +315,21 @@ class JobRun:
             release_model=self._release_model,
             keep_dir=self.job_dir / "uploads" if self.ctx.keep_uploads else None,
             evaluator=evaluator,
+            resume=self._checkpoint(),
+            attempt=self.attempt,
+            recorded=self.ctx.store.rounds(self.job_id) if self.attempt else [],
         )
         self.log.info("strategy %s", self.spec.server.strategy.describe())
         return await workflow.run(initial)
+
+    def _checkpoint(self) -> checkpoint.Checkpoint | None:
+        """A resumed job's last checkpoint (None for a first run, or when no round had finished)."""
+        if not self.attempt:
+            return None
+        point = checkpoint.read(self.job_dir / "checkpoint", self.io.tmp_dir)
+        if point is None:
+            self.log.info("no round had finished before the server stopped: the job starts again from round 1")
+        return point
 
     def _aggregator(self, model: Model | None, layout: tensors.Layout) -> Aggregator:
         """Folds one round's results, whose tensors are `layout` (the model's and the strategy's own)."""

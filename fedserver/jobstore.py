@@ -260,24 +260,29 @@ class JobStore:
                 db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))  # noqa: S608 - fixed table names
         shutil.rmtree(trash, ignore_errors=True)
 
-    def fail_interrupted(self) -> list[str]:
-        """Mark jobs that were running when the server stopped as failed; returns their ids."""
-        now = time.time()
-        with self._tx() as db:
-            rows = db.execute("SELECT job_id, current_round FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
-            for row in rows:
-                where = f"during round {row['current_round']}" if row["current_round"] else "before round 1"
-                db.execute(
-                    "UPDATE jobs SET status = ?, end_time = ?, error = ? WHERE job_id = ?",
-                    (
-                        FAILED,
-                        now,
-                        f"the server stopped {where}; its checkpoint is in the job folder; clone_job runs "
-                        "the job again",
-                        row["job_id"],
-                    ),
-                )
-        return [r["job_id"] for r in rows]
+    def interrupted(self) -> list[JobRecord]:
+        """Jobs that were running when the server stopped."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def fail_interrupted(self, job_id: str, why: str) -> None:
+        """End a job the server stopped under, saying where it stopped and `why` it does not resume."""
+        record = self.get(job_id)
+        where = f"during round {record.current_round}" if record.current_round else "before round 1"
+        self.update(
+            job_id,
+            status=FAILED,
+            end_time=time.time(),
+            error=f"the server stopped {where} and {why}; its checkpoint is in the job folder; clone_job "
+            "runs the job again",
+        )
+
+    def requeue(self, job_id: str, attempt: int, from_round: int) -> None:
+        """Put a job the server stopped under back in the queue, to resume (its `attempt`-th time)."""
+        record = self.get(job_id)
+        resume = {"attempt": attempt, "from_round": from_round}
+        self.update(job_id, status=SUBMITTED, result={**record.result, "resume": resume})
 
     def sweep_incoming(self) -> None:
         """Remove half-received uploads and half-deleted jobs left by a crash."""

@@ -30,16 +30,17 @@ from typing import Any
 
 from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
-from fedgrid.files import write_atomic, write_json_atomic
+from fedgrid.files import write_atomic
 from fedgrid.jobspec import ServerConfig
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import copy_file
-from fedserver import metrics
+from fedserver import checkpoint, metrics
 from fedserver.aggregation import Aggregator
+from fedserver.checkpoint import Checkpoint
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
 from fedserver.model import Model
 from fedserver.server_evaluation import ServerEvaluator
-from fedserver.strategies import Aggregate, RoundContext, Strategy, StrategyState
+from fedserver.strategies import Aggregate, RoundContext, Strategy
 
 
 class RoundFailed(FedgridError):
@@ -94,6 +95,9 @@ class RoundLoop:
         release_model: Callable[[Model, str], Awaitable[Path]] | None = None,
         keep_dir: Path | None = None,
         evaluator: ServerEvaluator | None = None,
+        resume: Checkpoint | None = None,
+        attempt: int = 0,
+        recorded: list[RoundInfo] | None = None,
     ) -> None:
         self.config = config
         self.board = board
@@ -119,6 +123,12 @@ class RoundLoop:
             rng=random.Random(config.seed),
             model_dir=model_dir,
         )
+        self.resume = resume
+        """The checkpoint a job restarted by the server continues from (None: from round 1)."""
+        self.attempt = attempt
+        """How many times the job was resumed: task ids carry it, so no worker mistakes a task for one it did."""
+        self.recorded = recorded or []
+        """Rounds the job store already holds (a resumed job's)."""
         self.model: Model | None = None
         self._recording = Background()
         """Round records on their way to the store, the watchers and the best-model file."""
@@ -150,12 +160,45 @@ class RoundLoop:
             await self._saving.wait()
             await self._recording.wait()
 
+    def _task_id(self, round_no: int, kind: str) -> str:
+        return f"round-{round_no}-{kind}" + (f".{self.attempt}" if self.attempt else "")
+
+    def _resumed(self, initial: Model, outcome: Outcome) -> tuple[Model, Finished | None, int]:
+        """(the model, the finished round waiting for its record, the first round to run): from round 1, or
+        from the checkpoint of a resumed job with its strategy, random state and best model restored."""
+        point = self.resume
+        if point is None:
+            return initial, None, 1
+        self.strategy.restore(point.strategy)
+        if point.rng_state is not None:
+            self.context.rng.setstate(point.rng_state)
+        figures = point.figures
+        previous = Finished(point.round, point.model, figures.seconds, figures.asked, figures.answered, figures.moved)
+        previous.recorded = any(r.round == point.round for r in self.recorded)
+        outcome.rounds = list(self.recorded)
+        for record in self.recorded:
+            if self._improved(record.metrics, outcome.best_value):
+                outcome.best_round, outcome.best_value = record.round, record.metrics.get(self.config.key_metric)
+        best_file = self.result_dir / "best_model.safetensors"
+        if point.model.payload_format != tensors.FORMAT:
+            outcome.best = point.model if outcome.best_round == point.round else point.best
+        elif best_file.exists():
+            outcome.best = Model.in_memory(tensors.FORMAT, best_file.read_bytes())
+        if outcome.rounds:
+            outcome.final_metrics = outcome.rounds[-1].metrics
+        self.log.info(
+            "resuming after round %d from its checkpoint (attempt %d; rounds recorded: %d)",
+            point.round,
+            self.attempt,
+            len(self.recorded),
+        )
+        return point.model, previous, point.round + 1
+
     async def _rounds(self, initial: Model) -> Outcome:
         outcome = Outcome()
         cfg = self.config
-        model = initial
-        previous: Finished | None = None
-        for round_no in range(1, cfg.num_rounds + 1):
+        model, previous, first = self._resumed(initial, outcome)
+        for round_no in range(first, cfg.num_rounds + 1):
             started = time.monotonic()
             if self.on_round_start is not None:
                 await self.on_round_start(round_no)
@@ -163,7 +206,7 @@ class RoundLoop:
             plan = await asyncio.to_thread(self.strategy.configure_train, round_no, active, model, self.context)
             evaluation = self._evaluation_task(previous) if previous is not None else None
             train = Task(
-                task_id=f"round-{round_no}-train",
+                task_id=self._task_id(round_no, "train"),
                 kind="train",
                 round=round_no,
                 total_rounds=cfg.num_rounds,
@@ -182,11 +225,22 @@ class RoundLoop:
                 previous.server_metrics = self.evaluator.start(round_no, previous.model)
             model = previous.model
             self._prune([model, train.model, outcome.best])
-            state = self._state(model, round_no, outcome)
-            snapshot = self.strategy.state()
-            await self._saving.start(asyncio.to_thread(self._checkpoint, model, state, snapshot))
+            point = checkpoint.Checkpoint(
+                round=round_no,
+                attempt=self.attempt,
+                model=model,
+                figures=checkpoint.RoundFigures(previous.seconds, previous.asked, previous.answered, previous.moved),
+                strategy=self.strategy.state(),
+                rng_state=self.context.rng.getstate(),
+                best_round=outcome.best_round,
+                best_value=outcome.best_value,
+                best=outcome.best if model.payload_format != tensors.FORMAT else None,
+            )
+            await self._saving.start(
+                asyncio.to_thread(checkpoint.write, self.checkpoint_dir, point, self.strategy.name)
+            )
         else:
-            if previous is not None:
+            if previous is not None and not previous.recorded:
                 await self._evaluate_alone(previous, outcome)
         await self._recording.wait()
         final = outcome.evaluated[-1] if outcome.evaluated else model
@@ -196,7 +250,7 @@ class RoundLoop:
     def _evaluation_task(self, finished: Finished) -> Task:
         model = finished.model
         return Task(
-            task_id=f"round-{finished.round}-evaluate",
+            task_id=self._task_id(finished.round, "evaluate"),
             kind="evaluate",
             round=finished.round,
             total_rounds=self.config.num_rounds,
@@ -376,25 +430,6 @@ class RoundLoop:
         if best is None:
             return True
         return value > best if self.config.key_metric_mode == "max" else value < best
-
-    @staticmethod
-    def _state(model: Model, round_no: int, outcome: Outcome) -> dict[str, object]:
-        return {
-            "round": round_no,
-            "payload_format": model.payload_format,
-            "total_weight": model.total_weight,
-            "best_round": outcome.best_round,
-            "best_value": outcome.best_value,
-        }
-
-    def _checkpoint(self, model: Model, state: dict[str, object], strategy: StrategyState) -> None:
-        """The global model, the strategy's tensors, then state.json (written last: it names a complete set)."""
-        suffix = "safetensors" if model.payload_format == tensors.FORMAT else "ckks"
-        model.save(self.checkpoint_dir / f"global_model.{suffix}")
-        if strategy.tensors:
-            tensors.save_file(dict(strategy.tensors), self.checkpoint_dir / "strategy.safetensors")
-        state = {**state, "strategy": {"name": self.strategy.name, **strategy.values}}
-        write_json_atomic(self.checkpoint_dir / "state.json", state)
 
     async def _finish(self, final: Model, best: Model | None) -> tuple[Path, Path | None]:
         final_path = self.result_dir / "final_model.safetensors"

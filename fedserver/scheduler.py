@@ -40,6 +40,8 @@ class Scheduler:
         self.ctx = ctx
         self.runs: dict[str, JobRun] = {}
         self._wake = asyncio.Event()
+        self._started = asyncio.Event()
+        """Set (and replaced) whenever a job starts running: what workers of a resuming job wait for."""
         self._loop_task: asyncio.Task[None] | None = None
         self._late: dict[str, asyncio.Task[None]] = {}
         """Tracking deliveries still pending after their job ended (the tracking server was down)."""
@@ -48,21 +50,66 @@ class Scheduler:
 
     async def start(self) -> None:
         self.store.sweep_incoming()
-        for job_id in self.store.fail_interrupted():
-            log.warning("job %s was running when the server stopped; marked %s", job_id, jobstore.FAILED)
+        for record in self.store.interrupted():
+            self._take_back(record)
         self._loop_task = asyncio.create_task(self._loop(), name="scheduler")
         for record in self.store.list(include_finished=True):
             if record.finished and record.result.get("tracking", {}).get("complete") is False:
                 self._deliver_later(record.job_id)
 
     async def stop(self) -> None:
+        """Stop scheduling; running jobs are left to resume at the next start (or aborted, when the operator
+        or the job turned resuming off)."""
         for task in [self._loop_task, *self._late.values()]:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        await asyncio.gather(
-            *(run.abort("the server is shutting down") for run in list(self.runs.values())), return_exceptions=True
-        )
+        runs = list(self.runs.values())
+        resumable = [run for run in runs if self.settings.resume_jobs and run.spec.server.resume]
+        ending = [run.abort("the server is shutting down") for run in runs if run not in resumable]
+        await asyncio.gather(*(run.interrupt() for run in resumable), *ending, return_exceptions=True)
+
+    def _take_back(self, record: JobRecord) -> None:
+        """A job that was running when the server stopped: back in the queue to resume from its checkpoint,
+        or ended with the reason it does not resume."""
+        if not self.settings.resume_jobs:
+            self.store.fail_interrupted(record.job_id, "the server's resume_jobs setting is off")
+        else:
+            try:
+                resume = self.spec(record.job_id).server.resume
+            except FedgridError as exc:
+                self.store.fail_interrupted(record.job_id, f"the job no longer loads ({exc})")
+                return
+            if not resume:
+                self.store.fail_interrupted(record.job_id, 'the job says "resume": false')
+                return
+            attempt = record.result.get("resume", {}).get("attempt", 0) + 1
+            state = self.store.job_dir(record.job_id) / "checkpoint" / "state.json"
+            done = json.loads(state.read_text())["round"] if state.exists() else 0
+            self.store.requeue(record.job_id, attempt, done + 1)
+            log.warning("job %s was running when the server stopped; it resumes from round %d", record.job_id, done + 1)
+            return
+        log.warning("job %s was running when the server stopped; marked %s", record.job_id, jobstore.FAILED)
+
+    async def run_when_started(self, job_id: str) -> JobRun | None:
+        """The run of `job_id`, waiting for it while the job is queued to resume; None once it is not."""
+        while True:
+            run = self.runs.get(job_id)
+            if run is not None or not self.resuming(job_id):
+                return run
+            started = self._started
+            try:
+                await asyncio.wait_for(started.wait(), 5.0)
+            except TimeoutError:
+                pass
+
+    def resuming(self, job_id: str) -> bool:
+        """Whether `job_id` waits in the queue to resume (its sites' workers should wait for it)."""
+        try:
+            record = self.store.get(job_id)
+        except NotFoundError:
+            return False
+        return record.status == jobstore.SUBMITTED and "resume" in record.result
 
     def wake(self) -> None:
         """Look at the queue again now (a job was submitted, a site came or went)."""
@@ -105,11 +152,15 @@ class Scheduler:
             except FedgridError as exc:
                 self.store.update(record.job_id, status=jobstore.FAILED, end_time=time.time(), error=str(exc))
                 continue
-            sites, _ = self._startable_sites(spec)
+            resuming = "resume" in record.result
+            sites, _ = self._startable_sites(spec, list(record.sites) if resuming else None)
             if sites is None:
                 continue
-            run = JobRun(job_id=record.job_id, spec=spec, sites=sites, ctx=self.ctx)
+            attempt = record.result.get("resume", {}).get("attempt", 0)
+            run = JobRun(job_id=record.job_id, spec=spec, sites=sites, ctx=self.ctx, attempt=attempt)
             self.runs[record.job_id] = run
+            self._started.set()
+            self._started = asyncio.Event()
             task = run.start()
             task.add_done_callback(lambda _t, job_id=record.job_id: self._run_ended(job_id))
 
@@ -121,11 +172,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ resources
 
-    def _startable_sites(self, spec: JobSpec) -> tuple[list[str] | None, str]:
+    def _startable_sites(self, spec: JobSpec, every: list[str] | None = None) -> tuple[list[str] | None, str]:
         """The sites to start the job on now (alive, and with the resources it asks for free), or None and
-        why it waits."""
+        why it waits. A resumed job starts on `every` one of the sites it ran on, once they are all back, so
+        its rounds go on as they would have."""
         alive = {s.name for s in self.registry.alive() if s.stream_open}
-        targets = alive if spec.all_sites else spec.named_sites() & alive
+        if every is not None:
+            missing = sorted(set(every) - alive)
+            if missing:
+                return None, f"waiting for the sites it ran on: {', '.join(missing)} not back yet"
+            alive = set(every)
+        targets = alive if spec.all_sites or every is not None else spec.named_sites() & alive
         fitting, short = [], []
         for name in sorted(targets):
             lack = self._lack(name, spec.needs(name))
@@ -133,7 +190,7 @@ class Scheduler:
                 short.append(f"{name} {lack}")
             else:
                 fitting.append(name)
-        if len(fitting) >= spec.min_clients:
+        if len(fitting) >= (len(every) if every is not None else spec.min_clients):
             return fitting, ""
         reason = f"waiting for {spec.min_clients} sites; alive: {', '.join(sorted(alive)) or 'none'}"
         if short:
@@ -172,9 +229,12 @@ class Scheduler:
             spec = self.spec(record.job_id)
         except FedgridError as exc:
             return str(exc)
+        resume = record.result.get("resume")
+        prefix = f"resumes from round {resume['from_round']} once it can start; " if resume else ""
         if len(self.runs) >= self.settings.max_concurrent_jobs:
-            return f"waiting for a free slot: {len(self.runs)} jobs run, the server's max_concurrent_jobs"
-        return self._startable_sites(spec)[1] or "starting"
+            return f"{prefix}waiting for a free slot: {len(self.runs)} jobs run, the server's max_concurrent_jobs"
+        every = list(record.sites) if resume else None
+        return prefix + (self._startable_sites(spec, every)[1] or "starting")
 
     # ------------------------------------------------------------------ sites
 
@@ -201,6 +261,8 @@ class Scheduler:
         """A site (re)connected: stop what it runs that we do not, and note a site that restarted."""
         for job_id in running_jobs:
             run = self.runs.get(job_id)
+            if run is None and self.resuming(job_id):
+                continue  # its worker waits for the job to resume
             if run is None or (site not in run.active_sites() and not run.may_rejoin(site)):
                 self.registry.send(
                     site,

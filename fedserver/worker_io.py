@@ -88,7 +88,7 @@ class WorkerStream:
         return self.scheduler.run_for(self.job_id, self.site)
 
     async def _task(self, request: fpb.TaskRequest) -> None:
-        run = self.scheduler.runs.get(self.job_id)
+        run = await self.scheduler.run_when_started(self.job_id)
         if run is None:
             for message in self.scheduler.end_messages(self.job_id):
                 await self._write(message)
@@ -124,7 +124,11 @@ class WorkerStream:
         if not first.HasField("header"):
             raise FrameError(f"result from {self.site} does not start with a header")
         header = first.header
-        run = self._run()
+        run = self.scheduler.runs.get(self.job_id)
+        if run is None or self.site not in run.sites:
+            await self._skip_result(first, header.task_id)
+            self._run()  # raises the reason: the job does not run (any more), or not at this site
+        assert run is not None
         if header.HasField("evaluation"):
             run.io.deliver_evaluation(self.site, header.evaluation)
         open_task = run.io.accepts(self.site, header.task_id)
@@ -177,6 +181,11 @@ class WorkerStream:
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
             return "late: dropped"
         return "accepted"
+
+    async def _skip_result(self, frame: fpb.ResultFrame, task_id: str) -> None:
+        """Read the rest of a result nobody takes, so the stream stays in step for the reply."""
+        while not frame.HasField("trailer"):
+            frame = await self._next_result_frame(task_id)
 
     async def _next_result_frame(self, task_id: str) -> fpb.ResultFrame:
         message = await self._read(f"result of {task_id}")

@@ -405,19 +405,19 @@ def test_site_that_forbids_custom_code_refuses_the_job(
         federation.wait_alive(["site-1", "site-2", "site-3"])
 
 
-def test_server_restart_keeps_finished_jobs_and_ends_running_ones_clearly(
+def test_server_restart_keeps_finished_jobs_and_ends_the_running_ones_that_do_not_resume(
     project: ProvisionedProject, federation: Federation, tmp_path: Path
 ) -> None:
     with federation.session() as session:
         done = submit(session, recipe("before-restart", rounds=1), tmp_path)
         wait_job(session, done)
-        stopped = submit(session, recipe("stopped", rounds=2, args="--step_seconds 600"), tmp_path)
+        stopped = submit(session, recipe("stopped", rounds=2, args="--step_seconds 600", resume=False), tmp_path)
         wait_until(lambda: set(session.show_job(stopped).site_states.values()) == {"running"}, 60, "workers running")
     federation.stop(project.server)
     federation.start(project.server)
     federation.wait_alive(["site-1", "site-2", "site-3"])
     with federation.session() as session:
-        crashed = submit(session, recipe("crashed", rounds=2, args="--step_seconds 600"), tmp_path)
+        crashed = submit(session, recipe("crashed", rounds=2, args="--step_seconds 600", resume=False), tmp_path)
         wait_until(lambda: session.show_job(crashed).info.current_round == 1, 60, "round 1 under way")
     os.kill(federation.pid(project.server), signal.SIGKILL)
     federation.running.remove(project.server)
@@ -428,7 +428,7 @@ def test_server_restart_keeps_finished_jobs_and_ends_running_ones_clearly(
     assert jobs[done].status == "FINISHED:COMPLETED"
     assert jobs[stopped].status == "FINISHED:ABORTED" and jobs[stopped].error == "the server is shutting down"
     assert jobs[crashed].status == "FINISHED:EXECUTION_EXCEPTION"
-    assert "the server stopped during round 1" in jobs[crashed].error
+    assert 'the server stopped during round 1 and the job says "resume": false' in jobs[crashed].error
     for site in project.sites:
         for job_id in (stopped, crashed):
             wait_until(
