@@ -96,7 +96,12 @@ async def acall(
         before_sleep=_before_sleep(what, log),
         reraise=True,
     )
-    return await retrying(fn)
+
+    async def attempt() -> T:
+        # tenacity awaits only coroutine functions; `fn` may be a lambda that returns an awaitable
+        return await fn()
+
+    return await retrying(attempt)
 
 
 class Backoff:
