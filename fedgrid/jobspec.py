@@ -32,7 +32,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, Literal, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -408,8 +408,8 @@ def safe_extract(data: bytes | Path | BinaryIO, dest: Path, *, max_bytes: int, m
                         out.write(chunk)
             except OSError as exc:
                 raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc.strerror or exc})") from None
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                # a corrupt, truncated, encrypted or exotically compressed entry
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+                # a corrupt, truncated, encrypted or exotically compressed entry, or offsets outside the file
                 raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc})") from None
 
 

@@ -54,6 +54,8 @@ class ServerSettings(Settings):
     """Audit: keep every update the server received (as it arrived) in the job folder's uploads/."""
     tracking_uri: str = ""
     """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
+    tracking_uris: tuple[str, ...] = Field((), strict=False)
+    """Tracking URIs a job may name; empty = none: jobs' metrics go to the server's own store (`tracking_uri`)."""
     stream_idle_timeout: float = Field(120.0, gt=0)
     """Seconds the server waits for the next message on a stream (a job worker's, a job upload) before it
     closes it; job workers ping well within it while they train."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 from fedgrid import jobspec
 from fedgrid.errors import NotFoundError
@@ -70,10 +70,10 @@ def plot_metrics(result_dir: Path, rounds: list[RoundInfo], title: str) -> Path 
     return path
 
 
-def zip_result(job_dir: Path, info: JobInfo) -> bytes:
-    """The downloadable result: the result folder, the job's meta.json and its record (job_info.json)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+def zip_result(job_dir: Path, info: JobInfo, out: BinaryIO) -> None:
+    """Write the downloadable result to `out` (a file: a result is as large as its models): the result
+    folder, the job's meta.json and its record (job_info.json)."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted((job_dir / "result").rglob("*")):
             if path.is_file():
                 archive.write(path, path.relative_to(job_dir / "result").as_posix())
@@ -82,7 +82,6 @@ def zip_result(job_dir: Path, info: JobInfo) -> bytes:
             archive.write(meta, f"job/{jobspec.META_FILE}")
         fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(JobInfo)}
         archive.writestr("job_info.json", json.dumps(fields, indent=2))
-    return buffer.getvalue()
 
 
 def log_path(job_dir: Path, info: JobInfo, source: str) -> Path:
