@@ -100,8 +100,8 @@ T = TypeVar("T", bound=Settings)
 
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:
-    """Plain dict for writing a settings file."""
-    return settings.model_dump()
+    """Plain dict for writing a settings file (JSON types: lists, not tuples)."""
+    return settings.model_dump(mode="json")
 
 
 def load_settings(cls: type[T], path: Path) -> T:

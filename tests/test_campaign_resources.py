@@ -106,7 +106,8 @@ def test_idle_connections_and_trickling_uploads_hold_one_quota_and_a_job_still_r
         for ch in idle:
             admin_pb2_grpc.AdminStub(ch).Hello(admin_pb2.HelloRequest(roster=kit.roster_bytes), timeout=20)
         trickles = [Trickle(lead, every=IDLE / 3) for _ in range(QUOTA)]
-        wait_until(lambda: quota_full(lead), 60, "the lead's quota full of trickling uploads", every=0.5)
+        wait_until(lambda: len(staged(project)) == QUOTA, 60, "every trickling upload under way")
+        assert quota_full(lead), "one more upload of the same admin was taken"
         with federation.session() as boss:
             info = boss.wait(boss.submit_job(tiny_job(tmp_path, "meanwhile")))
         assert info.status == "FINISHED:COMPLETED", info.error
