@@ -33,7 +33,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, Literal, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -372,17 +372,21 @@ def pack(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def safe_extract(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> None:
-    """Unpack an uploaded job zip into `dest`, refusing anything that could escape or explode.
+def safe_extract(data: bytes | Path | BinaryIO, dest: Path, *, max_bytes: int, max_files: int) -> None:
+    """Unpack an uploaded job zip (its bytes, a file holding it, or an open binary file) into `dest`,
+    refusing anything that could escape or explode.
 
     Refused: absolute paths, '..', links or device entries, duplicate names, a name that is both a
     file and a folder ("a" and "a/b"), more than `max_files` entries, more than `max_bytes` once
     unpacked (checked while unpacking, not trusted from headers).
     """
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
         raise JobSpecError(f"job upload: not a valid zip archive ({exc})") from exc
+    except OSError as exc:
+        raise JobSpecError(f"job upload: cannot read it ({exc.strerror or exc})") from exc
     with archive:
         members = archive.infolist()
         if len(members) > max_files:
@@ -425,8 +429,8 @@ def safe_extract(data: bytes, dest: Path, *, max_bytes: int, max_files: int) -> 
                         out.write(chunk)
             except OSError as exc:
                 raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc.strerror or exc})") from None
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                # a corrupt, truncated, encrypted or exotically compressed entry
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+                # a corrupt, truncated, encrypted or exotically compressed entry, or offsets outside the file
                 raise JobSpecError(f"job upload: cannot unpack {info.filename!r} ({exc})") from None
 
 

@@ -5,10 +5,11 @@ tighten it there. The server checks every admin command against the caller's rol
 from the caller's verified certificate, never from the request.
 
 Rights:
-- `view`: check_status, list_jobs, show_job, job_log (everyone by default);
-- `submit`: submit_job, clone_job;
-- `manage`: abort_job, delete_job, download_job, with a scope: "any" job, jobs submitted from the
-  caller's "org", the caller's "own" jobs, or "none".
+- `view`: check_status, list_jobs (everyone by default): the server, the sites, and every job's name and state;
+- `submit`: submit_job, and clone_job of a job the caller may see;
+- `manage`: a scope, "any" job, jobs submitted from the caller's "org", the caller's "own" jobs, or "none".
+  It says which jobs the caller may see the content of (show_job, job_log, watch_job, download_job,
+  clone_job: configuration, metrics, logs, models, code) and manage (abort_job, delete_job).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ COMMAND_RIGHTS: dict[str, str] = {
     "delete_job": "manage",
     "download_job": "manage",
 }
+
+JOB_COMMANDS = frozenset({"show_job", "job_log", "watch_job", "download_job", "clone_job", "abort_job", "delete_job"})
+"""Commands on one job: besides their right, the role's `manage` scope must cover that job (its owner)."""
 
 
 class RoleRights(Schema):
@@ -106,14 +110,15 @@ class Policy:
         return cls(dict(policy.roles))
 
     def allows(self, caller: Caller, command: str, job: JobOwner | None = None) -> bool:
+        """Whether `caller` may run `command`; for a command on one job, on the job owned by `job`
+        (None: on some job of theirs, the question asked before the job is looked up)."""
         rights = self._roles.get(caller.role)
         if rights is None:
             return False
         kind = COMMAND_RIGHTS[command]
-        if kind == "view":
-            return rights.view
-        if kind == "submit":
-            return rights.submit and (job is None or rights.view)
+        granted = {"view": rights.view, "submit": rights.submit, "manage": True}[kind]
+        if not granted or command not in JOB_COMMANDS:
+            return granted
         if job is None:
             return rights.manage != "none"
         return {
@@ -128,11 +133,13 @@ class Policy:
         if self.allows(caller, command, job):
             return
         needed = []
+        kind = COMMAND_RIGHTS[command]
         for role, rights in self._roles.items():
-            kind = COMMAND_RIGHTS[command]
-            if kind == "view" and rights.view or kind == "submit" and rights.submit:
+            if not {"view": rights.view, "submit": rights.submit, "manage": True}[kind]:
+                continue
+            if command not in JOB_COMMANDS:
                 needed.append(role)
-            elif kind == "manage" and rights.manage != "none":
+            elif rights.manage != "none":
                 needed.append(
                     {"any": role, "org": f"{role} of the job's org", "own": f"{role} who submitted the job"}[
                         rights.manage

@@ -70,6 +70,8 @@ class ServerSettings(Settings):
     """Audit: keep every update the server received (as it arrived) in the job folder's uploads/."""
     tracking_uri: str = ""
     """Default MLflow tracking URI for jobs that ask for MLflow without one; empty = SQLite store in the workspace."""
+    tracking_uris: tuple[str, ...] = Field((), strict=False)
+    """Tracking URIs a job may name; empty = none: jobs' metrics go to the server's own store (`tracking_uri`)."""
     stream_idle_timeout: float = Field(120.0, gt=0)
     """Seconds the server waits for the next message on a stream (a job worker's, a job upload) before it
     closes it; job workers ping well within it while they train."""
@@ -127,8 +129,8 @@ T = TypeVar("T", bound=Settings)
 
 
 def settings_to_dict(settings: Settings) -> dict[str, Any]:
-    """Plain dict for writing a settings file."""
-    return settings.model_dump()
+    """Plain dict for writing a settings file (JSON types: lists, not tuples)."""
+    return settings.model_dump(mode="json")
 
 
 def load_settings(cls: type[T], path: Path) -> T:

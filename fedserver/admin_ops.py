@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,14 +28,14 @@ from fedgrid.jobspec import JobSpec
 from fedgrid.policy import Caller, JobOwner, Policy
 from fedgrid.serde import JobDetail, JobInfo, job_info_to_proto, round_info_to_proto
 from fedgrid.settings import ServerSettings
-from fedgrid.transfer import Chunks, frames, receive_async, split
+from fedgrid.transfer import CHUNK_SIZE, frames, receive_async
 from fedgrid.v1 import admin_pb2 as apb
-from fedserver import jobstore, results, strategies
+from fedserver import jobstore, memory, results, strategies
 from fedserver.job_io import MANIFEST, PACKAGE, SUBMITTER_CERT
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.peers import PeerAuthority
 from fedserver.scheduler import Scheduler
-from fedserver.tracking.factory import check_installed
+from fedserver.tracking.factory import check_installed, check_uris
 from fedserver.watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class AdminOps:
         self.policy.check(caller_of(identity), command)
 
     def _owned(self, identity: Identity, command: str, job_id: str) -> JobRecord:
+        """The job, once the caller's role may run `command` on it (its `manage` scope covers the job)."""
+        self.check(identity, command)
         record = self.store.find(job_id)
         self.policy.check(caller_of(identity), command, JobOwner(record.submitter, record.submitter_org))
         return record
@@ -74,17 +78,20 @@ class AdminOps:
     # ------------------------------------------------------------------ submit
 
     async def submit(self, identity: Identity, cert_pem: bytes, frames_in: AsyncIterator[apb.UploadFrame]) -> JobRecord:
-        """Receive, verify and store a signed job upload; nothing is kept if any check fails."""
+        """Receive, verify and store a signed job upload; nothing is kept if any check fails.
+
+        The upload is written to a file of a private folder frame by frame as it arrives (never held whole
+        in memory), unpacked from that file and checked; a refused upload's folder is removed whole."""
         self.check(identity, "submit_job")
         limit = int(self.settings.max_upload_mb * 1e6)
-        buffer = Chunks()
-        header = await receive_async(frames_in, buffer, max_size=limit, what="job upload")
         job_id = self.store.new_id()
         staged = self.store.incoming_dir(job_id)
         try:
-            spec = await asyncio.to_thread(
-                self._check_upload, staged, buffer.getvalue(), header.signed_manifest, cert_pem, identity
-            )
+            with open(staged / PACKAGE, "wb") as sink:
+                header = await receive_async(frames_in, sink, max_size=limit, what="job upload")
+                sink.flush()
+                os.fsync(sink.fileno())
+            spec = await asyncio.to_thread(self._check_upload, staged, header.signed_manifest, cert_pem, identity)
             record = self.store.add(
                 job_id=job_id,
                 staged=staged,
@@ -98,17 +105,17 @@ class AdminOps:
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
+        finally:
+            memory.trim()
         log.info("job %s (%s) submitted by %s (%s)", job_id, spec.name, identity.name, identity.org)
         self.scheduler.wake()
         return record
 
-    def _check_upload(
-        self, staged: Path, package: bytes, signed_manifest: bytes, cert_pem: bytes, identity: Identity
-    ) -> JobSpec:
+    def _check_upload(self, staged: Path, signed_manifest: bytes, cert_pem: bytes, identity: Identity) -> JobSpec:
         job_dir = staged / "job"
         job_dir.mkdir()
         jobspec.safe_extract(
-            package,
+            staged / PACKAGE,
             job_dir,
             max_bytes=int(self.settings.max_upload_mb * 1e6) * 4,
             max_files=self.settings.max_job_files,
@@ -121,15 +128,14 @@ class AdminOps:
                 "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
             )
         check_installed(spec)
+        check_uris(spec, self.settings.tracking_uris)
         strategies.check(spec, forbidden=self.store.root)
-        write_atomic(staged / PACKAGE, package)
         write_atomic(staged / MANIFEST, signed_manifest)
         write_atomic(staged / SUBMITTER_CERT, cert_pem)
         return spec
 
     async def clone(self, identity: Identity, job_id: str) -> JobRecord:
-        self.check(identity, "clone_job")
-        source = self.store.find(job_id)
+        source = self._owned(identity, "clone_job", job_id)
         new_id = self.store.new_id()
         staged = self.store.incoming_dir(new_id)
         try:
@@ -161,8 +167,7 @@ class AdminOps:
         return list(self.store.list(include_finished=include_finished, name_prefix=name_prefix, limit=limit))
 
     def show_job(self, identity: Identity, job_id: str) -> JobDetail:
-        self.check(identity, "show_job")
-        record = self.store.find(job_id)
+        record = self._owned(identity, "show_job", job_id)
         result = dict(record.result)
         waiting = self.scheduler.waiting_reason(record)
         if waiting:
@@ -176,8 +181,7 @@ class AdminOps:
         )
 
     def job_log(self, identity: Identity, job_id: str, source: str, lines: int) -> tuple[str, str]:
-        self.check(identity, "job_log")
-        record = self.store.find(job_id)
+        record = self._owned(identity, "job_log", job_id)
         path = results.log_path(self.store.job_dir(record.job_id), record, source)
         if not path.exists():
             return "", str(path)
@@ -186,8 +190,7 @@ class AdminOps:
 
     async def watch(self, identity: Identity, job_id: str, from_round: int) -> AsyncIterator[apb.JobEvent]:
         """Rounds already recorded from `from_round` on, then each new round and status, until the job ends."""
-        self.check(identity, "watch_job")
-        record = self.store.find(job_id)
+        record = self._owned(identity, "watch_job", job_id)
         queue = self.watchers.subscribe(record.job_id)
         try:
             sent = from_round - 1
@@ -235,10 +238,17 @@ class AdminOps:
         log.info("job %s deleted by %s", record.job_id, identity.name)
         return f"job {record.job_id} deleted"
 
-    def download_frames(self, identity: Identity, job_id: str) -> list[apb.DownloadFrame]:
+    async def download(self, identity: Identity, job_id: str) -> AsyncIterator[apb.DownloadFrame]:
+        """The frames of a finished job's result, zipped into an unnamed temporary file (gone when closed)
+        and read from it a chunk at a time: a result is as large as its models."""
         record = self._owned(identity, "download_job", job_id)
         if not record.finished:
             raise StateError(f"job {record.job_id} is {record.status}; its result can be downloaded when it ends")
-        data = results.zip_result(self.store.job_dir(record.job_id), record)
-        header = apb.DownloadHeader(job_id=record.job_id, size=len(data))
-        return list(frames(apb.DownloadFrame, header, split(data)))
+        job_dir = self.store.job_dir(record.job_id)
+        with tempfile.TemporaryFile(dir=job_dir) as out:
+            await asyncio.to_thread(results.zip_result, job_dir, record, out)
+            size = out.tell()
+            out.seek(0)
+            header = apb.DownloadHeader(job_id=record.job_id, size=size)
+            for frame in frames(apb.DownloadFrame, header, iter(lambda: out.read(CHUNK_SIZE), b"")):
+                yield frame

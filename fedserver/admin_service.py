@@ -6,6 +6,7 @@ Session API, the console and job.py all meet the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -134,8 +135,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[apb.UploadFrame], context: grpc.aio.ServicerContext, caller: Identity
     ) -> apb.SubmitReply:
         cert_pem = context.auth_context()["x509_pem_cert"][0]
-        frames = metrics.counted("upload", limits.messages(context, self.idle_timeout, "job upload"))
-        record = await self.ops.submit(caller, cert_pem, frames)
+        with self.quota.hold(caller.name, "SubmitJob"):
+            frames = metrics.counted("upload", limits.messages(context, self.idle_timeout, "job upload"))
+            record = await self.ops.submit(caller, cert_pem, frames)
         return apb.SubmitReply(job_id=record.job_id, name=record.name)
 
     @rpc
@@ -173,12 +175,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return apb.SubmitReply(job_id=record.job_id, name=record.name)
 
     @rpc
-    async def DownloadJob(
-        self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity
-    ) -> AsyncIterator[apb.DownloadFrame]:
-        for frame in self.ops.download_frames(caller, request.job_id):
-            yield frame
-            metrics.sent("download", frame)
+    async def DownloadJob(self, request: apb.JobRequest, context: grpc.aio.ServicerContext, caller: Identity) -> None:
+        with self.quota.hold(caller.name, "DownloadJob"):
+            async with contextlib.aclosing(self.ops.download(caller, request.job_id)) as frames:
+                async for frame in frames:
+                    await limits.write(context, frame, self.idle_timeout, f"result of job {request.job_id}")
+                    metrics.sent("download", frame)
 
     @rpc
     async def JobLog(

@@ -85,7 +85,8 @@ class ServerApp:
         except ImportError:
             return None
         return make_factory(
-            default_mlflow_uri=self.settings.tracking_uri or f"sqlite:///{self.workspace / 'mlflow.db'}"
+            default_mlflow_uri=self.settings.tracking_uri or f"sqlite:///{self.workspace / 'mlflow.db'}",
+            allowed_uris=self.settings.tracking_uris,
         )
 
     def _bind(self, server: grpc.aio.Server, port: int, what: str) -> None:

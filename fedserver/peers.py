@@ -4,7 +4,9 @@ gRPC has already checked that the caller's certificate chains to the project's r
 its validity period (the TLS handshake fails otherwise, and gRPC logs why). Here the server reads
 name, org, type and role from that certificate and checks them against the port and the roster:
 site certificates only on the federation port, admin certificates only on the admin port, and only
-names the CA-signed roster lists with the same type and org. Every refusal is logged with who and why.
+names the CA-signed roster lists with the same type, org and role: the roster is the authority, so a
+newer roster that changes a role or removes a participant refuses the old certificate from the next
+call on. Every refusal is logged with who and why.
 
 The roster can grow while the server runs: a participant provisioned later carries a newer roster
 signed by the same root CA, presents it on its first call (Register or Hello), and the server adopts
@@ -131,8 +133,23 @@ class PeerAuthority:
                 identity.name,
                 f"not a participant of project {self.project} (roster version {self.roster.version})",
             )
-        if member.type != identity.type or member.org != identity.org:
-            self._refuse(address, method, identity.name, "certificate type or org differs from the roster")
+        differs = [
+            f"{what} {mine or 'none'!r} where the roster says {listed or 'none'!r}"
+            for what, mine, listed in (
+                ("type", identity.type, member.type),
+                ("org", identity.org, member.org),
+                ("role", identity.role, member.role),
+            )
+            if mine != listed
+        ]
+        if differs:
+            self._refuse(
+                address,
+                method,
+                identity.name,
+                f"the certificate's {'; '.join(differs)} (roster version {self.roster.version}); "
+                "ask the project admin for a new kit",
+            )
         return identity
 
     def _refuse(self, address: str, method: str, name: str, reason: str) -> NoReturn:

@@ -27,11 +27,30 @@ log = logging.getLogger(__name__)
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
     if isinstance(exc, errors.FedgridError):
         log.info("%s refused: %s", method, exc)
+        _drop_frames(exc)
         await context.abort(status_of(exc), str(exc), error_metadata(exc))
     log.exception("%s failed", method)
+    _drop_frames(exc)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"{method}: internal error on the server ({type(exc).__name__}); see the server log"
     )
+
+
+def _drop_frames(exc: BaseException | None) -> None:
+    """Let go of the stack frames an answered error still holds (and those of the errors it chains).
+
+    Its traceback keeps every frame of the failed call alive, with their locals: a refused upload's last
+    2 MB frame, its stream, its buffers. The abort that answers it forms a reference cycle with it, which
+    only a full garbage collection frees, and a quiet server seldom runs one: each refused 110 MB
+    upload left it about 7 MB bigger. Once logged, the frames serve nobody.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        if exc.__cause__ is not None:
+            _drop_frames(exc.__cause__)
+        exc = exc.__context__
 
 
 def rpc(fn: Callable) -> Callable:

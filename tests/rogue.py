@@ -22,10 +22,12 @@ from fedgrid.v1 import federation_pb2_grpc
 
 Answer = Callable[[fpb.TaskHeader, bytes], tuple[str, bytes]]
 """(task header, task payload) -> (payload format, payload bytes) for a training task."""
+Samples = float | Callable[[fpb.TaskHeader], float]
+"""The sample count every result claims, or the one for each task."""
 
 
 class RogueSite:
-    def __init__(self, kit_path: Path, answer: Answer, samples: float = 50.0) -> None:
+    def __init__(self, kit_path: Path, answer: Answer, samples: Samples = 50.0) -> None:
         self.kit = load_kit(kit_path, expect_type="client")
         self.answer = answer
         self.samples = samples
@@ -78,23 +80,24 @@ class RogueSite:
                     self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"))
                     return
                 last = header.task_id
+                samples = self.samples(header) if callable(self.samples) else self.samples
                 if header.evaluate_task_id:
                     scored = fpb.ResultHeader(
                         job_id=job_id,
                         task_id=header.evaluate_task_id,
-                        num_samples=self.samples,
+                        num_samples=samples,
                         metrics={"accuracy": 0.5},
                     )
                     stream.result(lambda scored=scored: transfer.frames(fpb.ResultFrame, scored, []))
                 if header.kind == "train":
                     fmt, data = self.answer(header, payload)
                     result = fpb.ResultHeader(
-                        job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=self.samples
+                        job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=samples
                     )
                     pieces = [data]
                 else:
                     result = fpb.ResultHeader(
-                        job_id=job_id, task_id=header.task_id, num_samples=self.samples, metrics={"accuracy": 0.5}
+                        job_id=job_id, task_id=header.task_id, num_samples=samples, metrics={"accuracy": 0.5}
                     )
                     pieces = []
                 try:

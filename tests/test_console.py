@@ -42,7 +42,7 @@ def test_commands_print_tables(project: ProvisionedProject, federation: Federati
 
 
 def test_errors_are_reported_and_set_the_exit_code(project: ProvisionedProject, federation: Federation) -> None:
-    result = console(project.admin_roles["member"], "show_job nope", "check_status planets", "frobnicate")
+    result = console(project.admin_roles["project_admin"], "show_job nope", "check_status planets", "frobnicate")
     assert result.returncode == 1
     assert "Error: no job 'nope'" in result.stdout
     assert "usage: check_status server | check_status client" in result.stdout

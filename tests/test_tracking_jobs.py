@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ProvisionedProject, provision_project
-from federation import Federation, running, wait_until
+from federation import Federation, running, set_local, wait_until
 from test_tracking import MlflowServer, client_for
 
 from fedgrid.recipe import FedAvgRecipe
@@ -29,8 +29,10 @@ def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
-    return provision_project(tmp_path_factory.mktemp("tracking"), n_sites=2)
+def project(tmp_path_factory: pytest.TempPathFactory, mlflow: MlflowServer) -> ProvisionedProject:
+    project = provision_project(tmp_path_factory.mktemp("tracking"), n_sites=2)
+    set_local(project.server, "server.json", tracking_uris=[mlflow.uri])
+    return project
 
 
 @pytest.fixture(scope="module")

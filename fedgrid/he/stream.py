@@ -162,8 +162,8 @@ def read_header(reader: Reader, ctx: HEContext) -> Header:
         head = json.loads(reader.record(b"H", _MAX_HEADER, "header"))
         context_id, fingerprint = head["context_id"], head["params"]
         weight, count, tensors = head["weight"], head["count"], head["tensors"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PayloadError(f"{what}: unreadable header ({exc})") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise PayloadError(f"{what}: unreadable header ({str(exc)[:200]})") from None
     if context_id != ctx.context_id:
         raise EncryptionError(
             f"{what}: encrypted with HE context {str(context_id)[:12]}..., not this federation's "

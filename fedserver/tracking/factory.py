@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from fedgrid.jobspec import JobSpec
 
 
-def make_factory(*, default_mlflow_uri: str) -> Callable[..., JobTracking]:
-    """A builder the server calls once per job; `default_mlflow_uri` serves MLflow trackers without a URI."""
+def make_factory(*, default_mlflow_uri: str, allowed_uris: Sequence[str] = ()) -> Callable[..., JobTracking]:
+    """A builder the server calls once per job; `default_mlflow_uri` serves MLflow trackers without a URI,
+    and a job may name only the URIs in `allowed_uris` (checked again here for jobs stored before a change)."""
 
     def build(*, job_id: str, spec: JobSpec, job_dir: Path, sites: Sequence[str]) -> JobTracking:
+        check_uris(spec, allowed_uris)
         tracking = JobTracking(
             job_id=job_id,
             job_name=spec.name,
@@ -41,6 +43,21 @@ def check_installed(spec: JobSpec) -> None:
                 f"{spec.server_app}/config/server.json: tracking {tracker.type!r} cannot run on this server: "
                 f"{problem}; install it where the server runs and restart the server, "
                 "or remove this tracker from the job"
+            )
+
+
+def check_uris(spec: JobSpec, allowed: Sequence[str]) -> None:
+    """Refuse a tracker whose URI the server operator has not listed in `tracking_uris`: where a job's
+    metrics go, and which addresses the server connects to for it, is the operator's decision."""
+    for tracker in spec.server.tracking:
+        if tracker.tracking_uri and tracker.tracking_uri not in allowed:
+            choices = ", ".join(repr(uri) for uri in allowed)
+            raise JobSpecError(
+                f"{spec.server_app}/config/server.json: tracking {tracker.type!r} names tracking_uri "
+                f"{tracker.tracking_uri!r}, which this server does not allow; "
+                + (f"use one of {choices}, or leave it empty" if allowed else "leave it empty")
+                + " for the server's own store (the server's operator lists allowed URIs in "
+                "local/server.json tracking_uris)"
             )
 
 

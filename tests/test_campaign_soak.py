@@ -1,0 +1,48 @@
+"""Soak: 20 short jobs back to back on one running federation; no daemon may grow with the jobs it ran.
+
+After each job the server's and each site daemon's resident memory, threads and open file descriptors
+are sampled (tests/soak.py). The first jobs warm caches up (imports, the warm worker, gRPC's pools); over
+the rest, the least-squares slope of memory must stay under a bound well below what a per-job leak gives
+(the server once grew ~3 MB per job), and threads and descriptors must not climb. bench/soak.py runs the
+same over 100 jobs and prints the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ProvisionedProject, provision_project
+from federation import Federation, running
+from soak import run_jobs, series, slope
+
+JOBS = 20
+WARMUP = 5
+RSS_SLOPE_MB = 0.25
+"""Largest growth of resident memory allowed per job, by a linear fit over the jobs after the warm-up."""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
+    return provision_project(tmp_path_factory.mktemp("soak"), n_sites=2)
+
+
+@pytest.fixture(scope="module")
+def federation(project: ProvisionedProject) -> Iterator[Federation]:
+    with running(project) as fed:
+        yield fed
+
+
+def test_twenty_jobs_leave_every_daemon_where_it_was(federation: Federation, tmp_path: Path) -> None:
+    samples = run_jobs(federation, JOBS, tmp_path)[WARMUP:]
+    report = []
+    for daemon in samples[0]:
+        rss = series(samples, daemon, "rss_mb")
+        threads = series(samples, daemon, "threads")
+        fds = series(samples, daemon, "fds")
+        report.append(f"{daemon}: {slope(rss):+.3f} MB/job, threads {threads}, fds {fds}")
+        assert slope(rss) < RSS_SLOPE_MB, f"{daemon} grows {slope(rss):.2f} MB per job: {rss}"
+        assert max(threads[-5:]) <= max(threads[:5]) + 1, f"{daemon} holds more threads: {threads}"
+        assert max(fds[-5:]) <= max(fds[:5]) + 2, f"{daemon} holds more file descriptors: {fds}"
+    print("\n".join(report))
