@@ -20,6 +20,9 @@ A job travels as a zip of that folder plus a manifest of every file's SHA-256, s
 submitting admin's private key. The server and each site check that signature against the admin's
 certificate (issued by the project's root CA) and every file against the manifest before they store
 or run anything, so nobody on the way, the server included, can change a job's code unnoticed.
+
+One module, over 400 lines, because this is the one contract the admin tool, the server and every site
+read a job by: its schema, the checks on its files, and how it is packed and signed.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ evaluator may add its own. Checkpoint (with the strategy's state), track the bes
 With encryption the same loop runs on ciphertexts: the aggregator adds them without decrypting, the
 sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models.
 
+The loop is one module, over 400 lines, because its steps share one round's state (the task that carries
+the previous model's evaluation, the aggregator, the scores, the pending record): what varies is already
+outside it, in the strategies, the aggregators (fedserver/aggregation.py) and the checkpoint
+(fedserver/checkpoint.py).
+
 One module of about 400 lines: the loop is meant to be read in one place, top to bottom; what varies
 per algorithm lives in fedserver/strategies/.
 """
