@@ -676,7 +676,11 @@ def compare(other: Path, argv: list[str]) -> int:
         print(f"\n==== {name} checkout: {root}", flush=True)
         env = dict(os.environ, PYTHONPATH=str(root))
         run = subprocess.run(
-            [sys.executable, str(root / "bench" / "round_overhead.py"), *argv], env=env, text=True, capture_output=True
+            [sys.executable, str(root / "bench" / "round_overhead.py"), *argv],
+            env=env,
+            cwd=root,  # python -m puts the working folder first on the path: each run imports its own code
+            text=True,
+            capture_output=True,
         )
         print(run.stdout[-6000:], run.stderr[-2000:], flush=True)
         if run.returncode != 0:
