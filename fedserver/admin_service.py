@@ -180,7 +180,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             async with contextlib.aclosing(self.ops.download(caller, request.job_id)) as frames:
                 async for frame in frames:
                     await limits.write(context, frame, self.idle_timeout, f"result of job {request.job_id}")
-                    metrics.sent("download", frame)
+                    metrics.sent("download", len(frame.data))
 
     @rpc
     async def JobLog(

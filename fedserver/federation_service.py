@@ -88,7 +88,7 @@ class FederationService(federation_pb2_grpc.FederationServicer):
     async def FetchJob(self, request: fpb.FetchJobRequest, context: grpc.aio.ServicerContext, caller: Identity) -> None:
         async for frame in self.scheduler.run_for(request.job_id, caller.name).io.package_frames():
             await limits.write(context, frame, self.idle_timeout, f"job package for {caller.name}")
-            metrics.sent("package", frame)
+            metrics.sent("package", len(frame.data))
 
     @rpc
     async def ReportJob(

@@ -101,7 +101,8 @@ class WorkerStream:
             for message in run.io.task_messages(task, request.cached_sha256):
                 acknowledge = acknowledge or message.task.header.acknowledge
                 await self._write(message)
-                metrics.sent("task", message)
+            header = message.task.header
+            metrics.sent("task", 0 if header.payload_cached else header.payload_size)
             if acknowledge:
                 await self._receipt(task.task_id)
 
@@ -143,7 +144,6 @@ class WorkerStream:
             async with run.io.uploading(self.site, header.payload_format if open_task else ""):
                 frame = first
                 while True:
-                    metrics.received("result", frame)
                     if frame.data and (assembler.hashing or not spool.in_memory):
                         # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
                         await asyncio.to_thread(assembler.feed, frame)
@@ -154,11 +154,13 @@ class WorkerStream:
                     frame = await self._next_result_frame(header.task_id)
             assembler.finish()
         except BaseException as exc:
+            metrics.received("result", assembler.size)
             spool.discard()
             if isinstance(exc, FedgridError):
                 run.log.warning("%s: result refused: %s", self.site, exc)
                 metrics.update_refused(exc)
             raise
+        metrics.received("result", assembler.size)
         if not open_task:
             metrics.update_refused("late")
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
