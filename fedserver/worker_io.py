@@ -144,7 +144,7 @@ class WorkerStream:
             async with run.io.uploading(self.site, header.payload_format if open_task else ""):
                 frame = first
                 while True:
-                    if frame.data and (assembler.hashing or not spool.in_memory):
+                    if assembler.hashing or not spool.in_memory:
                         # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
                         await asyncio.to_thread(assembler.feed, frame)
                     else:
