@@ -20,6 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data_root", default="", help="folder with one sub-folder per site")
     parser.add_argument("--model", default="mlp")
+    parser.add_argument("--hidden", type=int, default=0, help="the MLP's width (0: 512)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -36,7 +37,7 @@ def main() -> None:
     if args.max_samples:
         x_train, y_train = x_train[: args.max_samples], y_train[: args.max_samples]
     torch.manual_seed(args.seed)
-    model = build_model(args.model)
+    model = build_model(args.model, args.hidden)
     train_loader = make_loader(x_train, y_train, args.batch_size, shuffle=True, seed=args.seed)
     val_loader = make_loader(data.x_val, data.y_val, 1000, shuffle=False)
     writer = api.SummaryWriter()
