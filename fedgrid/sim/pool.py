@@ -183,12 +183,11 @@ def start_ray(count: int, address: str, cpus_per_host: int) -> tuple[list[Host],
     ray = import_ray()
     started = False
     if not ray.is_initialized():
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         try:
             if address == "local":
-                ray.init(num_cpus=os.cpu_count() or 1, **options)
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(address=address, **options)
+                ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({exc})") from None
         started = True
