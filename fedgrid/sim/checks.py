@@ -100,7 +100,7 @@ def plan(folder: Path, options: SimOptions) -> SimPlan:
         if missing:
             raise ConfigError(
                 f"data folder {data_root / missing[0]} is missing ({len(missing)} of the {len(sites)} sites have "
-                f"none); prepare the data for {n} sites (fedgrid data fashion-mnist -n {n} --out {data_root}) "
+                f"none); prepare the data for {n} sites (fedgrid data -n {n} --out {data_root}) "
                 "or point --data_root at the folder that has them"
             )
     _check_server(spec, sites, options)

@@ -300,7 +300,13 @@ class SiteHost:
             if stream is not None and stream.number == envelope.stream and stream.answers is not None:
                 stream.answers.put(envelope.fields.get("why", "closed"))
         elif kind == "sites":
-            self._start(HostJob.from_envelope(envelope), envelope.payload)
+            job = HostJob.from_envelope(envelope)
+            try:
+                self._start(job, envelope.payload)
+            except Exception:  # noqa: BLE001 - the job cannot start here: each site reports why, as a worker would
+                error = traceback.format_exc()
+                for site in job.sites:
+                    self.send(Envelope("ended", site, fields={"state": "failed", "error": error}))
         elif kind == "abort":
             for site in envelope.fields["sites"]:
                 self.aborted[site] = envelope.fields["reason"]
