@@ -185,6 +185,17 @@ def test_bad_input_is_refused_before_round_1(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists(), "nothing is written for a refused job"
 
 
+def test_without_ray_the_ray_option_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    folder = tiny("ray", sites=2).export(tmp_path / "job")
+    with pytest.raises(ConfigError) as refused:
+        SimEnv(2, ray_address="local", results=tmp_path / "out").submit(folder)
+    assert str(refused.value) == (
+        "--ray: the simulator's workers on Ray needs the ray package, which is not installed "
+        "(pip install 'fedgrid[ray]')"
+    )
+
+
 def test_the_mcmahan_benchmark_runs_its_smoke(tmp_path: Path) -> None:
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST is not installed (dataset-fashion-mnist)")

@@ -104,6 +104,10 @@ def plan(folder: Path, options: SimOptions) -> SimPlan:
                 "or point --data_root at the folder that has them"
             )
     _check_server(spec, sites, options)
+    if options.ray_address:
+        from fedgrid.sim.pool import check_ray
+
+        check_ray()
     cores = os.cpu_count() or 1
     workers = min(options.workers or cores, len(sites))
     package = pack(folder)

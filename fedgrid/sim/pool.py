@@ -5,7 +5,7 @@ pair (a plain process, as the site daemon starts its workers: nothing of the dri
 into it). A Ray host is an actor (`HostActor`) running the same `SiteHost` on a thread, fed and drained by
 actor calls that carry batches of envelopes, one call at a time each way, so that order is kept.
 
-Ray is optional (`pip install 'fedgrid[ray]'`) and imported only here, only when asked for.
+Ray is optional (the extra `fedgrid[ray]`, fedgrid/extras.py) and imported only here, only when asked for.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from fedgrid import extras
 from fedgrid.errors import ConfigError
 from fedgrid.sim.link import ConnectionLink, Link, QueueLink
 
-RAY_EXTRA = "pip install 'fedgrid[ray]'"
 PULL_WAIT = 1.0
 """Seconds a driver's pull waits inside an idle Ray host before it returns empty (and asks again)."""
 
@@ -168,11 +168,17 @@ class RayHost(Host):
         ray.kill(self.actor)
 
 
+def check_ray() -> None:
+    """ConfigError with the pip command when Ray is not installed."""
+    problem = extras.missing("ray")
+    if problem:
+        raise ConfigError(f"--ray: {problem}")
+
+
 def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"--ray needs Ray, which is not installed here: {RAY_EXTRA}") from None
+    check_ray()
+    import ray
+
     return ray
 
 
