@@ -50,7 +50,8 @@ class Jobs(Protocol):
 class WorkerStream:
     """Serves one worker's Work stream on behalf of `site`, until the worker closes it."""
 
-    def __init__(self, scheduler: Jobs, site: str, context: Any, idle_timeout: float) -> None:
+    def __init__(self, scheduler: Jobs, site: str, context: Any, idle_timeout: float | None) -> None:
+        """`idle_timeout`: seconds the stream may stay silent (None: no deadline, the simulator's links)."""
         self.scheduler = scheduler
         self.site = site
         self.context = context
@@ -65,7 +66,7 @@ class WorkerStream:
         if hello.WhichOneof("kind") != "hello":
             raise FrameError(f"Work stream of {self.site}: the first message must be a hello")
         self.job_id = hello.hello.job_id
-        await self._reply(fpb.Reply(idle_timeout=self.idle_timeout))
+        await self._reply(fpb.Reply(idle_timeout=self.idle_timeout or 0.0))
         while (message := await self._read("request")) is not None:
             kind = message.WhichOneof("kind")
             metrics.work_request(kind)

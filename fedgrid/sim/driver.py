@@ -48,8 +48,8 @@ from fedserver.worker_io import WorkerStream
 
 log = logging.getLogger("fedgrid.sim")
 
-IDLE_TIMEOUT = 7 * 86400.0
-"""A virtual site's stream has no idle deadline to speak of: its host is ours, and ends with the job."""
+IDLE_TIMEOUT = None
+"""A virtual site's stream has no idle deadline: its host is ours, and ends with the job."""
 HOST_READY = 300.0
 """Seconds a worker host may take to start (import torch; on Ray, to be placed)."""
 SUBMITTER = "simulator"
@@ -244,7 +244,7 @@ class Simulation:
         hosts: list[pool.Host] = []
         links: list[HostLink] = []
         ray_started = False
-        store = JobStore(workspace)
+        store = JobStore(workspace, durable=False)
         try:
             he_secret, he_public = await asyncio.to_thread(self._he_contexts)
             if self.options.ray_address:
