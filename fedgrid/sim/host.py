@@ -1,7 +1,7 @@
 """A worker host of the simulator: one process (or Ray actor) running many virtual sites' training scripts.
 
 Each virtual site's script runs in a thread of its own with its own `fedclient.api` session (`JobSession`,
-bound to the thread) and its own Work stream: `SimStream`, the deployed worker's `WorkStream` with the link
+bound to the thread) and its own Work stream: `LinkStream`, the deployed worker's `WorkStream` with the link
 to the driver in place of gRPC, so the site speaks the same Work protocol messages as a deployed worker.
 A site keeps its state between rounds as a deployed worker does: its script runs for the whole job.
 
@@ -30,6 +30,7 @@ import os
 import queue
 import random
 import runpy
+import shutil
 import sys
 import tempfile
 import threading
@@ -288,6 +289,8 @@ class SiteHost:
             deadline = time.monotonic() + 10.0
             for thread in self.threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _take(self, envelope: Envelope) -> None:
         kind = envelope.kind
