@@ -195,7 +195,8 @@ def start_ray(count: int, address: str, cpus_per_host: int) -> tuple[list[Host],
             else:
                 ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({exc})") from None
+            where = "cannot start Ray here" if address == "local" else "cannot reach a Ray cluster there"
+            raise ConfigError(f"--ray {address}: {where} ({exc})") from None
         started = True
     actor_class = ray.remote(num_cpus=cpus_per_host, max_concurrency=4)(HostActor)
     return [RayHost(index, actor_class.remote()) for index in range(count)], started
