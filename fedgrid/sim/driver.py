@@ -31,6 +31,7 @@ from typing import Any
 
 from fedgrid import jobspec
 from fedgrid.errors import FedgridError, StateError
+from fedgrid.files import write_json_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.serde import JobInfo, RoundInfo
 from fedgrid.sim import pool
@@ -53,6 +54,8 @@ IDLE_TIMEOUT = None
 HOST_READY = 300.0
 """Seconds a worker host may take to start (import torch; on Ray, to be placed)."""
 SUBMITTER = "simulator"
+TRACKING_WAIT = 300.0
+"""Seconds the simulator waits at the end for the job's trackers to take what they have not yet."""
 
 
 class HostLink:
@@ -275,6 +278,8 @@ class Simulation:
                 event, record = rounds.get_nowait()
                 if event == "round" and record is not None:
                     self.events.put(record)
+            if run.tracking_pending():
+                await asyncio.to_thread(self._deliver_tracking, store, ctx.tracking_factory)
             await asyncio.to_thread(self._write_result, store)
             self.events.put(store.get(self.job_id))
         finally:
@@ -321,6 +326,20 @@ class Simulation:
         uris = [t.tracking_uri for t in self.plan.spec.server.tracking if t.tracking_uri]
         default = f"sqlite:///{(self.options.results / 'mlflow.db').resolve()}"
         return make_factory(default_mlflow_uri=default, allowed_uris=uris)
+
+    def _deliver_tracking(self, store: JobStore, factory: Any) -> None:
+        """What the job's trackers had not taken by its end (a first MLflow store takes a while to create): a
+        server delivers it later (fedserver/scheduler.py); the simulator waits for it before it leaves."""
+        record = store.get(self.job_id)
+        tracking = factory(
+            job_id=self.job_id, spec=self.plan.spec, job_dir=store.job_dir(self.job_id), sites=record.sites
+        )
+        status = {"FINISHED:COMPLETED": "FINISHED", "FINISHED:ABORTED": "KILLED"}.get(record.status, "FAILED")
+        report = tracking.close(TRACKING_WAIT, status=status).as_dict()
+        store.update(self.job_id, result={**record.result, "tracking": report})
+        result_file = store.job_dir(self.job_id) / "result" / "result.json"
+        summary = json.loads(result_file.read_text())
+        write_json_atomic(result_file, {**summary, "tracking": report})
 
     async def _hosts_ready(self, links: list[HostLink]) -> None:
         done, pending = await asyncio.wait([link.ready for link in links], timeout=HOST_READY)
