@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fedgrid import jobspec
@@ -37,7 +36,7 @@ from fedgrid.serde import JobInfo, RoundInfo
 from fedgrid.sim import pool
 from fedgrid.sim.checks import SimOptions, SimPlan
 from fedgrid.sim.host import MODELS_KEPT, HostJob
-from fedgrid.sim.link import Envelope
+from fedgrid.sim.link import Envelope, scratch_folder
 from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import results
@@ -243,7 +242,7 @@ class Simulation:
 
     async def _simulate(self) -> None:
         self._loop = asyncio.get_running_loop()
-        workspace = Path(tempfile.mkdtemp(prefix="fedgrid-sim-"))
+        workspace = scratch_folder("fedgrid-sim-")
         hosts: list[pool.Host] = []
         links: list[HostLink] = []
         ray_started = False

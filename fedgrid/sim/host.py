@@ -32,7 +32,6 @@ import random
 import runpy
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -45,7 +44,7 @@ from fedclient.work_stream import WorkStream
 from fedgrid import jobspec
 from fedgrid.errors import TransferError
 from fedgrid.logs import FORMAT
-from fedgrid.sim.link import Envelope, Link
+from fedgrid.sim.link import Envelope, Link, scratch_folder
 from fedgrid.v1 import federation_pb2 as fpb
 
 log = logging.getLogger("fedgrid.sim")
@@ -334,7 +333,7 @@ class SiteHost:
         import torch
 
         self.job = job
-        self.workdir = Path(tempfile.mkdtemp(prefix="fedgrid-sim-host-"))
+        self.workdir = scratch_folder("fedgrid-sim-host-")
         jobspec.safe_extract(package, self.workdir / "job", max_bytes=JOB_LIMIT, max_files=100_000)
         spec = jobspec.load_job(self.workdir / "job")
         client = spec.clients[job.app]

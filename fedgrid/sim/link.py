@@ -16,9 +16,12 @@ queues inside a Ray actor (fedgrid/sim/pool.py moves batches of them with actor 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 _LENGTH = struct.Struct("<I")
@@ -85,3 +88,11 @@ class QueueLink:
         if data is None:
             raise EOFError("the driver closed the link")
         return data
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new temporary folder for the simulation's files, in memory (/dev/shm) where the machine has it: what a
+    server writes durably (a fsync per file, 30 ms here) a simulation throws away at its end."""
+    memory = "/dev/shm"  # noqa: S108 - a private folder made by mkdtemp, not a fixed path
+    where = memory if os.path.isdir(memory) and os.access(memory, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
