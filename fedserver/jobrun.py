@@ -71,7 +71,9 @@ def job_logger(job_id: str, path: Path) -> logging.Logger:
 
 
 class JobRun:
-    def __init__(self, *, job_id: str, spec: JobSpec, sites: list[str], ctx: RunContext, attempt: int = 0) -> None:
+    def __init__(
+        self, *, job_id: str, spec: JobSpec, sites: list[str], ctx: RunContext, attempt: int = 0
+    ) -> None:
         self.job_id = job_id
         self.spec = spec
         self.ctx = ctx
