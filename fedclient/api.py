@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,12 +56,21 @@ ENV_JOB_DIR = "FEDGRID_JOB_DIR"
 
 
 _worker: JobSession | None = None
+"""The session of this process: a deployed job worker runs one training script, one site."""
+_thread = threading.local()
+"""A session bound to the calling thread: the simulator runs many virtual sites in one process, each
+site's script in a thread of its own (fedgrid/sim/host.py)."""
+
+
+def bind_thread_session(session: JobSession | None) -> None:
+    """Make `session` the current session of the calling thread (None unbinds it); for the simulator."""
+    _thread.session = session
 
 
 def init() -> None:
     """Connect this job worker to the server; call once, at the top of the training script."""
     global _worker
-    if _worker is not None:
+    if _worker is not None or getattr(_thread, "session", None) is not None:
         return
     kit_path, job_id, job_dir = os.environ.get(ENV_KIT), os.environ.get(ENV_JOB_ID), os.environ.get(ENV_JOB_DIR)
     if not kit_path or not job_id or not job_dir:
@@ -68,13 +78,14 @@ def init() -> None:
             "fedclient.api.init(): not running inside a fedgrid job worker "
             f"({ENV_KIT}, {ENV_JOB_ID} and {ENV_JOB_DIR} are unset); submit the script as part of a job"
         )
-    _worker = JobSession(load_kit(Path(kit_path), expect_type="client"), job_id, Path(job_dir))
+    _worker = JobSession.from_kit(load_kit(Path(kit_path), expect_type="client"), job_id, Path(job_dir))
 
 
 def _current() -> JobSession:
-    if _worker is None:
+    session = getattr(_thread, "session", None) or _worker
+    if session is None:
         raise StateError("call fedclient.api.init() first")
-    return _worker
+    return session
 
 
 def is_running() -> bool:
@@ -119,7 +130,7 @@ def scaffold_update(
 
 
 def get_site_name() -> str:
-    return _current().kit.name
+    return _current().site
 
 
 def get_job_id() -> str:

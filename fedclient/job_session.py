@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fedclient.strategy import ScaffoldRound, server_control, split_reserved
-from fedclient.work_stream import WorkStream
 from fedgrid import tensors, transfer
 from fedgrid.errors import FedgridError, StateError, TransferError
 from fedgrid.jobspec import load_job
@@ -64,6 +63,21 @@ class FLModel:
         return self.kind == "evaluate"
 
 
+class Stream(Protocol):
+    """A job worker's requests to the server: `fedclient.work_stream.WorkStream` over gRPC in deployment, the
+    simulator's stream (fedgrid/sim/host.py) over its in-process link; the same Work messages either way."""
+
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes]: ...
+
+    def upload_slot(self, task_id: str) -> None: ...
+
+    def result(self, frames: Callable[[], Iterable[fpb.ResultFrame]]) -> str: ...
+
+    def events(self, batch: fpb.EventBatch) -> str: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Pending:
     """The task the script holds: what its send() answers."""
@@ -74,13 +88,25 @@ class Pending:
 
 
 class JobSession:
-    """The connection of one job worker to the server, made once by `fedclient.api.init()`."""
+    """The connection of one job worker to the server: made once by `fedclient.api.init()` from the site's kit
+    (`from_kit`), or by the simulator for each virtual site with its own stream."""
 
-    def __init__(self, kit: Kit, job_id: str, job_dir: Path) -> None:
-        self.kit = kit
+    def __init__(
+        self,
+        *,
+        site: str,
+        job_id: str,
+        job_dir: Path,
+        settings: SiteSettings,
+        stream: Stream,
+        he_context: bytes | None,
+    ) -> None:
+        """`job_dir` holds the job folder (job_dir/job) and what the site keeps for the job (SCAFFOLD's
+        variate); `he_context` is the site's CKKS context with its secret key (None without HE)."""
+        self.site = site
         self.job_id = job_id
         self.job_dir = job_dir
-        self.settings = load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE)
+        self.settings = settings
         spec = load_job(job_dir / "job")
         self.encrypted = spec.server.encryption == "ckks"
         self.strategy = spec.server.strategy.name
@@ -88,10 +114,10 @@ class JobSession:
         if self.encrypted:
             from fedgrid import he
 
-            if not kit.he.enabled or kit.he.context_path is None:
+            if he_context is None:
                 raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
-            self.he = he.HEContext.load(kit.he.context_path.read_bytes(), expect_secret_key=True)
-        self.stream = WorkStream(kit, job_id)
+            self.he = he.HEContext.load(he_context, expect_secret_key=True)
+        self.stream = stream
         self.running = True
         self.task: Pending | None = None
         self.next_train: fpb.TaskHeader | None = None
@@ -108,6 +134,26 @@ class JobSession:
         """The answer to an evaluation that rides on a training task: it goes with the training result."""
         self.seq = 0
         self.pending_events: list[fpb.Event] = []
+
+    @classmethod
+    def from_kit(cls, kit: Kit, job_id: str, job_dir: Path) -> JobSession:
+        """A deployed job worker's session: the site's settings and HE context from its kit, a gRPC Work stream."""
+        from fedclient.work_stream import WorkStream
+
+        context = kit.he.context_path if kit.he.enabled else None
+        stream = WorkStream(kit, job_id)
+        try:
+            return cls(
+                site=kit.name,
+                job_id=job_id,
+                job_dir=job_dir,
+                settings=load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE),
+                stream=stream,
+                he_context=context.read_bytes() if context is not None else None,
+            )
+        except BaseException:
+            stream.close()
+            raise
 
     # ------------------------------------------------------------------ tasks
 

@@ -50,16 +50,20 @@ class WorkStream:
     """The stream of one job worker; `task`, `upload_slot`, `result` and `events` are its requests."""
 
     def __init__(self, kit: Kit, job_id: str) -> None:
-        self.job_id = job_id
         self.channel = secure_channel(kit, kit.fed_port)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self._setup(job_id)
+        threading.Thread(target=self._pinger, name="work-stream-ping", daemon=True).start()
+
+    def _setup(self, job_id: str) -> None:
+        """The state of the stream itself, whatever carries it (the simulator's streams share it)."""
+        self.job_id = job_id
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[fpb.WorkerMessage | None] | None = None
         self._answers: Iterator[fpb.ServerMessage] | None = None
         self._last_sent = time.monotonic()
         self._ping_every = 30.0
         self._closed = threading.Event()
-        threading.Thread(target=self._pinger, name="work-stream-ping", daemon=True).start()
 
     # ------------------------------------------------------------------ requests
 

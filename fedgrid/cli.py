@@ -57,9 +57,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "data": Command("split a data set into one folder per site (= prepare-data)", "fedgrid.data.__main__:main"),
     "simulate": Command(
-        "run a job with simulated sites in one process (not in this version yet)",
-        unavailable="the simulator is not part of this fedgrid yet; run the job on a federation instead "
-        "(fedgrid provision, then each kit's startup/start.sh)",
+        "run a job folder on N virtual sites here or on a Ray cluster: <job folder> -n N (= fedgrid-sim)",
+        "fedgrid.sim.__main__:main",
     ),
     "version": Command(
         "print the versions of fedgrid, torch and Python, and where fedgrid is installed", "fedgrid.cli:version"

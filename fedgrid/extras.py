@@ -24,7 +24,7 @@ EXTRAS = {
     extra.name: extra
     for extra in (
         Extra("tensorboard", "tensorboard", "TensorBoard tracking"),
-        Extra("ray", "ray", "the simulator's process pool"),
+        Extra("ray", "ray", "the simulator's workers on Ray"),
     )
 }
 

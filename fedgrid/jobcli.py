@@ -1,4 +1,5 @@
-"""What the example `jobs/*/job.py` scripts share: finding the admin kit, preparing data, progress lines.
+"""What the example `jobs/*/job.py` scripts share: finding the admin kit, preparing data, progress lines, and
+`--simulate`, which runs the same job on virtual sites (fedgrid.sim) instead of submitting it.
 
 Kept in the package so each job.py stays a short, readable recipe. Nothing here depends on where fedgrid
 is installed: the training script ships in the package (`fedgrid.examples`), and the kits and the data
@@ -16,8 +17,9 @@ from pathlib import Path
 from fedgrid.errors import FedgridError
 from fedgrid.examples import FASHION_MNIST_TRAIN
 from fedgrid.exit_codes import ExitCode
-from fedgrid.recipe import FedAvgRecipe, ProdEnv
+from fedgrid.recipe import FedAvgRecipe, ProdEnv, Run
 from fedgrid.serde import RoundInfo
+from fedgrid.sim import SimEnv, SimRun
 
 DEFAULT_WORKSPACES = Path("workspaces")
 DEFAULT_DATA = Path("data")
@@ -86,6 +88,30 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="seconds to wait for updates per round before aggregating what came (0: wait for all)",
     )
+    parser.add_argument(
+        "--client_fraction", type=float, default=1.0, help="share of the sites that train each round (default 1)"
+    )
+    parser.add_argument("--hidden", type=int, default=0, help="the MLP's width (default 0: 512)")
+    sim = parser.add_argument_group("simulation: the same job on virtual sites on this machine (or a Ray cluster)")
+    sim.add_argument("--simulate", action="store_true", help="simulate --n_clients sites instead of submitting")
+    sim.add_argument("--workers", type=int, default=0, help="worker processes hosting the sites (default: cores)")
+    sim.add_argument(
+        "--stragglers",
+        type=float,
+        default=0.0,
+        help="chance a site chosen to train does not answer (needs --round_timeout)",
+    )
+    sim.add_argument(
+        "--ray", default="", metavar="ADDRESS", help='run the workers as Ray actors there ("local": start Ray)'
+    )
+    sim.add_argument("--results", type=Path, default=Path("sim_results"), help="where result folders go")
+    sim.add_argument(
+        "--he",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="CKKS parameters of an encrypted job (a project.yml or its he: section)",
+    )
 
 
 def ensure_data(args: argparse.Namespace) -> Path:
@@ -138,13 +164,23 @@ def fashion_mnist_recipe(
     ]
     if args.max_samples:
         train_args += ["--max_samples", str(args.max_samples)]
+    if args.hidden:
+        train_args += ["--hidden", str(args.hidden)]
+    fraction = args.client_fraction
+    stragglers = getattr(args, "stragglers", 0.0)
+    if stragglers and not args.round_timeout:
+        raise FedgridError("--stragglers needs --round_timeout SECONDS: a straggler would hold its round forever")
     return recipe(
         name=name,
-        model=build_model(args.model),
+        model=build_model(args.model, args.hidden),
         train_script=train_script,
         train_args=train_args,
         num_rounds=args.num_rounds,
-        min_clients=args.n_clients,
+        # With a fraction C, a round samples max(min_clients, C·n) sites: min_clients is then C·n.
+        min_clients=args.n_clients if fraction >= 1 else max(1, round(fraction * args.n_clients)),
+        client_fraction=fraction,
+        # Stragglers: a round closes on the updates that came by its timeout.
+        min_responses=1 if stragglers else 0,
         round_timeout=args.round_timeout,
         seed=args.seed,
         **options,  # type: ignore[arg-type]
@@ -159,27 +195,59 @@ def format_round(r: RoundInfo, total: int) -> str:
     return f"round {r.round}/{total}  sites {r.sites_answered}/{r.sites_asked}  {acc_s}  {loss_s}  {r.seconds:.2f} s"
 
 
+def sim_env(args: argparse.Namespace, data_root: Path | None = None) -> SimEnv:
+    """The simulation the job.py options ask for (--simulate and its group)."""
+    return SimEnv(
+        num_clients=args.n_clients,
+        workers=args.workers,
+        stragglers=args.stragglers,
+        ray_address=args.ray,
+        data_root=data_root,
+        results=args.results,
+        he_params=args.he,
+    )
+
+
 def run_recipe(recipe: FedAvgRecipe, args: argparse.Namespace) -> int:
-    """Export or submit; follow the job with one line per round; download and show the result."""
+    """Export, submit or simulate; follow the job with one line per round; show the result and where it is."""
     if args.export_only:
         print(f"job folder written to {recipe.export(args.export_only)}")
         return ExitCode.OK
-    kit = args.startup_kit or newest_admin_kit(args.workspaces)
-    env = ProdEnv(startup_kit_location=kit)
     started = time.monotonic()
-    run = recipe.execute(env)
-    session = env.session()
-    print(f"submitted job {run.job_id} ({recipe.name}) to {session.server_name} as {session.name}")
+    if getattr(args, "simulate", False):
+        run = recipe.execute(sim_env(args))
+        plan = run.simulation.plan
+        where = f"Ray at {args.ray}" if args.ray else "this machine"
+        print(
+            f"simulating job {run.job_id} ({recipe.name}) on {len(plan.sites)} virtual sites in {plan.workers} "
+            f"worker processes on {where}"
+        )
+    else:
+        kit = args.startup_kit or newest_admin_kit(args.workspaces)
+        env = ProdEnv(startup_kit_location=kit)
+        run = recipe.execute(env)
+        session = env.session()
+        print(f"submitted job {run.job_id} ({recipe.name}) to {session.server_name} as {session.name}")
+    return follow(run, recipe.num_rounds, started)
+
+
+def follow(run: Run | SimRun, num_rounds: int, started: float) -> int:
+    """Print each round as it ends, then the table of rounds and where the result is."""
     rounds: list[RoundInfo] = []
 
     def progress(r: RoundInfo) -> None:
         rounds.append(r)
-        print(format_round(r, recipe.num_rounds), flush=True)
+        print(format_round(r, num_rounds), flush=True)
 
     try:
         info = run.wait(progress=progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the job goes on; abort it with: abort_job {run.job_id}")
+        if isinstance(run, SimRun):
+            print("\ninterrupted: aborting the simulation")
+            run.abort()
+            run.wait()
+        else:
+            print(f"\ninterrupted: the job goes on; abort it with: abort_job {run.job_id}")
         return ExitCode.INTERRUPTED
     print(f"job {info.status} in {time.monotonic() - started:.1f} s{': ' + info.error if info.error else ''}")
     result = run.get_result()

@@ -101,12 +101,17 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build_model(name: str) -> nn.Module:
-    """A freshly initialised model by name ("mlp", "cnn", "cifar10-cnn"), as a job config names it."""
+def build_model(name: str, hidden: int = 0) -> nn.Module:
+    """A freshly initialised model by name ("mlp", "cnn", "cifar10-cnn"), as a job config names it; `hidden`
+    is the MLP's width (0: 512), e.g. 32 for a 26K-parameter MLP (the simulator's 1000-site benchmark)."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    if hidden:
+        if name != "mlp":
+            raise ValueError(f"hidden sets the MLP's width; model {name!r} has none")
+        return MLP(hidden=hidden)
     return factory()
 
 

@@ -9,6 +9,8 @@ run.wait(progress=print)
 print("Result can be found in:", run.get_result())
 ```
 
+`recipe.execute(SimEnv(num_clients=100, workers=2))` runs the same job on virtual sites instead (fedgrid.sim).
+
 Each strategy has its recipe, with the same options plus the strategy's parameters
 (fedgrid/strategy_config.py): `FedProxRecipe(mu=0.01, ...)`, `FedOptRecipe(optimizer="adam", server_lr=0.01,
 ...)`, `ScaffoldRecipe(...)`; `FedAvgRecipe(strategy="module:acme.fedbuff")` names one the server's
@@ -34,6 +36,7 @@ from fedgrid.errors import ConfigError
 from fedgrid.jobspec import TargetMetric, Tracking
 from fedgrid.serde import JobInfo, RoundInfo
 from fedgrid.session import Session
+from fedgrid.sim import SimEnv, SimRun
 
 APP = "app"
 
@@ -182,13 +185,12 @@ class FedAvgRecipe:
         jobspec.load_job(folder)
         return folder
 
-    def execute(self, env: ProdEnv) -> Run:
-        """Export to a temporary folder and submit with the env's admin kit."""
+    def execute(self, env: ProdEnv | SimEnv) -> Run | SimRun:
+        """Export to a temporary folder and run it there: submitted with a ProdEnv's admin kit, or simulated
+        on a SimEnv's virtual sites (fedgrid.sim); either way the returned run is followed the same way."""
         with tempfile.TemporaryDirectory(prefix=f"{self.name}-") as tmp:
             folder = self.export(Path(tmp) / self.name)
-            session = env.session()
-            job_id = session.submit_job(folder)
-        return Run(session, job_id, self.num_rounds)
+            return env.submit(folder, self.num_rounds)
 
 
 class FedProxRecipe(FedAvgRecipe):
@@ -239,6 +241,11 @@ class ProdEnv:
         if self._session is None:
             self._session = Session(self.kit, timeout=self.timeout)
         return self._session
+
+    def submit(self, folder: Path, num_rounds: int = 0) -> Run:
+        """Submit a job folder with this env's admin kit."""
+        session = self.session()
+        return Run(session, session.submit_job(folder), num_rounds)
 
 
 class Run:

@@ -116,12 +116,15 @@ def train_epoch(
     loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module | None = None,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """One pass over `loader`; returns the mean training loss per sample (cross-entropy by default)."""
+    """One pass over `loader` on `device` (where the model is); returns the mean training loss per sample
+    (cross-entropy by default)."""
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
     total, count = 0.0, 0
     for xb, yb in loader:
+        xb, yb = xb.to(device), yb.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
@@ -133,12 +136,14 @@ def train_epoch(
     return total / count
 
 
-def evaluate(model: nn.Module, loader: Iterable[Batch]) -> tuple[float, float]:
-    """(mean cross-entropy per sample, accuracy in [0, 1]) of `model` over `loader`, without gradients."""
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy per sample, accuracy in [0, 1]) of `model` over `loader` on `device`, without
+    gradients."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
             logits = model(xb)
             total_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == yb).sum())

@@ -21,6 +21,7 @@ from fedgrid.v1 import admin_pb2_grpc, federation_pb2_grpc
 from fedserver import metrics
 from fedserver.admin_ops import AdminOps
 from fedserver.admin_service import AdminService
+from fedserver.deployment import SiteDeployment
 from fedserver.federation_service import FederationService
 from fedserver.jobrun import RunContext
 from fedserver.jobstore import JobStore
@@ -58,7 +59,7 @@ class ServerApp:
         watchers = Watchers()
         ctx = RunContext(
             store=self.store,
-            registry=self.registry,
+            deployment=SiteDeployment(self.registry),
             watchers=watchers,
             he_context=he_context,
             tracking_factory=self._tracking_factory(),

@@ -4,7 +4,9 @@ The lifecycle is a single coroutine (`JobRun.run`) so that abort is a plain canc
 way out (completed, aborted, failed) passes through the same `finally`: sites are told to stop,
 their logs are collected, and the result folder is written. That is why deploying, the sites' events,
 tracking and the result folder stay in this one module: each is a step of that coroutine or an event
-it waits on. The job's traffic with the workers is `JobIO` (fedserver/job_io.py).
+it waits on. The job's traffic with the workers is `JobIO` (fedserver/job_io.py); how its sites are
+started and stopped is the run's `Deployment` (fedserver/deployment.py): the site daemons, or the
+simulator's virtual sites, the only difference between a deployed and a simulated job.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from fedgrid.files import write_atomic, write_json_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import TensorFile
-from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import checkpoint, jobstore, memory, metrics, results, strategies
 from fedserver.aggregation import Aggregator, PlainAggregator
+from fedserver.deployment import Deployment
 from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
-from fedserver.registry import SiteRegistry
 from fedserver.rounds import Outcome, RoundLoop
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.watchers import Watchers
@@ -49,7 +50,8 @@ class RunContext:
     """What a job run needs from the server around it."""
 
     store: JobStore
-    registry: SiteRegistry
+    deployment: Deployment
+    """How the job's sites are started and stopped: the site daemons, or the simulator's virtual sites."""
     watchers: Watchers
     he_context: bytes | None
     tracking_factory: Callable[..., object] | None = None
@@ -242,21 +244,11 @@ class JobRun:
     async def _deploy(self) -> None:
         """Ask every site to start the job; fail unless at least min_clients did."""
         loop = asyncio.get_running_loop()
-        hosts: dict[str, int] = {}
-        for site in self.sites:
-            record = self.ctx.registry.get(site)
-            host = record.hostname if record else site
-            hosts[host] = hosts.get(host, 0) + 1
         for site in self.sites:
             self._started[site] = loop.create_future()
             self._ended[site] = loop.create_future()
-            record = self.ctx.registry.get(site)
-            hint = hosts.get(record.hostname if record else site, 1)
-            app = self.spec.app_for_site(site) or ""
-            self.ctx.registry.send(
-                site, fpb.Command(start_job=fpb.StartJob(job_id=self.job_id, app=app, workers_hint=hint))
-            )
             self._set_state(site, "deploying")
+        self.ctx.deployment.start_job(self.job_id, self.spec, self.sites)
         done, pending = await asyncio.wait(self._started.values(), timeout=START_TIMEOUT)
         failures = []
         for site, future in self._started.items():
@@ -422,11 +414,7 @@ class JobRun:
 
     def _abort_at(self, sites: list[str], reason: str) -> None:
         """Tell `sites` to end their worker of this job."""
-        for site in sites:
-            try:
-                self.ctx.registry.send(site, fpb.Command(abort_job=fpb.AbortJob(job_id=self.job_id, reason=reason)))
-            except StateError:
-                pass
+        self.ctx.deployment.abort_job(self.job_id, sites, reason)
 
     # ------------------------------------------------------------------ what sites and workers ask
 
@@ -503,8 +491,7 @@ class JobRun:
         for it; the next round asks it again."""
         if not self.may_rejoin(site) or not (asking or self.board.polling(site)):
             return
-        record = self.ctx.registry.get(site)
-        if record is None or not self.ctx.registry.is_alive(record):
+        if not self.ctx.deployment.is_alive(site):
             return
         reason = self._silent.pop(site)
         self.board.rejoin(site)

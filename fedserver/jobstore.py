@@ -77,12 +77,16 @@ class JobRecord(JobInfo):
 class JobStore:
     """Thread-safe: the server's event loop and its worker threads both record progress."""
 
-    def __init__(self, workspace: Path) -> None:
+    def __init__(self, workspace: Path, durable: bool = True) -> None:
+        """`durable=False` skips waiting for the disk at each commit: for a store that need not survive a
+        crash of the machine (the simulator's, whose jobs write a site's state a thousand times at start)."""
         self.root = workspace / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(workspace / "jobs.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        if not durable:
+            self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(SCHEMA)
         self._db.row_factory = sqlite3.Row
 

@@ -73,7 +73,7 @@ class StreamQuota:
         return self._held[identity]
 
 
-async def read(context: grpc.aio.ServicerContext, timeout: float, what: str) -> Any:
+async def read(context: grpc.aio.ServicerContext, timeout: float | None, what: str) -> Any:
     """The next message of a client stream, or None once the client closed it.
 
     LimitError when nothing arrives within `timeout` seconds; TransferError (answered INVALID_ARGUMENT)
@@ -88,7 +88,7 @@ async def read(context: grpc.aio.ServicerContext, timeout: float, what: str) -> 
     return None if message is grpc.aio.EOF else message
 
 
-async def write(context: grpc.aio.ServicerContext, message: Any, timeout: float, what: str) -> None:
+async def write(context: grpc.aio.ServicerContext, message: Any, timeout: float | None, what: str) -> None:
     """Send one message of a server stream; LimitError when the peer has not taken it within `timeout`
     seconds (it stopped reading: gRPC's flow control holds the write)."""
     try:

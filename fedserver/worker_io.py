@@ -9,15 +9,17 @@ server refuses for a reason that leaves the stream in step (a late result, a job
 with a reply naming the error, and the stream goes on. A stream that breaks the protocol (an unknown or
 unparsable message, a result over its size limit or cut short, silence past the idle deadline) is closed
 with a status that says why; what it had sent of a result is discarded; nothing else is affected.
+
+The stream is read and written through `context` (a grpc.aio servicer context, or the simulator's link
+with the same `read`/`write`), and finds its job through `jobs` (the `Scheduler`, or the simulator's one
+job): the simulator serves its virtual sites with this same class (fedgrid/sim/driver.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
-
-import grpc
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedgrid.errors import FedgridError, FrameError, StateError, TransferError
 from fedgrid.transfer import Assembler, digest_checked
@@ -27,16 +29,29 @@ from fedserver.grid import Result
 from fedserver.tracking.events import TrackingEvent
 
 if TYPE_CHECKING:
+    from fedserver.grid import Task
     from fedserver.jobrun import JobRun
-    from fedserver.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+
+class Jobs(Protocol):
+    """What a worker stream needs of the server's running jobs (fedserver/scheduler.py has them all)."""
+
+    runs: dict[str, JobRun]
+
+    def run_for(self, job_id: str, site: str) -> JobRun: ...
+
+    async def run_when_started(self, job_id: str) -> JobRun | None: ...
+
+    def end_messages(self, job_id: str) -> list[fpb.ServerMessage]: ...
 
 
 class WorkerStream:
     """Serves one worker's Work stream on behalf of `site`, until the worker closes it."""
 
-    def __init__(self, scheduler: Scheduler, site: str, context: grpc.aio.ServicerContext, idle_timeout: float) -> None:
+    def __init__(self, scheduler: Jobs, site: str, context: Any, idle_timeout: float | None) -> None:
+        """`idle_timeout`: seconds the stream may stay silent (None: no deadline, the simulator's links)."""
         self.scheduler = scheduler
         self.site = site
         self.context = context
@@ -51,7 +66,7 @@ class WorkerStream:
         if hello.WhichOneof("kind") != "hello":
             raise FrameError(f"Work stream of {self.site}: the first message must be a hello")
         self.job_id = hello.hello.job_id
-        await self._reply(fpb.Reply(idle_timeout=self.idle_timeout))
+        await self._reply(fpb.Reply(idle_timeout=self.idle_timeout or 0.0))
         while (message := await self._read("request")) is not None:
             kind = message.WhichOneof("kind")
             metrics.work_request(kind)
@@ -98,13 +113,17 @@ class WorkerStream:
         task = await run.io.next_task(self.site, request.last_task_id)
         async with run.io.sending_turn(task):
             acknowledge = False
-            for message in run.io.task_messages(task, request.cached_sha256):
+            for message in run.io.task_messages(task, self.cached_sha256(request, task)):
                 acknowledge = acknowledge or message.task.header.acknowledge
                 await self._write(message)
             header = message.task.header
             metrics.sent("task", 0 if header.payload_cached else header.payload_size)
             if acknowledge:
                 await self._receipt(task.task_id)
+
+    def cached_sha256(self, request: fpb.TaskRequest, task: Task) -> bytes:
+        """The digest of the model the worker holds when its task is answered: the one its request named."""
+        return request.cached_sha256
 
     async def _receipt(self, task_id: str) -> None:
         """Wait for the worker to say it read a large task whole (pings may come first)."""

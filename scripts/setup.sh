@@ -3,13 +3,14 @@
 # (torch==2.13.0 first: a loose torch pin would pull a CUDA build of several GB), and the
 # Fashion-MNIST data set from Debian when it is missing. Safe to run again: it only does what is missing.
 #   scripts/setup.sh          fedgrid with the tensorboard extra (everything a one-machine federation uses)
-#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, build; as root, iproute2
-#                             and nftables for the network namespace tests when missing)
+#   scripts/setup.sh --test   plus what the tests need (pytest, ruff, grpcio-tools, build, and Ray for the
+#                             simulator's Ray pool; as root, iproute2 and nftables for the network namespace
+#                             tests when missing)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 extras="[tensorboard]"
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,ray]"
 
 if ! command -v python3 >/dev/null; then
   echo "python3 is missing: install Python 3.11 (apt-get install -y python3 python3-venv)" >&2
@@ -42,7 +43,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 
 # tests/test_netns.py puts the server and the sites in network namespaces (scripts/netns.py): iproute2, nftables.
-if [ "$extras" = "[test]" ]; then
+if [ "$extras" = "[test,ray]" ]; then
   missing=""
   command -v ip >/dev/null || missing="$missing iproute2"
   command -v nft >/dev/null || missing="$missing nftables"

@@ -69,10 +69,10 @@ def test_unknown_or_missing_command_is_a_usage_error() -> None:
     assert run("version", "--verbose").returncode == 2
 
 
-def test_simulate_says_it_is_not_there_yet() -> None:
-    result = run("simulate", "--sites", "2")
+def test_simulate_is_the_simulator(tmp_path: Path) -> None:
+    result = run("simulate", str(tmp_path / "no-such-job"), "-n", "2")
     assert result.returncode == 2
-    assert "fedgrid simulate: the simulator is not part of this fedgrid yet" in result.stderr
+    assert result.stderr == f"fedgrid-sim: error: {tmp_path / 'no-such-job'}: not a folder\n"
 
 
 def test_data_errors_come_from_the_tool(tmp_path: Path) -> None:
