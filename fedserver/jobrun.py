@@ -31,6 +31,7 @@ from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
+from fedserver.privacy import DPAggregator, PrivacyLedger
 from fedserver.registry import SiteRegistry
 from fedserver.rounds import Outcome, RoundLoop
 from fedserver.server_evaluation import ServerEvaluator
@@ -105,6 +106,8 @@ class JobRun:
         self.abort_reason = ""
         self.tracking = None
         self.layout: tensors.Layout = {}
+        self.privacy = PrivacyLedger(spec.server.privacy) if spec.server.privacy is not None else None
+        """Private jobs: the accountant of the job's privacy budget."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -318,6 +321,7 @@ class JobRun:
             resume=self._checkpoint(),
             attempt=self.attempt,
             recorded=self.ctx.store.rounds(self.job_id) if self.attempt else [],
+            privacy=self.privacy,
         )
         self.log.info("strategy %s", self.spec.server.strategy.describe())
         return await workflow.run(initial)
@@ -331,13 +335,15 @@ class JobRun:
             self.log.info("no round had finished before the server stopped: the job starts again from round 1")
         return point
 
-    def _aggregator(self, model: Model | None, layout: tensors.Layout) -> Aggregator:
-        """Folds one round's results, whose tensors are `layout` (the model's and the strategy's own)."""
+    def _aggregator(self, model: Model, layout: tensors.Layout, task: Task, sites: list[str]) -> Aggregator:
+        """Folds the results of `task` from `sites`, whose tensors are `layout` (the model's and the strategy's)."""
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
             assert self.ctx.he_context is not None  # checked at submit
             return EncryptedAggregator(self.ctx.he_context, layout)
+        if self.spec.server.privacy is not None:
+            return DPAggregator(layout, model, self.spec.server.privacy, expected=len(sites))
         return PlainAggregator(layout, model, self.spec.server.clip_norm)
 
     async def _round_started(self, round_no: int) -> None:
@@ -579,6 +585,19 @@ class JobRun:
             "model_bytes": self.io.model_bytes,
             "sites": self._site_states,
         }
+        if self.privacy is not None:
+            params = self.privacy.params
+            summary["privacy"] = {
+                "epsilon": self.privacy.spent,
+                "delta": params.delta,
+                "rounds_charged": len(self.privacy.charged),
+                "noise_multiplier": params.noise_multiplier,
+                "clip_norm": params.clip_norm,
+                "where": params.where,
+                "accountant": params.accountant,
+                "sampling_rate": params.sampling_rate,
+                "target_epsilon": params.target_epsilon,
+            }
         if self.tracking is not None:
             summary["tracking"] = self.tracking.report.as_dict()
         return summary
