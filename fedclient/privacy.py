@@ -15,11 +15,9 @@ import numpy as np
 
 from fedgrid import dp
 from fedgrid.errors import StateError
+from fedgrid.privacy_config import SITES_SETTING
 
 log = logging.getLogger("fedclient.api")
-
-SITES_SETTING = "privacy_sites"
-"""The training task's setting that says how many sites were asked in the round (the noise's share)."""
 
 
 def private_difference(

@@ -45,6 +45,8 @@ from fedgrid.errors import ConfigError, JobSpecError
 from fedgrid.strategy_config import ModuleConfig, ScaffoldConfig
 
 SECURE_AGGREGATIONS = ("none", "secagg+")
+SITES_SETTING = "privacy_sites"
+"""A private job's training task says in this setting how many sites were asked (each adds its share of noise)."""
 
 
 class SecAggConfig(BaseModel):

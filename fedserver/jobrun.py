@@ -29,11 +29,13 @@ from fedserver import checkpoint, jobstore, memory, metrics, results, strategies
 from fedserver.aggregation import Aggregator, PlainAggregator
 from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
+from fedserver.job_keys import JobKeys
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.privacy import DPAggregator, PrivacyLedger
 from fedserver.registry import SiteRegistry
 from fedserver.rounds import Outcome, RoundLoop
+from fedserver.secure_rounds import SecureRounds
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.watchers import Watchers
 
@@ -53,6 +55,7 @@ class RunContext:
     registry: SiteRegistry
     watchers: Watchers
     he_context: bytes | None
+    """The provisioned keyless HE context (`he.keys: provisioned`); None when the sites make each job's key."""
     tracking_factory: Callable[..., object] | None = None
     keep_uploads: bool = False
     data_root: Path | None = None
@@ -106,8 +109,19 @@ class JobRun:
         self.abort_reason = ""
         self.tracking = None
         self.layout: tensors.Layout = {}
+        self.he_context = ctx.he_context
+        """The keyless context this job's ciphertexts are added with (provisioned, or from the key site)."""
         self.privacy = PrivacyLedger(spec.server.privacy) if spec.server.privacy is not None else None
         """Private jobs: the accountant of the job's privacy budget."""
+        self.keys: JobKeys | None = None
+        """Encrypted jobs of a federation whose sites make the HE keys: the relay of this job's key."""
+        if spec.server.encryption == "ckks" and ctx.he_context is None:
+            key_site = spec.server.key_site or self.sites[0]
+            self.keys = JobKeys(job_id=job_id, key_site=key_site, board=self.board, job_dir=self.job_dir, log=self.log)
+        self.secure: SecureRounds | None = None
+        """SecAgg+ jobs: the round in progress, which the sites' steps reach."""
+        if spec.server.secure_aggregation != "none":
+            self.secure = SecureRounds(job_id, spec.server.secagg, spec.server.privacy, self.board)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -294,6 +308,11 @@ class JobRun:
     async def _workflow(self, initial: Model) -> Outcome:
         await self._deploy()
         await self._wait_ready()
+        if self.keys is not None:
+            started = time.monotonic()
+            self.he_context = await self.keys.context()
+            self.log.info("job key made by %s, ready %.2f s after the workers", self.keys.key_site,
+                          time.monotonic() - started)
         if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
         where = f"{self.spec.server_app}/config/server.json"
@@ -340,8 +359,10 @@ class JobRun:
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
-            assert self.ctx.he_context is not None  # checked at submit
-            return EncryptedAggregator(self.ctx.he_context, layout)
+            assert self.he_context is not None  # checked at submit, or made by the key site before round 1
+            return EncryptedAggregator(self.he_context, layout)
+        if self.secure is not None:
+            return self.secure.new_round(task, sites, layout, self.spec.server.round_timeout, self.log)
         if self.spec.server.privacy is not None:
             return DPAggregator(layout, model, self.spec.server.privacy, expected=len(sites))
         return PlainAggregator(layout, model, self.spec.server.clip_norm)

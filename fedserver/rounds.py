@@ -35,6 +35,7 @@ from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
 from fedgrid.files import write_atomic
 from fedgrid.jobspec import ServerConfig
+from fedgrid.privacy_config import SITES_SETTING
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import copy_file
 from fedserver import checkpoint, metrics
@@ -233,7 +234,7 @@ class RoundLoop:
                 model=plan.payload,
                 evaluate_task_id=evaluation.task_id if evaluation else "",
                 evaluate_round=evaluation.round if evaluation else 0,
-                settings=dict(plan.settings),
+                settings={**plan.settings, **({SITES_SETTING: float(len(plan.sites))} if self.privacy else {})},
             )
             self.model = model
             trained = await self._round(train, plan.sites, evaluation, previous, outcome)
