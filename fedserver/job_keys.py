@@ -42,6 +42,8 @@ class JobKeys:
         self.wrapped: dict[str, bytes] = {}
         self.public_context: bytes | None = self.path.read_bytes() if self.path.exists() else None
         self.offered = self.public_context is not None
+        self.refused = ""
+        """Why the key site's offer was refused: the job cannot get its key, and fails with this reason."""
         self._changed = asyncio.Event()
 
     async def request(self, site: str, cert_pem: bytes) -> fpb.JobKey:
@@ -65,13 +67,25 @@ class JobKeys:
             ]
             self.log.info("job key: %s makes the key for %d other sites", site, len(recipients))
             return fpb.JobKey(key_site=self.key_site, recipients=recipients)
-        await self._until(lambda: site in self.wrapped or self.offered)
+        await self._until(lambda: site in self.wrapped or self.offered or bool(self.refused))
+        if self.refused:
+            raise StateError(f"job key: {self.refused}")
         if site not in self.wrapped:
             raise StateError(f"job key: the key site {self.key_site} wrapped no key for {site}")
         return fpb.JobKey(key_site=self.key_site, wrapped=self.wrapped[site])
 
     def offer(self, site: str, offer: fpb.JobKeyOffer) -> None:
-        """The key site's keyless context and wrapped keys; refused whole unless each part is what it claims."""
+        """The key site's keyless context and wrapped keys; refused whole unless each part is what it claims
+        (and then the job cannot have its key: it fails with the reason)."""
+        try:
+            self._take(site, offer)
+        except PrivacyError as exc:
+            if site == self.key_site:
+                self.refused = f"the key site's offer was refused: {exc}"
+                self._changed.set()
+            raise
+
+    def _take(self, site: str, offer: fpb.JobKeyOffer) -> None:
         if site != self.key_site:
             raise PrivacyError(f"job key: {site} is not this job's key site ({self.key_site})")
         if self.offered:
@@ -100,7 +114,11 @@ class JobKeys:
     async def context(self, timeout: float = WAIT) -> bytes:
         """The keyless context to add this job's ciphertexts with; StateError when the key site sent none."""
         started = time.monotonic()
-        await self._until(lambda: self.offered or self.key_site not in self.board.active_sites(), timeout)
+        await self._until(
+            lambda: self.offered or bool(self.refused) or self.key_site not in self.board.active_sites(), timeout
+        )
+        if self.refused:
+            raise StateError(self.refused)
         if self.public_context is None:
             raise StateError(
                 f"the key site {self.key_site} sent no key for this encrypted job "
@@ -114,6 +132,7 @@ class JobKeys:
         while not done() and time.monotonic() < deadline:
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), POLL)
+                async with asyncio.timeout(POLL):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
