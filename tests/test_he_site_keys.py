@@ -20,7 +20,7 @@ from federation import Federation, running
 from rogue import RogueSite
 
 from fedclient.job_key import project_params
-from fedgrid import he, keywrap, tensors
+from fedgrid import dp, he, keywrap, tensors
 from fedgrid.certs import load_cert_pem
 from fedgrid.recipe import FedAvgRecipe
 from fedgrid.v1 import federation_pb2 as fpb
@@ -146,3 +146,19 @@ def test_a_forged_or_misaddressed_wrapped_key_is_refused_and_the_job_fails_with_
         assert reason in info.error, (info.error, rogue.errors)
     finally:
         rogue.close()
+
+
+def test_distributed_privacy_runs_under_site_made_keys_and_records_epsilon(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Each site clips and noises its update before encrypting it (weight 1): the server never sees an update,
+    and the accountant charges every round."""
+    privacy = {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "where": "sites"}
+    with federation.session() as session:
+        job_id = session.submit_job(tiny("he-dp", privacy=privacy).export(tmp_path / "job"))
+        info = session.wait(job_id)
+        assert info.status == "FINISHED:COMPLETED", info.error
+        detail = session.show_job(job_id)
+    epsilons = [r.metrics["epsilon"] for r in detail.rounds]
+    params = dp.DPParams(clip_norm=0.5, noise_multiplier=1.0, delta=1e-5, where="sites")
+    assert epsilons == pytest.approx([dp.epsilon_spent(params, 1), dp.epsilon_spent(params, 2)])
