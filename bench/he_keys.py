@@ -67,7 +67,7 @@ def run(keys: str, data: Path, args: argparse.Namespace, tmp: Path) -> dict:
             starts.append(_stamp(r"round 1: model sent", log) - _stamp(r"starting on", log))
             rounds += [r.seconds for r in detail.rounds]
             sites = "\n".join(p.read_text() for p in (result / "sites").glob("*/log.txt"))
-            made += [float(m) for m in re.findall(r"HE key and wrapped it for \d+ sites in ([\d.]+) s", sites)]
+            made += [float(m) for m in re.findall(r"HE key and wrapped it for \d+ sites in ([\d.]+) s \(", sites)]
             received += [float(m) for m in re.findall(r"received this job's HE key from \S+ in ([\d.]+) s", sites)]
     finally:
         fed.close()
@@ -103,8 +103,8 @@ def main() -> int:
     print(f"{'start: job starting to round 1 (median)':40}{p_start:>12.2f}{s_start:>12.2f}{s_start - p_start:>+12.2f}")
     print(f"{'seconds per round (median)':40}{p_round:>12.2f}{s_round:>12.2f}{s_round - p_round:>+12.2f}")
     print(
-        f"site keys: made and wrapped at the key site in {med(sites['made']):.3f} s (median), received and checked "
-        f"at the others in {med(sites['received']):.3f} s, counted from each worker's request"
+        f"site keys: made and wrapped at the key site in {med(sites['made']):.3f} s (median); at the others, from "
+        f"asking to holding the checked key {med(sites['received']):.3f} s, which includes waiting for the key site"
     )
     print(f"starts   provisioned: {', '.join(f'{s:.2f}' for s in provisioned['starts'])}")
     print(f"           site keys: {', '.join(f'{s:.2f}' for s in sites['starts'])}")

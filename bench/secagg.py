@@ -73,16 +73,23 @@ def quickstart_job(fed: object, name: str, data: Path, args: argparse.Namespace,
         detail = session.show_job(job_id)
         result = session.download_job(job_id, out / "results")
     log = (result / "log.txt").read_text()
-    sent, closed = _stamps(r"round \d+: model sent", log), _stamps(r"round \d+: secagg: \d+ masked", log)
-    unmasked = _stamps(r"round \d+: aggregate of", log)
+    aggregated = _stamps(r"round \d+: aggregate of", log)
+    if options:  # SecAgg+: from the first step closing (every site done training) to the unmasked aggregate
+        ready = _stamps(r"round \d+: secagg: step 1 closed", log)
+    else:  # plain: from the last update folded in to the aggregate
+        folded = _stamps(r"round \d+: update from \S+ folded in", log)
+        ready = [max(t for t in folded if t <= end) for end in aggregated]
     return {
         "rounds": [r.seconds for r in detail.rounds],
         "accuracy": detail.rounds[-1].metrics.get("accuracy", float("nan")),
         "total": total,
         "update_bytes": _floats(r"folded in \(\d+ samples, (\d+) bytes", log),
-        "unmask": [b - a for a, b in zip(closed, unmasked, strict=False)] if closed else [],
-        "sent": sent,
+        "tail": [b - a for a, b in zip(ready, aggregated, strict=False)],
     }
+
+
+def _list(value: object) -> list:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def quickstart(args: argparse.Namespace, tmp: Path) -> None:
@@ -95,12 +102,18 @@ def quickstart(args: argparse.Namespace, tmp: Path) -> None:
     prepare("fashion-mnist", 4, "iid", seed=42, out=data)
     project = provision_project(tmp / "quickstart", n_sites=4)
     fed = Federation(project)
+    runs: dict[str, list[dict]] = {"plain": [], "secagg": []}
     try:
         fed.start_all()
-        plain = quickstart_job(fed, "plain", data, args, tmp)
-        secure = quickstart_job(fed, "secagg", data, args, tmp, secure_aggregation="secagg+", secagg=SECAGG)
+        for repeat in range(args.repeats):  # alternating, so that a change of the machine's load hits both
+            runs["plain"].append(quickstart_job(fed, f"plain-{repeat}", data, args, tmp))
+            runs["secagg"].append(
+                quickstart_job(fed, f"secagg-{repeat}", data, args, tmp, secure_aggregation="secagg+", secagg=SECAGG)
+            )
     finally:
         fed.close()
+    plain, secure = ({key: [v for run in runs[kind] for v in _list(run[key])] for key in runs[kind][0]}
+                     for kind in ("plain", "secagg"))
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
@@ -108,16 +121,20 @@ def quickstart(args: argparse.Namespace, tmp: Path) -> None:
     p_round, s_round = med(plain["rounds"]), med(secure["rounds"])
     p_bytes, s_bytes = med(plain["update_bytes"]), med(secure["update_bytes"])
     print(
-        f"1. MLP 669,706 parameters, 4 sites, {args.rounds} rounds, 1 local epoch "
+        f"1. MLP 669,706 parameters, 4 sites, {args.repeats} x {args.rounds} rounds each, 1 local epoch "
         f"({args.max_samples or 'all 15,000'} samples per site)"
     )
     print(f"{'':30}{'plain':>12}{'secagg+':>12}{'ratio':>8}")
     print(f"{'seconds per round (median)':30}{p_round:>12.2f}{s_round:>12.2f}{s_round / p_round:>8.3f}")
-    print(f"{'job seconds (submit to end)':30}{plain['total']:>12.1f}{secure['total']:>12.1f}"
-          f"{secure['total'] / plain['total']:>8.3f}")
+    p_total, s_total = sum(plain["total"]), sum(secure["total"])
+    print(f"{'jobs seconds (submit to end)':30}{p_total:>12.1f}{s_total:>12.1f}{s_total / p_total:>8.3f}")
     print(f"{'bytes of one site update':30}{p_bytes:>12,.0f}{s_bytes:>12,.0f}{s_bytes / p_bytes:>8.3f}")
-    print(f"{'final accuracy':30}{plain['accuracy']:>12.4f}{secure['accuracy']:>12.4f}")
-    print(f"   server: unmasking (shares in, masks removed), median {med(secure['unmask']):.3f} s per round")
+    print(f"{'final accuracy (mean)':30}{statistics.mean(plain['accuracy']):>12.4f}"
+          f"{statistics.mean(secure['accuracy']):>12.4f}")
+    print(f"{'after training, s (median)':30}{med(plain['tail']):>12.3f}{med(secure['tail']):>12.3f}"
+          f"{med(secure['tail']) - med(plain['tail']):>+8.3f}")
+    print("   (plain: last update in to aggregate; secagg+: every site trained (step 1 closed) to the unmasked "
+          "aggregate: shares, masked uploads, unmasking)")
     print(f"   per-round seconds  plain: {', '.join(f'{s:.2f}' for s in plain['rounds'])}")
     print(f"                    secagg+: {', '.join(f'{s:.2f}' for s in secure['rounds'])}")
 
@@ -215,6 +232,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per quickstart job (default 3)")
     parser.add_argument("--max_samples", type=int, default=0, help="samples per site (0: all 15,000)")
+    parser.add_argument("--repeats", type=int, default=2, help="plain and SecAgg+ jobs, alternating (default 2)")
     parser.add_argument("--skip_dropouts", action="store_true", help="only the quickstart comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedgrid-secagg-bench-") as tmp:

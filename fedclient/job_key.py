@@ -57,6 +57,7 @@ def obtain(stream: object, kit: Kit, job_id: str, spec: JobSpec) -> he.HEContext
             raise PrivacyError(
                 f"job key: the server asks {kit.name} to make the key, but the job names {spec.server.key_site}"
             )
+        answered = time.perf_counter()
         secret, public = he.create_contexts(params)
         wrapped = []
         for recipient in answer.recipients:
@@ -72,11 +73,14 @@ def obtain(stream: object, kit: Kit, job_id: str, spec: JobSpec) -> he.HEContext
                     ca_cert=kit.ca_cert,
                 )
             )
+        made = time.perf_counter() - answered
         offer = fpb.PrivacyRequest(job_id=job_id, key_offer=fpb.JobKeyOffer(public_context=public, wrapped=wrapped))
         stream.privacy(offer, "job key offer")  # type: ignore[attr-defined]
         log.info(
-            "made this job's HE key and wrapped it for %d sites in %.3f s",
+            "made this job's HE key and wrapped it for %d sites in %.3f s (%.3f s from asking, with the wait for "
+            "the other sites' certificates)",
             len(wrapped),
+            made,
             time.perf_counter() - started,
         )
         return he.HEContext.load(secret, expect_secret_key=True, where="the job's HE context")

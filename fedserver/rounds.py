@@ -16,7 +16,7 @@ SecAgg+ the aggregator folds masked updates and, once they are in, gathers what 
 (fedserver/secure_rounds.py). With differential privacy a ledger charges every round to the job's privacy
 budget: ε goes into the round's record, and a round that would exceed the target is not started.
 
-One module of about 400 lines: the loop is meant to be read in one place, top to bottom; what varies
+One module of about 500 lines: the loop is meant to be read in one place, top to bottom; what varies
 per algorithm lives in fedserver/strategies/.
 """
 

@@ -169,9 +169,13 @@ class SecureAggregator:
         self.total &= self.params.dtype.type(self.params.mask)
         self.survivors.add(result.site)
 
+    def close(self) -> None:
+        """Stop closing steps on time (the round is over, or the next one begins)."""
+        self._driver.cancel()
+
     async def complete(self) -> None:
         """Step 4: tell the survivors who survived, take their shares, and unmask the sum (or refuse)."""
-        self._driver.cancel()
+        self.close()
         self.dropped = set(self.commitments) - self.survivors
         self._closed[2].set()
         self.log.info(
@@ -242,6 +246,8 @@ class SecureAggregator:
 
     def _close(self, step: int, missing: set[str], why: str) -> None:
         self._closed[step].set()
+        done = len(self.adverts) if step == 0 else len(self.commitments)
+        self.log.info("round %d: secagg: step %d closed with %d sites", self.task.round, step + 1, done)
         for site in sorted(missing):
             self.log.warning("round %d: secagg: %s %s; the round goes on without it", self.task.round, site, why)
             self._placeholder(site)
@@ -282,7 +288,7 @@ class SecureRounds:
         self, task: Task, sites: list[str], layout: tensors.Layout, round_timeout: float, log: logging.Logger
     ) -> SecureAggregator:
         if self.current is not None:
-            self.current._driver.cancel()
+            self.current.close()
         self.current = SecureAggregator(
             job_id=self.job_id,
             task=task,
