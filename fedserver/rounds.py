@@ -226,6 +226,9 @@ class RoundLoop:
             active = self.active_sites(round_no)
             plan = await asyncio.to_thread(self.strategy.configure_train, round_no, active, model, self.context)
             evaluation = self._evaluation_task(previous) if previous is not None else None
+            settings = dict(plan.settings)
+            if self.privacy is not None:
+                settings[SITES_SETTING] = float(len(plan.sites))  # each site's share of the noise
             train = Task(
                 task_id=self._task_id(round_no, "train"),
                 kind="train",
@@ -234,7 +237,7 @@ class RoundLoop:
                 model=plan.payload,
                 evaluate_task_id=evaluation.task_id if evaluation else "",
                 evaluate_round=evaluation.round if evaluation else 0,
-                settings={**plan.settings, **({SITES_SETTING: float(len(plan.sites))} if self.privacy else {})},
+                settings=settings,
             )
             self.model = model
             trained = await self._round(train, plan.sites, evaluation, previous, outcome)
