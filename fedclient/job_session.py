@@ -5,7 +5,12 @@
   the model, so the script may change it), then as the training (the arrays as received);
 - the evaluation's answer is held and rides on the training result, one request less per round;
 - with encryption on, a received model is decrypted and an update is encrypted (scaled by its sample
-  count) while it streams out; only global models this worker decrypted itself may be released;
+  count) while it streams out; only global models this worker decrypted itself may be released; when
+  the project's sites make the HE keys, the job's key is made or received when the worker starts
+  (fedclient/job_key.py);
+- with differential privacy, an update is clipped (and under distributed DP noised) before it leaves
+  (fedclient/privacy.py); under SecAgg+ it leaves masked, within the protocol's steps
+  (fedclient/secure_aggregation.py); both count each site once (weight 1);
 - tracking events are batched and travel on the same stream;
 - a strategy's own tensors in a task (SCAFFOLD's control variate) are split from the model's, and what a
   strategy staged for the result (fedclient/strategy.py) goes with the update.
@@ -23,12 +28,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedclient import job_key
+from fedclient.privacy import private_update
+from fedclient.secure_aggregation import FORMAT as MASKED
+from fedclient.secure_aggregation import SecureRound
 from fedclient.strategy import ScaffoldRound, server_control, split_reserved
 from fedgrid import tensors, transfer
-from fedgrid.errors import FedgridError, StateError, TransferError
+from fedgrid.errors import FedgridError, PrivacyError, StateError, TransferError
 from fedgrid.jobspec import load_job
 from fedgrid.kit import Kit
 from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings
+from fedgrid.strategy_config import SCAFFOLD_PREFIX
 from fedgrid.v1 import federation_pb2 as fpb
 
 log = logging.getLogger("fedclient.api")
@@ -75,6 +85,8 @@ class Stream(Protocol):
 
     def events(self, batch: fpb.EventBatch) -> str: ...
 
+    def privacy(self, request: fpb.PrivacyRequest, what: str) -> fpb.PrivacyReply: ...
+
     def close(self) -> None: ...
 
 
@@ -100,9 +112,12 @@ class JobSession:
         settings: SiteSettings,
         stream: Stream,
         he_context: bytes | None,
+        kit: Kit | None = None,
     ) -> None:
         """`job_dir` holds the job folder (job_dir/job) and what the site keeps for the job (SCAFFOLD's
-        variate); `he_context` is the site's CKKS context with its secret key (None without HE)."""
+        variate); `he_context` is a CKKS context with its secret key (a provisioned one, or the simulator's),
+        else an encrypted job's key is made or received at its start through `kit` (he.keys: sites); `kit` is
+        the deployed site's (None for a virtual site), whose certificate signs its SecAgg+ keys."""
         self.site = site
         self.job_id = job_id
         self.job_dir = job_dir
@@ -110,14 +125,28 @@ class JobSession:
         spec = load_job(job_dir / "job")
         self.encrypted = spec.server.encryption == "ckks"
         self.strategy = spec.server.strategy.name
+        self.stream = stream
+        self.kit = kit
         self.he = None
         if self.encrypted:
             from fedgrid import he
 
-            if he_context is None:
-                raise StateError("this job is encrypted but this site's kit has no HE context; re-provision with HE")
-            self.he = he.HEContext.load(he_context, expect_secret_key=True)
-        self.stream = stream
+            if he_context is not None:
+                self.he = he.HEContext.load(he_context, expect_secret_key=True)
+            elif kit is not None and kit.he.enabled:
+                self.he = job_key.obtain(self.stream, kit, job_id, spec)
+            else:
+                raise StateError("this job is encrypted but this site's kit has no HE; re-provision with HE")
+        self.privacy = spec.server.privacy
+        self.secagg = spec.server.secagg if spec.server.secure_aggregation != "none" else None
+        if self.secagg is not None and kit is None:
+            raise StateError(
+                "SecAgg+ signs each site's keys with its certificate; a site without a kit cannot take part"
+            )
+        self.reference: dict[str, np.ndarray] | None = None
+        """Private or SecAgg+ jobs: the tensors the training task in hand brought, which the update is
+        measured against."""
+        self.task_settings: dict[str, float] = {}
         self.running = True
         self.task: Pending | None = None
         self.next_train: fpb.TaskHeader | None = None
@@ -137,7 +166,8 @@ class JobSession:
 
     @classmethod
     def from_kit(cls, kit: Kit, job_id: str, job_dir: Path) -> JobSession:
-        """A deployed job worker's session: the site's settings and HE context from its kit, a gRPC Work stream."""
+        """A deployed job worker's session: the site's settings and HE context (a provisioned one, or none
+        when the job's key is made at the sites) from its kit, a gRPC Work stream."""
         from fedclient.work_stream import WorkStream
 
         context = kit.he.context_path if kit.he.enabled else None
@@ -150,6 +180,7 @@ class JobSession:
                 settings=load_settings(SiteSettings, kit.local_dir / SITE_SETTINGS_FILE),
                 stream=stream,
                 he_context=context.read_bytes() if context is not None else None,
+                kit=kit,
             )
         except BaseException:
             stream.close()
@@ -219,6 +250,10 @@ class JobSession:
             settings=dict(header.settings) if kind == "train" else {},
         )
         self.scaffold = None
+        if kind == "train" and (self.privacy is not None or self.secagg is not None):
+            self.reference = {name: array.copy() for name, array in arrays.items()}
+            self.reference.update({SCAFFOLD_PREFIX + name: array.copy() for name, array in extra.items()})
+            self.task_settings = dict(header.settings)
         if kind == "train" and self.strategy in ("fedprox", "scaffold"):
             task.reference = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
         if kind == "train" and self.strategy == "scaffold":
@@ -268,9 +303,15 @@ class JobSession:
             return
         arrays = to_numpy(params) if params is not None else {}
         scaffold, self.scaffold = self.scaffold, None
+        weight = num_samples
+        if arrays and self.task.kind == "train" and self.reference is not None:
+            weight = 1.0  # a private or SecAgg+ mean counts each site once
         if scaffold is not None and arrays:
-            arrays.update(scaffold.result_tensors(num_samples))
-        if self._answer(self.task, arrays, num_samples, metrics) and scaffold is not None:
+            arrays.update(scaffold.result_tensors(weight))
+        if arrays and self.task.kind == "train" and self.privacy is not None and self.secagg is None:
+            assert self.reference is not None
+            arrays = private_update(arrays, self.reference, self.privacy, self.task_settings)
+        if self._answer(self.task, arrays, weight, metrics) and scaffold is not None:
             scaffold.commit()
 
     def flush_evaluation(self) -> None:
@@ -298,7 +339,19 @@ class JobSession:
     ) -> bool:
         """True when the server took the result into its round (not a late one it dropped)."""
         self.flush_events()
-        if arrays and self.encrypted and not plaintext:
+        secure = None
+        if arrays and self.secagg is not None and not plaintext and task.kind == "train":
+            secure = SecureRound(self.stream, self.kit, self.job_id, task.task_id, self.secagg)
+            try:
+                assert self.reference is not None
+                masked = secure.masked(arrays, self.reference, self.privacy, self.task_settings)
+            except (PrivacyError, StateError) as exc:
+                log.warning("secagg: %s: this site's update is left out of the round: %s", task.task_id, exc)
+                secure, arrays = None, {}
+        if secure is not None:
+            payload_format = MASKED
+            pieces = lambda: (masked,)  # noqa: E731
+        elif arrays and self.encrypted and not plaintext:
             payload_format = "ckks"
             pieces = lambda: self._encrypted(task.task_id, arrays, num_samples)  # noqa: E731
         elif arrays:
@@ -327,6 +380,11 @@ class JobSession:
             return False
         if reply != "accepted":
             log.warning("the server did not take the result of %s: %s", task.task_id, reply)
+        elif secure is not None:
+            try:
+                secure.unmask()
+            except (PrivacyError, StateError) as exc:
+                log.warning("secagg: %s: no unmasking shares sent: %s", task.task_id, exc)
         return reply == "accepted"
 
     def _encrypted(self, task_id: str, arrays: dict[str, np.ndarray], weight: float) -> Iterator[bytes]:

@@ -112,6 +112,21 @@ class WorkStream:
     def events(self, batch: fpb.EventBatch) -> str:
         return self._request("events", lambda: self._reply_to(fpb.WorkerMessage(events=batch)))
 
+    def privacy(self, request: fpb.PrivacyRequest, what: str) -> fpb.PrivacyReply:
+        """A step of a privacy protocol (job key, SecAgg+); answered once the server has what the step waits
+        for. A refusal raises the fedgrid error the server names."""
+
+        def exchange() -> fpb.PrivacyReply:
+            self._send(fpb.WorkerMessage(privacy=request))
+            answer = self._answer()
+            if answer.WhichOneof("kind") == "reply":
+                self._check(answer.reply)
+            if answer.WhichOneof("kind") != "privacy":
+                raise TransferError(f"{what}: the server answered with a {answer.WhichOneof('kind')}")
+            return answer.privacy
+
+        return self._request(what, exchange)
+
     def close(self) -> None:
         """End the stream (the server sees the worker leave) and the channel."""
         self._closed.set()
@@ -174,7 +189,10 @@ class WorkStream:
         answer = self._answer()
         if answer.WhichOneof("kind") != "reply":
             raise TransferError(f"expected a reply, the server sent a {answer.WhichOneof('kind')}")
-        reply = answer.reply
+        return self._check(answer.reply)
+
+    def _check(self, reply: fpb.Reply) -> fpb.Reply:
+        """The reply, or the fedgrid error it names raised."""
         if reply.error:
             cls = getattr(errors, reply.error, None)
             if not (isinstance(cls, type) and issubclass(cls, FedgridError)):

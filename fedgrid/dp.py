@@ -281,6 +281,22 @@ def epsilon_of_rounds(params: DPParams, noise_multipliers: Sequence[float]) -> f
     return _epsilon(event, params)
 
 
+def epsilon_of_counts(params: DPParams, rounds: Mapping[float, int]) -> float:
+    """ε at `params.delta` after `rounds[z]` rounds with noise multiplier z, for each z: the same as
+    `epsilon_of_rounds` over those rounds in any order, with each multiplier's rounds composed as one event."""
+    counts = {float(z): int(n) for z, n in rounds.items() if n}
+    if not counts:
+        return 0.0
+    if any(not math.isfinite(z) or z < 0 for z in counts) or any(n < 0 for n in counts.values()):
+        raise ValueError(f"noise multipliers must be finite numbers >= 0 with counts >= 0, got {dict(rounds)!r}")
+    if 0.0 in counts:
+        return math.inf
+    events = [
+        dp_accounting.SelfComposedDpEvent(_round_event(z, params.sampling_rate), n) for z, n in sorted(counts.items())
+    ]
+    return _epsilon(dp_accounting.ComposedDpEvent(events), params)
+
+
 def max_rounds(params: DPParams, target_epsilon: float | None = None, limit: int = MAX_ROUNDS) -> int:
     """The most rounds whose ε stays within `target_epsilon` (default: the job's); 0 when one round exceeds it.
 

@@ -192,7 +192,10 @@ def format_round(r: RoundInfo, total: int) -> str:
     loss = r.metrics.get("loss")
     acc_s = f"accuracy {acc:.4f}" if acc is not None else "accuracy -"
     loss_s = f"loss {loss:.4f}" if loss is not None else "loss -"
-    return f"round {r.round}/{total}  sites {r.sites_answered}/{r.sites_asked}  {acc_s}  {loss_s}  {r.seconds:.2f} s"
+    eps = r.metrics.get("epsilon")
+    eps_s = f"  ε {eps:.4g}" if eps is not None else ""
+    sites = f"sites {r.sites_answered}/{r.sites_asked}"
+    return f"round {r.round}/{total}  {sites}  {acc_s}  {loss_s}{eps_s}  {r.seconds:.2f} s"
 
 
 def sim_env(args: argparse.Namespace, data_root: Path | None = None) -> SimEnv:

@@ -42,6 +42,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from fedgrid import tensors
 from fedgrid.errors import JobSpecError, PayloadError
+from fedgrid.privacy_config import SECURE_AGGREGATIONS, SecAggConfig, check_privacy, parse_privacy, parse_secagg
 from fedgrid.strategy_config import FedAvgConfig, from_server_json
 from fedgrid.validation import Schema, accepts, one_line
 
@@ -118,6 +119,14 @@ class ServerConfig(Schema):
     `StrategyConfig` once `parse_server_config` has checked it (fedgrid/strategy_config.py)."""
     evaluator: str = ""
     """module:<installed module> evaluating each new global model at the server; "" = none."""
+    privacy: Any = None
+    """Differential privacy: a `fedgrid.dp.DPParams` once parsed (fedgrid/privacy_config.py); None = off."""
+    secure_aggregation: Literal[SECURE_AGGREGATIONS] = "none"  # type: ignore[valid-type]
+    """"secagg+": the sites mask their updates and the server learns only their sum."""
+    secagg: Any = None
+    """SecAgg+ parameters: a `fedgrid.privacy_config.SecAggConfig` once parsed (its defaults when left out)."""
+    key_site: str = ""
+    """HE with keys made at the sites: the site that makes the job's key (default: the first site of the job)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
@@ -263,7 +272,24 @@ def _with_strategy(config: ServerConfig, data: dict[str, Any], where: str) -> Se
     """`config` with its strategy and evaluator checked (fedgrid/strategy_config.py), and the settings
     that need plaintext refused under encryption."""
     strategy, evaluator = from_server_json(data, where)
-    config = config.model_copy(update={"strategy": strategy, "evaluator": evaluator})
+    privacy = parse_privacy(data["privacy"], config.client_fraction, where) if data.get("privacy") is not None else None
+    secure = config.secure_aggregation
+    secagg_config = parse_secagg(data["secagg"], where) if data.get("secagg") is not None else None
+    check_privacy(
+        privacy=privacy,
+        secure=secure,
+        secagg_config=secagg_config,
+        strategy=strategy,
+        encrypted=config.encryption != "none",
+        clip_norm=config.clip_norm,
+        min_clients=config.min_clients,
+        where=where,
+    )
+    if secure != "none" and secagg_config is None:
+        secagg_config = SecAggConfig()
+    config = config.model_copy(
+        update={"strategy": strategy, "evaluator": evaluator, "privacy": privacy, "secagg": secagg_config}
+    )
     if config.encryption != "none" and config.needs_plaintext:
         needs = " and ".join(config.needs_plaintext)
         raise JobSpecError(

@@ -101,7 +101,14 @@ class HEConfig:
     params: Mapping[str, Any]
     """Everything config.json's "he" holds besides enabled and context (fedgrid.he reads it)."""
     context_path: Path | None
-    """startup/he_context.bin: public in the server kit, with the secret key in site kits; None for admins."""
+    """startup/he_context.bin: public in the server kit, with the secret key in site kits; None for admins,
+    and for every kit when the sites make each job's key."""
+
+    @property
+    def keys(self) -> str:
+        """"sites" (each encrypted job's key is made at one of its sites) or "provisioned" (in the kits);
+        kits provisioned before the choice existed hold their keys."""
+        return str(self.params.get("keys", "provisioned"))
 
 
 @dataclass(frozen=True)
@@ -310,7 +317,7 @@ def load_kit(path: Path, expect_type: str | None = None, *, now: dt.datetime | N
 
     he = config.he
     context_path: Path | None = None
-    if he.enabled and kind != "admin":
+    if he.enabled and kind != "admin" and (he.model_extra or {}).get("keys", "provisioned") == "provisioned":
         if he.context != HE_CONTEXT_FILE or HE_CONTEXT_FILE not in signed["files"]:
             raise KitError(f"{config_what}: HE is enabled but the kit has no signed {HE_CONTEXT_FILE}")
         context_path = startup / HE_CONTEXT_FILE

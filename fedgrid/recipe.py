@@ -83,11 +83,17 @@ class FedAvgRecipe:
         strategy: str | Mapping[str, Any] = "fedavg",
         evaluator: str = "",
         resume: bool = True,
+        privacy: Mapping[str, Any] | None = None,
+        secure_aggregation: str = "none",
+        secagg: Mapping[str, Any] | None = None,
+        key_site: str = "",
     ) -> None:
         """`resource_spec` maps a site (or "@ALL") to what the job needs there, {"num_cpus", "memory_gb"}:
         the server starts the job on sites that have it free (`local/site.json` says what a site offers).
         `server_lr`/`server_momentum` other than 1.0/0.0 make it FedAvgM (FedOpt with optimizer "avgm").
-        `resume=False` ends the job, rather than resume it from its checkpoint, if the server restarts under it."""
+        `resume=False` ends the job, rather than resume it from its checkpoint, if the server restarts under it.
+        `privacy` ({"clip_norm", "noise_multiplier", "delta", "where", ...}), `secure_aggregation="secagg+"` with
+        its `secagg` parameters, and `key_site` are described in fedgrid/privacy_config.py."""
         self.name = name
         self.resume = resume
         self.model = model
@@ -116,6 +122,10 @@ class FedAvgRecipe:
                 raise ConfigError("server_lr/server_momentum make the job FedAvgM: give them or a strategy, not both")
             self.strategy = legacy.model_dump(exclude_none=True)
         self.evaluator = evaluator
+        self.privacy = dict(privacy) if privacy else None
+        self.secure_aggregation = secure_aggregation
+        self.secagg = dict(secagg) if secagg else None
+        self.key_site = key_site
         self.tracking: list[Tracking] = []
 
     def add_experiment_tracking(self, tracking_type: str, tracking_uri: str = "", experiment_name: str = "") -> None:
@@ -151,6 +161,14 @@ class FedAvgRecipe:
             config["clip_norm"] = self.clip_norm
         if not self.resume:
             config["resume"] = False
+        if self.privacy:
+            config["privacy"] = self.privacy
+        if self.secure_aggregation != "none":
+            config["secure_aggregation"] = self.secure_aggregation
+        if self.secagg:
+            config["secagg"] = self.secagg
+        if self.key_site:
+            config["key_site"] = self.key_site
         return config
 
     def export(self, folder: str | Path) -> Path:

@@ -44,11 +44,11 @@ in Bell et al.'s main construction:
 - Step 4 refuses with PrivacyError, rather than return a wrong or partial sum, when fewer than t shares
   of a secret arrive, a share is malformed or from a site that may not hold it, or recovered secrets do
   not match the seed's commitment or the advertised public key.
-- Not covered here, and needed for an actively malicious server: the advertisements carry no signature,
-  so a server could substitute keys and stand in the middle between two sites. The worker signs
+- Advertisements are signed by the job workers (fedclient/secure_aggregation.py): each signs
   `Advertisement.signed_bytes` with its certificate key and checks its neighbours' signatures against
-  their certificates (fedgrid.signing), which also stops a server from inventing sites. A site that
-  submits garbage corrupts the sum undetected: secure aggregation hides inputs, so it cannot check them.
+  their certificates from the project's root CA, so a server can neither substitute keys to stand in the
+  middle between two sites nor invent sites. A site that submits garbage corrupts the sum undetected:
+  secure aggregation hides inputs, so it cannot check them.
 """
 
 from __future__ import annotations
@@ -411,6 +411,33 @@ def _raw_public(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes_raw()
 
 
+def session_of(job_id: str, task_id: str) -> bytes:
+    """The session id of a job's round, which every site computes for itself: unique per job, round and
+    attempt (task ids carry both), so no key, mask or share carries over between rounds."""
+    return hashlib.sha256(_LABEL + _frame(b"session", job_id.encode(), task_id.encode())).digest()
+
+
+def graph_seed(session: bytes) -> int:
+    """The neighbour graph's seed, from the session: the server does not choose it."""
+    return int.from_bytes(session[:8], "little")
+
+
+def masked_names(layout: Layout) -> list[str]:
+    """The tensors a masked update carries, in the order of its vector: the floating point ones (integer
+    tensors are not aggregated: the global model keeps their values)."""
+    return sorted(name for name, spec in layout.items() if np.dtype(spec.dtype).kind == "f")
+
+
+def vector_length(layout: Layout) -> int:
+    return sum(math.prod(layout[name].shape) for name in masked_names(layout))
+
+
+def fresh_keys(site: str) -> tuple[X25519PrivateKey, X25519PrivateKey, Advertisement]:
+    """Step 1 before the round's setup is known: the mask and channel key pairs and their advertisement."""
+    mask_private, channel_private = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    return mask_private, channel_private, Advertisement(site, _raw_public(mask_private), _raw_public(channel_private))
+
+
 def advertise(setup: RoundSetup, site: str) -> tuple[SiteState, Advertisement]:
     """Step 1: fresh key pairs for this round."""
     if site not in setup.neighbours:
@@ -587,27 +614,45 @@ def unmask(
     `commitments` holds the commitment of every site whose step-2 message arrived, `masked` the vector of
     every survivor. Nothing partial is returned: the sum is either exact or refused.
     """
-    params, session, t = setup.params, setup.session, setup.params.threshold
-    shared, survivors = set(commitments), set(masked)
-    if not survivors <= shared:
-        raise PrivacyError(f"secagg: masked updates from {', '.join(sorted(survivors - shared))}, who shared no keys")
-    if len(survivors) < t:
-        raise PrivacyError(f"secagg: only {len(survivors)} sites survived, fewer than the threshold {t}")
-    if not _connected(survivors, setup.neighbours):
-        raise PrivacyError(_SPLIT)
-    if not shared <= set(adverts):
-        raise PrivacyError(f"secagg: no advertised keys of {', '.join(sorted(shared - set(adverts)))}")
-    dropped = shared - survivors
-    vectors = [np.asarray(masked[u]) for u in sorted(survivors)]
-    length = vectors[0].size
+    params = setup.params
+    vectors = [np.asarray(masked[u]) for u in sorted(masked)]
+    length = vectors[0].size if vectors else 0
     if any(v.dtype != params.dtype or v.ndim != 1 or v.size != length for v in vectors):
         raise PayloadError(f"secagg: masked updates must all be 1-d {params.dtype} vectors of {length} values")
-    seeds, keys = _collect(reveals, setup, survivors, dropped)
-
     total = np.zeros(length, dtype=params.dtype)
     for vector in vectors:
         total += vector
-    for u in sorted(survivors):
+    return unmask_total(setup, adverts, commitments, set(masked), total, reveals)
+
+
+def unmask_total(
+    setup: RoundSetup,
+    adverts: Mapping[str, Advertisement],
+    commitments: Mapping[str, bytes],
+    survivors: Collection[str],
+    total: np.ndarray,
+    reveals: Iterable[Reveal],
+) -> np.ndarray:
+    """`unmask` for a server that added the survivors' masked vectors as they arrived (mod 2^k, O(model)
+    memory): `total` is that sum, `survivors` the sites whose vectors are in it."""
+    params, session, t = setup.params, setup.session, setup.params.threshold
+    shared, alive = set(commitments), set(survivors)
+    if not alive <= shared:
+        raise PrivacyError(f"secagg: masked updates from {', '.join(sorted(alive - shared))}, who shared no keys")
+    if len(alive) < t:
+        raise PrivacyError(f"secagg: only {len(alive)} sites survived, fewer than the threshold {t}")
+    if not _connected(alive, setup.neighbours):
+        raise PrivacyError(_SPLIT)
+    if not shared <= set(adverts):
+        raise PrivacyError(f"secagg: no advertised keys of {', '.join(sorted(shared - set(adverts)))}")
+    dropped = shared - alive
+    total = np.asarray(total)
+    if total.dtype != params.dtype or total.ndim != 1:
+        raise PayloadError(f"secagg: the masked sum must be a 1-d {params.dtype} vector")
+    length = total.size
+    seeds, keys = _collect(reveals, setup, alive, dropped)
+    total = total.copy()
+    for u in sorted(alive):
         seed = _combine(seeds[u], t, "self-mask seed", u)[0]
         if not hmac.compare_digest(_commitment(seed, session, u), commitments[u]):
             raise PrivacyError(
@@ -618,7 +663,7 @@ def unmask(
         private = X25519PrivateKey.from_private_bytes(b"".join(_combine(keys[v], t, "mask key", v)))
         if _raw_public(private) != adverts[v].mask_key:
             raise PrivacyError(f"secagg: the shares of {v}'s mask key do not give its advertised key: one was altered")
-        for u in sorted(survivors & set(setup.neighbours[v])):
+        for u in sorted(alive & set(setup.neighbours[v])):
             pair = _pairwise_mask(_agree(private, adverts[u].mask_key, u), session, u, v, length, params)
             if u < v:  # u added the mask, v (gone) would have subtracted it
                 total -= pair

@@ -26,6 +26,7 @@ from fedgrid.errors import JobSpecError, StateError
 from fedgrid.files import write_atomic
 from fedgrid.jobspec import JobSpec
 from fedgrid.policy import Caller, JobOwner, Policy
+from fedgrid.privacy_config import check_sites
 from fedgrid.serde import JobDetail, JobInfo, job_info_to_proto, round_info_to_proto
 from fedgrid.settings import ServerSettings
 from fedgrid.transfer import CHUNK_SIZE, frames, receive_async
@@ -55,7 +56,7 @@ class AdminOps:
         policy: Policy,
         settings: ServerSettings,
         watchers: Watchers,
-        he_context: bytes | None,
+        he_enabled: bool,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -63,7 +64,8 @@ class AdminOps:
         self.policy = policy
         self.settings = settings
         self.watchers = watchers
-        self.he_context = he_context
+        self.he_enabled = he_enabled
+        """The project was provisioned with HE (its keys in the kits, or made per job at the sites)."""
 
     def check(self, identity: Identity, command: str) -> None:
         self.policy.check(caller_of(identity), command)
@@ -122,11 +124,14 @@ class AdminOps:
         )
         jobspec.verify_signature(job_dir, signed_manifest, x509.load_pem_x509_certificate(cert_pem), identity.name)
         spec = jobspec.load_job(job_dir, known_sites=self.peers.site_names())
-        if spec.server.encryption != "none" and self.he_context is None:
+        if spec.server.encryption != "none" and not self.he_enabled:
             raise JobSpecError(
                 f"{spec.server_app}/config/server.json: encryption {spec.server.encryption!r} asked, but this "
                 "federation was provisioned without HE; provision with `he: {enabled: true}` in project.yml"
             )
+        if spec.server.secure_aggregation != "none":
+            sites = spec.named_sites() if not spec.all_sites else self.peers.site_names()
+            check_sites(spec.server.secagg, max(2, len(sites)), f"{spec.server_app}/config/server.json")
         check_installed(spec)
         check_uris(spec, self.settings.tracking_uris)
         strategies.check(spec, forbidden=self.store.root)

@@ -39,8 +39,13 @@ class Aggregator(Protocol):
     payload_format: str
     count: int
     total_weight: float
+    grace: float
+    """Seconds a round waits beyond its round_timeout for the aggregator's own steps (SecAgg+'s)."""
 
     def add(self, result: Result) -> None: ...
+
+    async def complete(self) -> None:
+        """Fetch what the sum needs besides the updates, once they are in (SecAgg+'s unmasking shares)."""
 
     def finish(self, folder: Path, name: str) -> Model: ...
 
@@ -160,6 +165,7 @@ class PlainAggregator:
     the global model to `clip_norm` first."""
 
     payload_format = tensors.FORMAT
+    grace = 0.0
 
     def __init__(self, layout: Layout, global_model: Model | None = None, clip_norm: float = 0.0) -> None:
         self._mean = WeightedMean(layout)
@@ -180,6 +186,9 @@ class PlainAggregator:
         if result.payload_format != tensors.FORMAT or not result.has_payload:
             raise PayloadError(f"{what}: expected a {tensors.FORMAT} payload, got {result.payload_format or 'none'}")
         self._mean.add(result.source(what), result.num_samples, what, self._clip)
+
+    async def complete(self) -> None:
+        """Nothing beyond the updates."""
 
     def finish(self, folder: Path, name: str) -> Model:
         """The new global model: bytes for a small model, else the file `folder/name` written block by block."""

@@ -74,7 +74,7 @@ class ServerApp:
             policy=self.policy,
             settings=self.settings,
             watchers=watchers,
-            he_context=he_context,
+            he_enabled=kit.he.enabled,
         )
         self.quota = StreamQuota(self.settings.max_streams_per_identity)
         self._servers: list[grpc.aio.Server] = []

@@ -7,8 +7,9 @@ After each round's aggregate the round loop writes, while the next round runs:
     checkpoint/best_model.ckks                    encrypted jobs: the best model so far (plaintext ones keep
                                                   it in result/best_model.safetensors)
     checkpoint/state.json                         the round, the attempt, the strategy's values, the random
-                                                  state that samples sites, the best round, and the round's
-                                                  own figures (its record waits for its evaluation)
+                                                  state that samples sites, the best round, the round's
+                                                  own figures (its record waits for its evaluation), and
+                                                  a private job's noise multipliers so far
 
 A checkpoint is a folder written whole under another name and then swapped in (`checkpoint.old` holds
 the previous one for the instant between the two renames), so a crash at any moment leaves one complete
@@ -60,6 +61,8 @@ class Checkpoint:
     best_value: float | None = None
     best: Model | None = None
     """Encrypted jobs only: the best model so far, kept here since the server cannot write it out."""
+    privacy: list[float] = field(default_factory=list)
+    """Private jobs: the noise multiplier each round so far carried (the privacy ledger, fedserver/privacy.py)."""
 
 
 def suffix(model: Model) -> str:
@@ -90,6 +93,7 @@ def write(folder: Path, point: Checkpoint, strategy_name: str) -> None:
         "best_round": point.best_round,
         "best_value": point.best_value,
         "strategy": {"name": strategy_name, **point.strategy.values},
+        "privacy": point.privacy,
     }
     write_json_atomic(staged / STATE, state)
     old = folder.with_name(folder.name + OLD)
@@ -134,6 +138,7 @@ def _load(folder: Path, state: dict[str, Any], model_dir: Path) -> Checkpoint:
         best_round=state.get("best_round", 0),
         best_value=state.get("best_value"),
         best=_model("ckks", best_file, 0.0) if best_file.exists() else None,
+        privacy=[float(z) for z in state.get("privacy", [])],
     )
 
 

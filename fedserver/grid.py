@@ -138,7 +138,10 @@ class TaskBoard:
                 return missing
             self._ready_changed.clear()
             try:
-                await asyncio.wait_for(self._ready_changed.wait(), remaining)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that arrives as
+                # the event is set (a site failing is both), and the job would wait out the timeout.
+                async with asyncio.timeout(remaining):
+                    await self._ready_changed.wait()
             except TimeoutError:
                 pass
 

@@ -22,6 +22,7 @@ class EncryptedAggregator:
     """Folds encrypted updates one at a time (memory O(model)); refuses one that does not fit whole."""
 
     payload_format = FORMAT
+    grace = 0.0
 
     def __init__(self, context: bytes, layout: tensors.Layout) -> None:
         self.ctx = he.HEContext.load(context, expect_secret_key=False, where="server he_context.bin")
@@ -44,6 +45,9 @@ class EncryptedAggregator:
             )
         with result.open() as stream:
             self._sum.add(stream, what=what)
+
+    async def complete(self) -> None:
+        """Nothing beyond the ciphertexts."""
 
     def finish(self, folder: Path, name: str) -> Model:
         """The encrypted sum: bytes when small, else the file `folder/name`."""

@@ -31,9 +31,12 @@ from fedserver.aggregation import Aggregator, PlainAggregator
 from fedserver.deployment import Deployment
 from fedserver.grid import Result, Task, TaskBoard
 from fedserver.job_io import JobIO
+from fedserver.job_keys import JobKeys
 from fedserver.jobstore import JobStore
 from fedserver.model import MEMORY_LIMIT, Model
+from fedserver.privacy import DPAggregator, PrivacyLedger
 from fedserver.rounds import Outcome, RoundLoop
+from fedserver.secure_rounds import SecureRounds
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.watchers import Watchers
 
@@ -54,6 +57,7 @@ class RunContext:
     """How the job's sites are started and stopped: the site daemons, or the simulator's virtual sites."""
     watchers: Watchers
     he_context: bytes | None
+    """The provisioned keyless HE context (`he.keys: provisioned`); None when the sites make each job's key."""
     tracking_factory: Callable[..., object] | None = None
     keep_uploads: bool = False
     data_root: Path | None = None
@@ -107,6 +111,19 @@ class JobRun:
         self.abort_reason = ""
         self.tracking = None
         self.layout: tensors.Layout = {}
+        self.he_context = ctx.he_context
+        """The keyless context this job's ciphertexts are added with (provisioned, or from the key site)."""
+        self.privacy = PrivacyLedger(spec.server.privacy) if spec.server.privacy is not None else None
+        """Private jobs: the accountant of the job's privacy budget."""
+        self.keys: JobKeys | None = None
+        """Encrypted jobs of a federation whose sites make the HE keys: the relay of this job's key."""
+        if spec.server.encryption == "ckks" and ctx.he_context is None:
+            key_site = spec.server.key_site or self.sites[0]
+            self.keys = JobKeys(job_id=job_id, key_site=key_site, board=self.board, job_dir=self.job_dir, log=self.log)
+        self.secure: SecureRounds | None = None
+        """SecAgg+ jobs: the round in progress, which the sites' steps reach."""
+        if spec.server.secure_aggregation != "none":
+            self.secure = SecureRounds(job_id, spec.server.secagg, spec.server.privacy, self.board)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -283,6 +300,11 @@ class JobRun:
     async def _workflow(self, initial: Model) -> Outcome:
         await self._deploy()
         await self._wait_ready()
+        if self.keys is not None:
+            started = time.monotonic()
+            self.he_context = await self.keys.context()
+            self.log.info("job key made by %s, ready %.2f s after the workers", self.keys.key_site,
+                          time.monotonic() - started)
         if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
         where = f"{self.spec.server_app}/config/server.json"
@@ -310,6 +332,7 @@ class JobRun:
             resume=self._checkpoint(),
             attempt=self.attempt,
             recorded=self.ctx.store.rounds(self.job_id) if self.attempt else [],
+            privacy=self.privacy,
         )
         self.log.info("strategy %s", self.spec.server.strategy.describe())
         return await workflow.run(initial)
@@ -323,13 +346,17 @@ class JobRun:
             self.log.info("no round had finished before the server stopped: the job starts again from round 1")
         return point
 
-    def _aggregator(self, model: Model | None, layout: tensors.Layout) -> Aggregator:
-        """Folds one round's results, whose tensors are `layout` (the model's and the strategy's own)."""
+    def _aggregator(self, model: Model, layout: tensors.Layout, task: Task, sites: list[str]) -> Aggregator:
+        """Folds the results of `task` from `sites`, whose tensors are `layout` (the model's and the strategy's)."""
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
-            assert self.ctx.he_context is not None  # checked at submit
-            return EncryptedAggregator(self.ctx.he_context, layout)
+            assert self.he_context is not None  # checked at submit, or made by the key site before round 1
+            return EncryptedAggregator(self.he_context, layout)
+        if self.secure is not None:
+            return self.secure.new_round(task, sites, layout, self.spec.server.round_timeout, self.log)
+        if self.spec.server.privacy is not None:
+            return DPAggregator(layout, model, self.spec.server.privacy, expected=len(sites))
         return PlainAggregator(layout, model, self.spec.server.clip_norm)
 
     async def _round_started(self, round_no: int) -> None:
@@ -566,6 +593,19 @@ class JobRun:
             "model_bytes": self.io.model_bytes,
             "sites": self._site_states,
         }
+        if self.privacy is not None:
+            params = self.privacy.params
+            summary["privacy"] = {
+                "epsilon": self.privacy.spent,
+                "delta": params.delta,
+                "rounds_charged": len(self.privacy.charged),
+                "noise_multiplier": params.noise_multiplier,
+                "clip_norm": params.clip_norm,
+                "where": params.where,
+                "accountant": params.accountant,
+                "sampling_rate": params.sampling_rate,
+                "target_epsilon": params.target_epsilon,
+            }
         if self.tracking is not None:
             summary["tracking"] = self.tracking.report.as_dict()
         return summary

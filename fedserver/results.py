@@ -43,7 +43,8 @@ def write_metrics(result_dir: Path, rounds: list[RoundInfo]) -> None:
 
 
 def plot_metrics(result_dir: Path, rounds: list[RoundInfo], title: str) -> Path | None:
-    """metrics.png: accuracy (left) and loss (right) of the global model by round.
+    """metrics.png: accuracy (left) and loss (right) of the global model by round, and for a private job the
+    privacy spent, ε (third panel).
 
     Drawn on a Figure of its own, not through pyplot (whose registry of figures is global and not
     thread-safe). A matplotlib figure is a web of reference cycles that only a full garbage collection
@@ -56,12 +57,16 @@ def plot_metrics(result_dir: Path, rounds: list[RoundInfo], title: str) -> Path 
     from matplotlib.ticker import MaxNLocator
 
     names = sorted({k for r in rounds for k in r.metrics})
+    privacy = [n for n in names if n == "epsilon"]
     accuracy = [n for n in names if "acc" in n.lower()]
     loss = [n for n in names if "loss" in n.lower()]
-    other = [n for n in names if n not in accuracy and n not in loss]
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
-    for ax, group, label in ((axes[0], accuracy or other, "accuracy"), (axes[1], loss, "loss")):
+    other = [n for n in names if n not in accuracy and n not in loss and n not in privacy]
+    panels = [(accuracy or other, "accuracy"), (loss, "loss")]
+    if privacy:
+        panels.append((privacy, "ε spent (at the job's δ)"))
+    fig = Figure(figsize=(5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
+    for ax, (group, label) in zip(axes, panels, strict=True):
         for name in group:
             points = [(r.round, r.metrics[name]) for r in rounds if name in r.metrics]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)

@@ -11,15 +11,16 @@ evaluator may add its own. Checkpoint (with the strategy's state), track the bes
 `num_rounds` or once the target metric is reached.
 
 With encryption the same loop runs on ciphertexts: the aggregator adds them without decrypting, the
-sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models.
+sites decrypt, and at the end one site (by policy) uploads the decrypted final and best models. Under
+SecAgg+ the aggregator folds masked updates and, once they are in, gathers what unmasks their sum
+(fedserver/secure_rounds.py). With differential privacy a ledger charges every round to the job's privacy
+budget: ε goes into the round's record, and a round that would exceed the target is not started.
 
-The loop is one module, over 400 lines, because its steps share one round's state (the task that carries
-the previous model's evaluation, the aggregator, the scores, the pending record): what varies is already
-outside it, in the strategies, the aggregators (fedserver/aggregation.py) and the checkpoint
+One module of about 500 lines: the loop is meant to be read in one place, top to bottom, because its steps
+share one round's state (the task that carries the previous model's evaluation, the aggregator, the scores,
+the pending record); what varies is outside it, in fedserver/strategies/, the aggregators
+(fedserver/aggregation.py, fedserver/privacy.py, fedserver/secure_rounds.py) and the checkpoint
 (fedserver/checkpoint.py).
-
-One module of about 400 lines: the loop is meant to be read in one place, top to bottom; what varies
-per algorithm lives in fedserver/strategies/.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
 from fedgrid.files import write_atomic
 from fedgrid.jobspec import ServerConfig
+from fedgrid.privacy_config import SITES_SETTING
 from fedgrid.serde import RoundInfo
 from fedgrid.tensor_file import copy_file
 from fedserver import checkpoint, metrics
@@ -44,6 +46,7 @@ from fedserver.aggregation import Aggregator
 from fedserver.checkpoint import Checkpoint
 from fedserver.grid import Result, SiteGone, Task, TaskBoard
 from fedserver.model import Model
+from fedserver.privacy import PrivacyLedger
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.strategies import Aggregate, RoundContext, Strategy
 
@@ -80,6 +83,8 @@ class Finished:
     recorded: bool = False
     server_metrics: asyncio.Future[dict[str, float]] | None = None
     """The server-side evaluation of `model`, running while the next round trains."""
+    privacy: dict[str, float] = field(default_factory=dict)
+    """Private jobs: ε spent once this round's model is released."""
 
 
 class RoundLoop:
@@ -90,7 +95,7 @@ class RoundLoop:
         board: TaskBoard,
         strategy: Strategy,
         layout: tensors.Layout,
-        aggregator: Callable[[Model, tensors.Layout], Aggregator],
+        aggregator: Callable[[Model, tensors.Layout, Task, list[str]], Aggregator],
         result_dir: Path,
         checkpoint_dir: Path,
         model_dir: Path,
@@ -103,6 +108,7 @@ class RoundLoop:
         resume: Checkpoint | None = None,
         attempt: int = 0,
         recorded: list[RoundInfo] | None = None,
+        privacy: PrivacyLedger | None = None,
     ) -> None:
         self.config = config
         self.board = board
@@ -134,6 +140,8 @@ class RoundLoop:
         """How many times the job was resumed: task ids carry it, so no worker mistakes a task for one it did."""
         self.recorded = recorded or []
         """Rounds the job store already holds (a resumed job's)."""
+        self.privacy = privacy
+        """Private jobs: the accountant of the job's privacy budget."""
         self.model: Model | None = None
         self._recording = Background()
         """Round records on their way to the store, the watchers and the best-model file."""
@@ -175,10 +183,13 @@ class RoundLoop:
         if point is None:
             return initial, None, 1
         self.strategy.restore(point.strategy)
+        if self.privacy is not None:
+            self.privacy.restore(point.privacy)
         if point.rng_state is not None:
             self.context.rng.setstate(point.rng_state)
         figures = point.figures
         previous = Finished(point.round, point.model, figures.seconds, figures.asked, figures.answered, figures.moved)
+        previous.privacy = self.privacy.metrics() if self.privacy is not None else {}
         previous.recorded = any(r.round == point.round for r in self.recorded)
         outcome.rounds = list(self.recorded)
         for record in self.recorded:
@@ -204,12 +215,23 @@ class RoundLoop:
         cfg = self.config
         model, previous, first = self._resumed(initial, outcome)
         for round_no in range(first, cfg.num_rounds + 1):
+            if self.privacy is not None:
+                spent = await asyncio.to_thread(self.privacy.stop_reason, round_no)
+                if spent:
+                    outcome.stopped_early = spent
+                    self.log.info("stopping early: %s", spent)
+                    if previous is not None and not previous.recorded:
+                        await self._evaluate_alone(previous, outcome)
+                    break
             started = time.monotonic()
             if self.on_round_start is not None:
                 await self.on_round_start(round_no)
             active = self.active_sites(round_no)
             plan = await asyncio.to_thread(self.strategy.configure_train, round_no, active, model, self.context)
             evaluation = self._evaluation_task(previous) if previous is not None else None
+            settings = dict(plan.settings)
+            if self.privacy is not None:
+                settings[SITES_SETTING] = float(len(plan.sites))  # each site's share of the noise
             train = Task(
                 task_id=self._task_id(round_no, "train"),
                 kind="train",
@@ -218,7 +240,7 @@ class RoundLoop:
                 model=plan.payload,
                 evaluate_task_id=evaluation.task_id if evaluation else "",
                 evaluate_round=evaluation.round if evaluation else 0,
-                settings=dict(plan.settings),
+                settings=settings,
             )
             self.model = model
             trained = await self._round(train, plan.sites, evaluation, previous, outcome)
@@ -226,6 +248,10 @@ class RoundLoop:
                 break
             seconds = time.monotonic() - started
             previous = Finished(round_no, trained[0], seconds, len(plan.sites), trained[1], trained[2])
+            if self.privacy is not None:
+                await asyncio.to_thread(self.privacy.charge, len(plan.sites), trained[1])
+                previous.privacy = self.privacy.metrics()
+                self.log.info("round %d: ε spent %.4g (δ %g)", round_no, self.privacy.spent, self.privacy.params.delta)
             if self.evaluator is not None:
                 previous.server_metrics = self.evaluator.start(round_no, previous.model)
             model = previous.model
@@ -240,6 +266,7 @@ class RoundLoop:
                 best_round=outcome.best_round,
                 best_value=outcome.best_value,
                 best=outcome.best if model.payload_format != tensors.FORMAT else None,
+                privacy=self.privacy.state() if self.privacy is not None else [],
             )
             await self._saving.start(
                 asyncio.to_thread(checkpoint.write, self.checkpoint_dir, point, self.strategy.name)
@@ -279,12 +306,13 @@ class RoundLoop:
                 await self.board.ask(evaluation, others)
         await self.board.ask(train, sites)
         self.log.info("round %d: model sent to %s", train.round, ", ".join(sites))
-        aggregator = self.new_aggregator(self.model, self.strategy.result_layout(self.layout))
+        aggregator = self.new_aggregator(self.model, self.strategy.result_layout(self.layout), train, sites)
         moved = train.model.size * len(active) if train.model else 0
         refused: list[str] = []
         scores: list[tuple[dict[str, float], float]] = []
         scoring = set(active) if evaluation is not None else set()
-        async for item in self.board.collect(expect, cfg.round_timeout):
+        timeout = cfg.round_timeout + aggregator.grace if cfg.round_timeout else 0.0
+        async for item in self.board.collect(expect, timeout):
             if isinstance(item, SiteGone):
                 self.log.warning("round %d: %s left the job: %s", train.round, item.site, item.reason)
                 if item.site in sites:
@@ -320,6 +348,7 @@ class RoundLoop:
                 f"round {train.round}: {answered} of {len(sites)} sites sent a usable update, "
                 f"at least {need} needed{detail}"
             )
+        await aggregator.complete()
         started = time.perf_counter()
         suffix = "safetensors" if aggregator.payload_format == tensors.FORMAT else "ckks"
         model = await asyncio.to_thread(aggregator.finish, self.model_dir, f"round-{train.round}.{suffix}")
@@ -382,6 +411,7 @@ class RoundLoop:
         )
         if finished.server_metrics is not None:
             metrics = {**metrics, **await finished.server_metrics}
+        metrics = {**metrics, **finished.privacy}
         record = RoundInfo(
             round=finished.round,
             sites_asked=finished.asked,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fedgrid.errors import FedgridError, FrameError, StateError, TransferError
 from fedgrid.transfer import Assembler, digest_checked
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import limits, metrics
+from fedserver import limits, metrics, privacy_io
 from fedserver.grid import Result
 from fedserver.tracking.events import TrackingEvent
 
@@ -82,6 +82,9 @@ class WorkerStream:
                     await self._reply(fpb.Reply(message=await self._result(message.result)))
                 elif kind == "events":
                     await self._reply(fpb.Reply(message=self._events(message.events)))
+                elif kind == "privacy":
+                    answer = await privacy_io.answer(self._run(), self.site, message.privacy)
+                    await self._write(fpb.ServerMessage(privacy=answer))
                 else:
                     raise FrameError(f"Work stream of {self.site}: unexpected message {kind or '(empty)'!r}")
             except (TransferError, asyncio.CancelledError):

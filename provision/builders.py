@@ -130,7 +130,8 @@ def write_roster(ctx: BuildContext, p: Participant, kit_dir: Path) -> None:
 
 
 def write_he_context(ctx: BuildContext, p: Participant, kit_dir: Path) -> None:
-    """he_context.bin: public context for the server, context with the secret key (0600) for sites."""
+    """he_context.bin (`he.keys: provisioned` only): public context for the server, context with the secret key
+    (0600) for sites. With `he.keys: sites` no kit holds a context: each job's key is made at a site."""
     if ctx.he is None or p.type == "admin":
         return
     path = _startup(kit_dir) / k.HE_CONTEXT_FILE
@@ -200,6 +201,8 @@ def _readme(ctx: BuildContext, p: Participant) -> list[str]:
     ]
     if ctx.he is not None and p.type == "client":
         lines.append(f"Secret: {k.STARTUP_DIR}/{k.HE_CONTEXT_FILE} holds the project's HE secret key.")
+    elif ctx.project.he.enabled and p.type == "client":
+        lines.append("HE keys are made per job at a site of the job and kept in memory only; this kit holds none.")
     lines.append("Keep this kit to yourself; never send it to anyone.")
     return lines
 
@@ -249,12 +252,13 @@ def roster_payload(project: Project, version: int, issued: dt.datetime) -> dict[
 
 
 def prepare_he(project: Project, saved: HEMaterial | None = None) -> HEMaterial | None:
-    """The CKKS contexts of this run when the project enables HE (TenSEAL is imported only then).
+    """The CKKS contexts of this run when the project enables HE with provisioned keys (TenSEAL is imported
+    only then); None when HE is off or the sites make each job's key.
 
     The contexts of an earlier run (`saved`, from the state folder) are reused while the parameters
     are unchanged, so that a site added later can still decrypt what the running federation sums.
     """
-    if not project.he.enabled:
+    if not project.he.enabled or project.he.keys != "provisioned":
         return None
     try:
         from fedgrid.he import HEContext, create_contexts

@@ -99,6 +99,11 @@ def provision(project_file: Path, workspace: Path | None = None) -> ProvisionRes
             ws.save_state(State(ca_key=state.ca_key, ca_cert=state.ca_cert, roster_version=version), new_ca=new_ca)
             if ctx.he is not None:
                 ws.save_he(ctx.he)
+            elif project.he.enabled and ws.drop_he():
+                notices.append(
+                    f"{project_file}: he.keys is sites: the HE keys provisioned by earlier runs were removed from "
+                    f"{ws.state_dir}; kits made with them keep their copy"
+                )
             staging.rename(prod_dir)
             staging = None
     except BaseException:

@@ -119,14 +119,24 @@ class CertificateSpec(Schema):
     key_type: Literal[KEY_TYPES] = DEFAULT_KEY_TYPE  # type: ignore[valid-type]
 
 
+HE_KEY_MODES = ("sites", "provisioned")
+
+
 class HESpec(Schema):
-    """The `he` section: `enabled`, and when it is true the parameters, validated by fedgrid.he."""
+    """The `he` section: `enabled`, `keys`, and when it is enabled the CKKS parameters, validated by fedgrid.he.
+
+    `keys: sites` (the default): provisioning writes only the parameters, and for each encrypted job one of its
+    sites makes a fresh key and wraps it for the others (fedclient/job_key.py): nobody who provisions, and
+    not the server, ever holds a secret key. `keys: provisioned`: provisioning makes one key for the project,
+    writes it into every site kit and keeps it in the state folder for kits made later.
+    """
 
     enabled: bool = False
+    keys: Literal[HE_KEY_MODES] = "sites"  # type: ignore[valid-type]
     params: Any = None
     """fedgrid.he.HEParams when enabled, else None."""
     config: dict[str, Any] = Field(default_factory=dict)
-    """The parameters as written into each kit's config.json (without enabled and context)."""
+    """The parameters as written into each kit's config.json (without enabled and context), with `keys`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +149,15 @@ class HESpec(Schema):
             # Parameters of a disabled section are kept in the file for later, not checked now.
             return {"enabled": data["enabled"]}
         where = (info.context or {}).get("where", "project.yml")
+        keys = data.get("keys", "sites")
+        if keys not in HE_KEY_MODES:
+            _fail(
+                where,
+                f"he.keys must be 'sites' (the default: each encrypted job's key is made at one of its sites, and "
+                f"no kit, state folder or server holds a secret key) or 'provisioned' (one key for the project, "
+                f"in every site kit and the state folder), got {keys!r}",
+            )
+        data = {k: v for k, v in data.items() if k != "keys"}
         try:
             from fedgrid.he import HEParams  # heavy (TenSEAL): imported only for projects that use HE
         except ImportError as exc:
@@ -150,7 +169,7 @@ class HESpec(Schema):
         except (TypeError, ValueError) as exc:
             _fail(where, f"he: {exc}")
         config = {k: v for k, v in params.to_dict().items() if k not in ("enabled", "context")}
-        return {"enabled": True, "params": params, "config": config}
+        return {"enabled": True, "keys": keys, "params": params, "config": {**config, "keys": keys}}
 
 
 def _none_is(default: Any) -> BeforeValidator:

@@ -157,6 +157,16 @@ class ProjectWorkspace:
             return None
         return HEMaterial(secret_context=secret.read_bytes(), public_context=public.read_bytes())
 
+    def drop_he(self) -> bool:
+        """Remove the provisioned HE contexts of earlier runs (the project now makes keys at its sites);
+        True when there were some. Kits provisioned with them keep their own copy."""
+        found = False
+        for path in self.he_paths:
+            if path.exists():
+                path.unlink()
+                found = True
+        return found
+
     def save_he(self, material: HEMaterial) -> None:
         """Keep the HE contexts beside the root CA; the secret one 0600 like every key."""
         secret, public = self.he_paths

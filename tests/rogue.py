@@ -2,7 +2,11 @@
 but answers training tasks with whatever payload the test chooses (another context's ciphertexts,
 corrupted bytes, ...), so that the server's refusals can be watched end to end. It plays the site
 daemon (register, heartbeat, commands, job reports) with the generated stub, and the job worker with
-the real worker stream of `fedclient.work_stream`, choosing only what it sends."""
+the real worker stream of `fedclient.work_stream`, choosing only what it sends.
+
+`on_start(stream, job_id)` runs when its worker starts (a job key made wrongly, ...); `train(stream, header,
+payload)` takes over a training task whole (the steps of SecAgg+ run with the real site code, then one
+withheld, ...) and returns whether it answered."""
 
 from __future__ import annotations
 
@@ -24,13 +28,25 @@ Answer = Callable[[fpb.TaskHeader, bytes], tuple[str, bytes]]
 """(task header, task payload) -> (payload format, payload bytes) for a training task."""
 Samples = float | Callable[[fpb.TaskHeader], float]
 """The sample count every result claims, or the one for each task."""
+OnStart = Callable[[WorkStream, str], None]
+Train = Callable[[WorkStream, fpb.TaskHeader, bytes], bool]
 
 
 class RogueSite:
-    def __init__(self, kit_path: Path, answer: Answer, samples: Samples = 50.0) -> None:
+    def __init__(
+        self,
+        kit_path: Path,
+        answer: Answer | None = None,
+        samples: Samples = 50.0,
+        on_start: OnStart | None = None,
+        train: Train | None = None,
+    ) -> None:
         self.kit = load_kit(kit_path, expect_type="client")
         self.answer = answer
         self.samples = samples
+        self.on_start = on_start
+        self.train = train
+        self.errors: list[str] = []
         self.channel = secure_channel(self.kit, self.kit.fed_port)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.stop = threading.Event()
@@ -74,6 +90,8 @@ class RogueSite:
         stream = WorkStream(self.kit, job_id)
         last = ""
         try:
+            if self.on_start is not None:
+                self.on_start(stream, job_id)
             while not self.stop.is_set():
                 header, payload = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=last))
                 if header.kind == "end":
@@ -89,7 +107,12 @@ class RogueSite:
                         metrics={"accuracy": 0.5},
                     )
                     stream.result(lambda scored=scored: transfer.frames(fpb.ResultFrame, scored, []))
+                if header.kind == "train" and self.train is not None:
+                    if self.train(stream, header, payload):
+                        self.answered.append(header.task_id)
+                    continue
                 if header.kind == "train":
+                    assert self.answer is not None
                     fmt, data = self.answer(header, payload)
                     result = fpb.ResultHeader(
                         job_id=job_id, task_id=header.task_id, payload_format=fmt, num_samples=samples
@@ -105,7 +128,8 @@ class RogueSite:
                     self.answered.append(header.task_id)
                 except FedgridError:
                     pass
-        except (FedgridError, grpc.RpcError):
+        except (FedgridError, grpc.RpcError) as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
             return
         finally:
             stream.close()

@@ -1,7 +1,10 @@
-"""Two FedAvg rounds of the example job on the real Fashion-MNIST (Debian's dataset-fashion-mnist)."""
+"""Two FedAvg rounds of the example job on the real Fashion-MNIST (Debian's dataset-fashion-mnist), and the DP
+example job as a user runs it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +55,25 @@ def test_two_rounds_on_real_fashion_mnist(federation: tuple[Federation, Provisio
     assert [r.round for r in rounds] == [1, 2]
     assert rounds[-1].metrics["accuracy"] > 0.80, rounds
     assert rounds[-1].metrics["loss"] < rounds[0].metrics["loss"] + 0.05
+
+
+def test_the_dp_example_job_prints_epsilon_per_round_and_its_sites_run_dp_sgd(
+    federation: tuple[Federation, ProvisionedProject], tmp_path: Path
+) -> None:
+    """jobs/dp_fashion_mnist as a user runs it: site-level ε from the server's accountant on every progress
+    line, and each site's DP-SGD (Opacus) ε over its own samples in its log."""
+    _fed, project = federation
+    job = Path(__file__).resolve().parent.parent / "jobs" / "dp_fashion_mnist" / "job.py"
+    command = [
+        sys.executable, str(job), "--n_clients", "2", "--num_rounds", "2", "--max_samples", "128",
+        "--startup_kit", str(project.admin_roles["project_admin"]), "--data_root", str(tmp_path / "data"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"]
+    epsilons = [float(line.split("ε ")[1].split()[0]) for line in progress]
+    assert 0 < epsilons[0] < epsilons[1]
+    folder = Path(result.stdout.split("Result can be found in: ")[1].strip())
+    site_log = (folder / "sites" / "site-1" / "log.txt").read_text()
+    assert "round 2: DP-SGD over this site's samples so far ε = " in site_log

@@ -33,7 +33,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedProject:
-    project = provision_project(tmp_path_factory.mktemp("he"), n_sites=3, he=True)
+    project = provision_project(
+        tmp_path_factory.mktemp("he"), n_sites=3, he=True, he_params={"keys": "provisioned"}
+    )
     set_local(project.server, "server.json", keep_uploads=True)
     return project
 

@@ -404,6 +404,7 @@ BAD_PROJECTS: dict[str, tuple[Change, tuple[str, ...]]] = {
     "he not a mapping": (_set(None, he=True), ("he must be a mapping",)),
     "he without enabled": (_set(None, he={}), ("he: missing key 'enabled'",)),
     "he enabled not bool": (_set(None, he={"enabled": "no"}), ("he.enabled",)),
+    "he keys unknown": (_set(None, he={"enabled": True, "keys": "server"}), ("he.keys must be 'sites'", "'server'")),
 }
 
 RAW_BAD_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -456,7 +457,8 @@ def test_unparsable_project_file_is_refused_with_one_line(tmp_path: Path, case: 
 
 
 def test_he_enabled_without_he_support_or_with_it(tmp_path: Path) -> None:
-    """With fedgrid.he missing, an HE project is refused cleanly; with it, HE params reach the kits."""
+    """With fedgrid.he missing, an HE project is refused cleanly; with it, the default (keys made at the sites)
+    writes the CKKS parameters into the kits and no context, key or secret anywhere."""
     data = project_dict(n_sites=1, admins=("member",), he=True)
     project_file = write_project_file(tmp_path / "files", data)
     workspace = tmp_path / "workspace"
@@ -470,11 +472,37 @@ def test_he_enabled_without_he_support_or_with_it(tmp_path: Path) -> None:
         assert list(workspace.iterdir()) == []
         return
     assert result.returncode == 0, result.stderr
+    project = workspace / "test_project"
+    assert not [p for p in project.rglob("*he*context*")]
+    site = load_kit(project / "prod_00/site-1")
+    assert site.he.enabled and site.he.keys == "sites" and site.he.context_path is None
+    assert site.he.params["poly_modulus_degree"] == 8192
+    assert "kept in memory only" in (project / "prod_00/site-1/readme.txt").read_text()
+
+
+def test_provisioned_he_keys_go_into_the_site_kits_and_leave_the_state_folder_when_sites_make_them(
+    tmp_path: Path,
+) -> None:
+    data = project_dict(n_sites=1, admins=("member",), he=True, he_params={"keys": "provisioned"})
+    project_file = write_project_file(tmp_path / "files", data)
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    result = run_provision("-p", str(project_file), "-w", str(workspace))
+    assert result.returncode == 0, result.stderr
     prod = workspace / "test_project/prod_00"
     assert (prod / "server/startup/he_context.bin").is_file()
     assert mode(prod / "site-1/startup/he_context.bin") == 0o600
     assert not (prod / "member@org-a.example/startup/he_context.bin").exists()
-    assert load_kit(prod / "site-1").he.enabled
+    assert load_kit(prod / "site-1").he.keys == "provisioned"
+    assert (workspace / "test_project/state/he_secret_context.bin").is_file()
+
+    data["he"] = {"enabled": True}
+    write_project_file(tmp_path / "files", data)
+    result = run_provision("-p", str(project_file), "-w", str(workspace))
+    assert result.returncode == 0, result.stderr
+    assert "HE keys provisioned by earlier runs were removed" in result.stdout + result.stderr
+    assert not list((workspace / "test_project/state").glob("he_*"))
+    assert not list((workspace / "test_project/prod_01").rglob("he_context.bin"))
 
 
 def test_workspace_examples_are_valid(tmp_path: Path) -> None:

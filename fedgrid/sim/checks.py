@@ -2,7 +2,8 @@
 
 A job is refused when its deploy map names sites beyond the simulated ones (site-1 .. site-N, the names
 `fedgrid data` gives), when a site has no data folder, when it is encrypted and no CKKS parameters were
-given, when stragglers could never let a round close, or when its sites run apps with different scripts
+given, when it asks for SecAgg+ (its keys are signed with the sites' certificates), when stragglers could
+never let a round close, or when its sites run apps with different scripts
 (a worker host runs one app for all its sites).
 """
 
@@ -117,6 +118,12 @@ def plan(folder: Path, options: SimOptions) -> SimPlan:
 def _check_server(spec: JobSpec, sites: list[str], options: SimOptions) -> None:
     server = spec.server
     where = f"{spec.server_app}/{SERVER_CONFIG}"
+    if server.secure_aggregation != "none":
+        raise JobSpecError(
+            f"{where}: secure_aggregation {server.secure_aggregation!r} signs each site's keys with its kit's "
+            "certificate, which virtual sites do not have; simulate the job without it (differential privacy "
+            "and encryption do simulate) and run SecAgg+ on a provisioned federation"
+        )
     if server.encryption != "none" and options.he_params is None:
         raise ConfigError(
             f"{where}: the job is encrypted (encryption {server.encryption!r}) and no CKKS parameters were given; "
@@ -162,6 +169,9 @@ def load_he_params(path: Path) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--he {path}: not YAML ({exc})") from None
     section = data.get("he", data) if isinstance(data, dict) else data
+    if isinstance(section, dict):
+        # Who makes the keys (he.keys) is a deployment's choice: the simulator generates one context per job.
+        section = {key: value for key, value in section.items() if key != "keys"}
     try:
         return HEParams.from_dict(section or {}, where=f"{path}: he")
     except ProjectFileError as exc:

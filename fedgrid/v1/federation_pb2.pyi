@@ -126,7 +126,7 @@ class JobReport(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., log: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "next_task", "upload_slot", "result", "events", "ping", "received")
+    __slots__ = ("hello", "next_task", "upload_slot", "result", "events", "ping", "received", "privacy")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class WorkerMessage(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     next_task: TaskRequest
     upload_slot: UploadSlotRequest
@@ -141,7 +142,8 @@ class WorkerMessage(_message.Message):
     events: EventBatch
     ping: Ping
     received: TaskReceived
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., next_task: _Optional[_Union[TaskRequest, _Mapping]] = ..., upload_slot: _Optional[_Union[UploadSlotRequest, _Mapping]] = ..., result: _Optional[_Union[ResultFrame, _Mapping]] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., received: _Optional[_Union[TaskReceived, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyRequest
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., next_task: _Optional[_Union[TaskRequest, _Mapping]] = ..., upload_slot: _Optional[_Union[UploadSlotRequest, _Mapping]] = ..., result: _Optional[_Union[ResultFrame, _Mapping]] = ..., events: _Optional[_Union[EventBatch, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., received: _Optional[_Union[TaskReceived, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyRequest, _Mapping]] = ...) -> None: ...
 
 class TaskReceived(_message.Message):
     __slots__ = ("task_id",)
@@ -160,12 +162,14 @@ class Ping(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("task", "reply")
+    __slots__ = ("task", "reply", "privacy")
     TASK_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     task: TaskFrame
     reply: Reply
-    def __init__(self, task: _Optional[_Union[TaskFrame, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyReply
+    def __init__(self, task: _Optional[_Union[TaskFrame, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyReply, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
     __slots__ = ("message", "error", "idle_timeout")
@@ -332,3 +336,167 @@ class Event(_message.Message):
     text: str
     params: _containers.ScalarMap[str, str]
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., tag: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., text: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PrivacyRequest(_message.Message):
+    __slots__ = ("job_id", "job_key", "key_offer", "advertise", "shares", "unmask", "reveal")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_OFFER_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    job_key: JobKeyRequest
+    key_offer: JobKeyOffer
+    advertise: SecAggAdvert
+    shares: SecAggShares
+    unmask: SecAggUnmask
+    reveal: SecAggReveal
+    def __init__(self, job_id: _Optional[str] = ..., job_key: _Optional[_Union[JobKeyRequest, _Mapping]] = ..., key_offer: _Optional[_Union[JobKeyOffer, _Mapping]] = ..., advertise: _Optional[_Union[SecAggAdvert, _Mapping]] = ..., shares: _Optional[_Union[SecAggShares, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ..., reveal: _Optional[_Union[SecAggReveal, _Mapping]] = ...) -> None: ...
+
+class PrivacyReply(_message.Message):
+    __slots__ = ("job_key", "keys", "inbox", "survivors", "done")
+    JOB_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    job_key: JobKey
+    keys: SecAggKeys
+    inbox: SecAggInbox
+    survivors: SecAggSurvivors
+    done: str
+    def __init__(self, job_key: _Optional[_Union[JobKey, _Mapping]] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., inbox: _Optional[_Union[SecAggInbox, _Mapping]] = ..., survivors: _Optional[_Union[SecAggSurvivors, _Mapping]] = ..., done: _Optional[str] = ...) -> None: ...
+
+class JobKeyRequest(_message.Message):
+    __slots__ = ("cert_pem",)
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: bytes
+    def __init__(self, cert_pem: _Optional[bytes] = ...) -> None: ...
+
+class SiteCertificate(_message.Message):
+    __slots__ = ("site", "cert_pem")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    cert_pem: bytes
+    def __init__(self, site: _Optional[str] = ..., cert_pem: _Optional[bytes] = ...) -> None: ...
+
+class JobKey(_message.Message):
+    __slots__ = ("key_site", "recipients", "wrapped")
+    KEY_SITE_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_FIELD_NUMBER: _ClassVar[int]
+    key_site: str
+    recipients: _containers.RepeatedCompositeFieldContainer[SiteCertificate]
+    wrapped: bytes
+    def __init__(self, key_site: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[SiteCertificate, _Mapping]]] = ..., wrapped: _Optional[bytes] = ...) -> None: ...
+
+class JobKeyOffer(_message.Message):
+    __slots__ = ("public_context", "wrapped")
+    PUBLIC_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_FIELD_NUMBER: _ClassVar[int]
+    public_context: bytes
+    wrapped: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, public_context: _Optional[bytes] = ..., wrapped: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SecAggAdvert(_message.Message):
+    __slots__ = ("task_id", "site", "mask_key", "channel_key", "signature", "cert_pem")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    site: str
+    mask_key: bytes
+    channel_key: bytes
+    signature: bytes
+    cert_pem: bytes
+    def __init__(self, task_id: _Optional[str] = ..., site: _Optional[str] = ..., mask_key: _Optional[bytes] = ..., channel_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., cert_pem: _Optional[bytes] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("sites", "adverts")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedScalarFieldContainer[str]
+    adverts: _containers.RepeatedCompositeFieldContainer[SecAggAdvert]
+    def __init__(self, sites: _Optional[_Iterable[str]] = ..., adverts: _Optional[_Iterable[_Union[SecAggAdvert, _Mapping]]] = ...) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("task_id", "commitment", "shares")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    commitment: bytes
+    shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, task_id: _Optional[str] = ..., commitment: _Optional[bytes] = ..., shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggInbox(_message.Message):
+    __slots__ = ("shares",)
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggUnmask(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class SecAggSurvivors(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SecAggReveal(_message.Message):
+    __slots__ = ("task_id", "seed_shares", "key_shares")
+    class SeedSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggShare, _Mapping]] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggShare, _Mapping]] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    seed_shares: _containers.MessageMap[str, SecAggShare]
+    key_shares: _containers.MessageMap[str, SecAggShare]
+    def __init__(self, task_id: _Optional[str] = ..., seed_shares: _Optional[_Mapping[str, SecAggShare]] = ..., key_shares: _Optional[_Mapping[str, SecAggShare]] = ...) -> None: ...
