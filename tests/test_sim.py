@@ -12,6 +12,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,9 +160,16 @@ def sim_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fedgrid.sim", *args], capture_output=True, text=True, timeout=120)
 
 
+def scratch_folders() -> set[Path]:
+    """The simulator's scratch folders (fedgrid/sim/link.py: in /dev/shm, else the temporary folder)."""
+    return {p for where in ("/dev/shm", tempfile.gettempdir()) for p in Path(where).glob("fedgrid-sim-*")}
+
+
 def test_a_private_job_simulates_with_epsilon_charged_every_round(tmp_path: Path) -> None:
     privacy = {"clip_norm": 1.0, "noise_multiplier": 1.5, "delta": 1e-5}
+    before = scratch_folders()
     info, rounds, result = simulate(tiny("dp", privacy=privacy), SimEnv(4, results=tmp_path))
+    assert scratch_folders() - before == set(), "the simulation's scratch folders are gone once wait() returns"
 
     assert info.status == "FINISHED:COMPLETED", info.error
     params = dp.DPParams(clip_norm=1.0, noise_multiplier=1.5, delta=1e-5)

@@ -280,7 +280,7 @@ class Simulation:
             if run.tracking_pending():
                 await asyncio.to_thread(self._deliver_tracking, store, ctx.tracking_factory)
             await asyncio.to_thread(self._write_result, store)
-            self.events.put(store.get(self.job_id))
+            final = store.get(self.job_id)
         finally:
             for link in links:
                 link.stopping = True
@@ -289,6 +289,9 @@ class Simulation:
             await asyncio.to_thread(_close_hosts, hosts, ray_started)
             store.close()
             shutil.rmtree(workspace, ignore_errors=True)
+        # The job's record goes out once the hosts have ended and the workspace is gone: a caller that
+        # leaves right after wait() leaves nothing behind.
+        self.events.put(final)
 
     def _he_contexts(self) -> tuple[bytes | None, bytes | None]:
         """(the sites' context, the server's): generated for this run, as provisioning makes them."""

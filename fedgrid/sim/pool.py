@@ -94,6 +94,10 @@ class HostActor:
         for data in batch:
             self.link.inbox.put(data)
 
+    def finished(self, timeout: float) -> bool:
+        """Whether the host has ended (its sites' threads joined, its folders removed), waiting up to `timeout`."""
+        return self.done.wait(timeout)
+
     def pull(self) -> list[bytes] | None:
         """What the host sent since the last pull (waiting up to PULL_WAIT for something); None once it ended."""
         try:
@@ -165,6 +169,11 @@ class RayHost(Host):
         import ray
 
         self.link.close()  # type: ignore[attr-defined]
+        try:
+            # Let the host end as a local one does (it removes its folders) before its process goes.
+            ray.get(self.actor.finished.remote(10.0), timeout=15.0)
+        except ray.exceptions.RayError:
+            pass
         ray.kill(self.actor)
 
 
