@@ -167,6 +167,8 @@ def table(outcomes: dict[tuple[str, str], Outcome], target: float, args: argpars
     ]
     for split in SPLITS:
         sgd, avg = outcomes[(split, "FedSGD")], outcomes[(split, "FedAvg")]
+        if not (sgd.status or avg.status):
+            continue  # not in --splits
         paper_sgd, paper_avg = PAPER[split]
         lines.append(
             f"| {SPLITS[split]} | {rounds_text(sgd, args.max_rounds)} | {rounds_text(avg, args.max_rounds)} | "
@@ -181,12 +183,16 @@ def table(outcomes: dict[tuple[str, str], Outcome], target: float, args: argpars
     return "\n".join(lines)
 
 
-def plot(outcomes: dict[tuple[str, str], Outcome], target: float, central: list[float], path: Path) -> None:
+def plot(
+    outcomes: dict[tuple[str, str], Outcome], target: float, central: list[float], path: Path, sites: int
+) -> None:
+    """Accuracy by round, one panel per split that ran (--splits)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, split in zip(axes, SPLITS, strict=True):
+    splits = [split for split in SPLITS if outcomes[(split, "FedAvg")].status or outcomes[(split, "FedSGD")].status]
+    fig = Figure(figsize=(5 * len(splits), 4))
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    for ax, split in zip(axes, splits, strict=True):
         for algorithm, style in (("FedSGD", "-"), ("FedAvg", "-")):
             curve = outcomes[(split, algorithm)].accuracy
             ax.plot(range(1, len(curve) + 1), curve, style, label=algorithm)
@@ -199,7 +205,7 @@ def plot(outcomes: dict[tuple[str, str], Outcome], target: float, central: list[
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
     axes[0].set_ylabel("test accuracy")
-    fig.suptitle("CNN, 100 sites, C = 0.1: FedSGD (E=1, B=all) vs FedAvg (E=5, B=10)")
+    fig.suptitle(f"CNN, {sites} sites, C = 0.1: FedSGD (E=1, B=all) vs FedAvg (E=5, B=10)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -258,7 +264,7 @@ def main() -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         figure = args.out / f"mcmahan_{args.dataset.replace('-', '_')}.png"
-        plot(outcomes, target, central, figure)
+        plot(outcomes, target, central, figure, args.sites)
         (args.out / f"mcmahan_{args.dataset.replace('-', '_')}.md").write_text(text + "\n")
         curves = {f"{o.split}/{o.algorithm}": o.accuracy for o in outcomes.values()}
         (args.out / f"mcmahan_{args.dataset.replace('-', '_')}.json").write_text(

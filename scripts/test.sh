@@ -13,7 +13,7 @@ echo "== ruff check"
 "$PY" -m ruff check .
 echo "== pytest"
 set +e
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -226,7 +226,7 @@ def test_the_mcmahan_benchmark_runs_its_smoke(tmp_path: Path) -> None:
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST is not installed (dataset-fashion-mnist)")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "mcmahan.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "mcmahan.py"), "--smoke", "--splits", "shards", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
