@@ -417,6 +417,20 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
+def allow_job_of(server_kit: Path, model_bytes: int) -> None:
+    """Raise the server's job upload limit (local/server.json, max_upload_mb, 100 MB by default) to fit a
+    job whose initial model is `model_bytes`, as an operator whose users train such models would."""
+    import json
+
+    from fedgrid.settings import SERVER_SETTINGS_FILE
+
+    path = server_kit / "local" / SERVER_SETTINGS_FILE
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings["max_upload_mb"] = max(100, model_bytes * 1.1 / 1e6 + 10)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(settings))
+
+
 def measure(n: int, arrays: dict[str, np.ndarray], update: bytes, real: bool, variant: Variant) -> Row:
     """Provision a project of `n` sites, start a fresh server, run one round, read the server's memory."""
     from conftest import provision_project
@@ -430,6 +444,7 @@ def measure(n: int, arrays: dict[str, np.ndarray], update: bytes, real: bool, va
     sampler = None
     try:
         project = provision_project(tmp / "project", n_sites=n)
+        allow_job_of(project.server, sum(a.nbytes for a in arrays.values()))
         fed = Federation(project)
         if variant.patched_server:
             start_patched_server(fed, project.server, variant)
