@@ -51,14 +51,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
 
 from fedgrid.errors import ConfigError
 from fedgrid.tensors import Arrays, check_finite, check_layout, layout_of
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 MECHANISMS = ("gaussian",)
 PLACES = ("server", "sites")
@@ -245,11 +246,22 @@ def add_noise(arrays: Mapping[str, np.ndarray], std: float, rng: np.random.Gener
 # -- accounting ------------------------------------------------------------------------------------
 
 
+def _library() -> Any:
+    """dp-accounting, imported when an ε is first computed: it brings scipy (0.9 s here), which every process
+    that reads a job's settings (a site daemon at start-up) would otherwise pay for."""
+    import dp_accounting
+
+    return dp_accounting
+
+
 def _round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
-    return dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    lib = _library()
+    return lib.PoissonSampledDpEvent(sampling_rate, lib.GaussianDpEvent(noise_multiplier))
 
 
 def _epsilon(event: dp_accounting.DpEvent, params: DPParams) -> float:
+    from dp_accounting import pld, rdp
+
     if params.accountant == "rdp":
         accountant: dp_accounting.PrivacyAccountant = rdp.RdpAccountant()
     else:
@@ -264,7 +276,7 @@ def epsilon_spent(params: DPParams, rounds: int) -> float:
         raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
     if rounds == 0:
         return 0.0
-    event = dp_accounting.SelfComposedDpEvent(_round_event(params.noise_multiplier, params.sampling_rate), rounds)
+    event = _library().SelfComposedDpEvent(_round_event(params.noise_multiplier, params.sampling_rate), rounds)
     return _epsilon(event, params)
 
 
@@ -277,7 +289,7 @@ def epsilon_of_rounds(params: DPParams, noise_multipliers: Sequence[float]) -> f
         raise ValueError(f"noise multipliers must be finite numbers >= 0, got {list(noise_multipliers)!r}")
     if any(z == 0 for z in noise_multipliers):
         return math.inf
-    event = dp_accounting.ComposedDpEvent([_round_event(z, params.sampling_rate) for z in noise_multipliers])
+    event = _library().ComposedDpEvent([_round_event(z, params.sampling_rate) for z in noise_multipliers])
     return _epsilon(event, params)
 
 
@@ -291,10 +303,9 @@ def epsilon_of_counts(params: DPParams, rounds: Mapping[float, int]) -> float:
         raise ValueError(f"noise multipliers must be finite numbers >= 0 with counts >= 0, got {dict(rounds)!r}")
     if 0.0 in counts:
         return math.inf
-    events = [
-        dp_accounting.SelfComposedDpEvent(_round_event(z, params.sampling_rate), n) for z, n in sorted(counts.items())
-    ]
-    return _epsilon(dp_accounting.ComposedDpEvent(events), params)
+    lib = _library()
+    events = [lib.SelfComposedDpEvent(_round_event(z, params.sampling_rate), n) for z, n in sorted(counts.items())]
+    return _epsilon(lib.ComposedDpEvent(events), params)
 
 
 def max_rounds(params: DPParams, target_epsilon: float | None = None, limit: int = MAX_ROUNDS) -> int:
