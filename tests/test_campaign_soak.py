@@ -1,4 +1,4 @@
-"""Soak: 20 short jobs back to back on one running federation; no daemon may grow with the jobs it ran.
+"""Soak: 12 short jobs back to back on one running federation; no daemon may grow with the jobs it ran.
 
 After each job the server's and each site daemon's resident memory, threads and open file descriptors
 are sampled (tests/soak.py). The first jobs warm caches up (imports, the warm worker, gRPC's pools); over
@@ -17,8 +17,8 @@ from conftest import ProvisionedProject, provision_project
 from federation import Federation, running
 from soak import run_jobs, series, slope
 
-JOBS = 20
-WARMUP = 5
+JOBS = 12
+WARMUP = 4
 RSS_SLOPE_MB = 0.25
 """Largest growth of resident memory allowed per job, by a linear fit over the jobs after the warm-up."""
 
@@ -34,7 +34,7 @@ def federation(project: ProvisionedProject) -> Iterator[Federation]:
         yield fed
 
 
-def test_twenty_jobs_leave_every_daemon_where_it_was(federation: Federation, tmp_path: Path) -> None:
+def test_a_dozen_jobs_leave_every_daemon_where_it_was(federation: Federation, tmp_path: Path) -> None:
     samples = run_jobs(federation, JOBS, tmp_path)[WARMUP:]
     report = []
     for daemon in samples[0]:
