@@ -44,7 +44,7 @@ from fedclient.work_stream import WorkStream
 from fedgrid import jobspec
 from fedgrid.errors import TransferError
 from fedgrid.logs import FORMAT
-from fedgrid.sim.link import Envelope, Link, scratch_folder
+from fedgrid.sim.link import HOST_END, Envelope, Link, scratch_folder
 from fedgrid.v1 import federation_pb2 as fpb
 
 log = logging.getLogger("fedgrid.sim")
@@ -285,7 +285,12 @@ class SiteHost:
                     break
                 self._take(envelope)
         finally:
-            deadline = time.monotonic() + 10.0
+            # A site still waiting for an answer (its job ended while it asked) gets the stream's end, so that
+            # its thread ends and the folders can go.
+            for stream in list(self.streams.values()):
+                if stream.answers is not None:
+                    stream.answers.put("the simulation ended")
+            deadline = time.monotonic() + HOST_END
             for thread in self.threads:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if self.workdir is not None:

@@ -72,6 +72,11 @@ class ConnectionLink:
             raise EOFError(str(exc)) from None
 
 
+HOST_END = 10.0
+"""Seconds a host gives its sites' threads to end before it removes its folders and leaves; the driver
+waits longer than this before it kills a host (fedgrid/sim/pool.py)."""
+
+
 class QueueLink:
     """Two queues: a host inside a Ray actor reads `inbox` and writes `outbox`, which the actor's methods
     fill and drain for the driver."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedgrid import extras
 from fedgrid.errors import ConfigError
-from fedgrid.sim.link import ConnectionLink, Link, QueueLink
+from fedgrid.sim.link import HOST_END, ConnectionLink, Link, QueueLink
 
 PULL_WAIT = 1.0
 """Seconds a driver's pull waits inside an idle Ray host before it returns empty (and asks again)."""
@@ -54,7 +54,7 @@ class LocalHost(Host):
 
     def close(self) -> None:
         try:
-            self.process.wait(10.0)
+            self.process.wait(HOST_END + 5.0)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -171,7 +171,7 @@ class RayHost(Host):
         self.link.close()  # type: ignore[attr-defined]
         try:
             # Let the host end as a local one does (it removes its folders) before its process goes.
-            ray.get(self.actor.finished.remote(10.0), timeout=15.0)
+            ray.get(self.actor.finished.remote(HOST_END + 5.0), timeout=HOST_END + 10.0)
         except ray.exceptions.RayError:
             pass
         ray.kill(self.actor)
