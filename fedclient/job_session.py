@@ -14,6 +14,10 @@
 - tracking events are batched and travel on the same stream;
 - a strategy's own tensors in a task (SCAFFOLD's control variate) are split from the model's, and what a
   strategy staged for the result (fedclient/strategy.py) goes with the update.
+
+One module, over 400 lines, because each of these acts on the same task in hand and the model it brought:
+the pieces (HE, DP, SecAgg+, strategies, the stream) already live in modules of their own, and what stays
+here is the sequence that ties them to one task.
 """
 
 from __future__ import annotations

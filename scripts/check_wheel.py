@@ -78,7 +78,9 @@ class CheckFailed(Exception):
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 a moment ago."""
+    """`count` distinct TCP ports free on 127.0.0.1 a moment ago, for the project file of the check's
+    federation: the sockets are bound to port 0 and closed at once, nothing is sent over them (the daemons
+    talk gRPC)."""
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in sockets:

@@ -161,6 +161,9 @@ class TestNet:
         return ["ip", "netns", "exec", self.members[name].namespace]
 
     def exec(self, name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside `name`'s namespace. Safe: the argument list comes from this script and the tests
+        (fixed commands, our own kit paths and addresses), is passed as a list (no shell), and no input from
+        a network peer or a job reaches it."""
         return run(*self.prefix(name), *argv, check=check)
 
     def routes(self, name: str) -> list[dict[str, object]]:

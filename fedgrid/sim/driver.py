@@ -12,6 +12,10 @@ it) has it named as its worker's cached model, so that a model crosses to each h
 
 Everything here runs on one asyncio loop in a thread of its own (`Simulation.start`); the caller follows
 the job through `wait` (`fedgrid.sim.SimRun`).
+
+One module, over 400 lines, because its parts are the two ends of one loop: the simulation's lifecycle
+(hosts up, job run, teardown), the deployment that starts virtual sites on those hosts, and the streams
+that carry their messages all share the hosts' links and the run's state.
 """
 
 from __future__ import annotations

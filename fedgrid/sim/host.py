@@ -15,6 +15,9 @@ What the host shares among its sites:
   and sys.argv holds the app's arguments (every site of a job runs the same app, fedgrid/sim/checks.py).
   What a script prints goes to its site's log (`SiteOutput` routes by thread).
 
+One module, over 400 lines, because the host, its sites' streams and the shared cache and compute slot
+are one process's state, read and changed by the same threads.
+
 A site chosen to train may straggle (`--stragglers`): with that probability, drawn from the job's seed, the
 site's round and its name, it never answers that round's task, as an unreachable site would not.
 """
