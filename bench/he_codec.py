@@ -229,10 +229,11 @@ def concurrent_round(params: he.HEParams | None, sites: list[dict[str, np.ndarra
             fold: Callable[[int, bytes], None] = lambda i, data: total.add([data])  # noqa: E731
             finish: Callable[[], bytes] = lambda: b"".join(total.serialize())  # noqa: E731
         else:
+            from fedgrid.tensor_file import ArraySource
             from fedserver.aggregation import WeightedMean
 
             mean = WeightedMean(layout)
-            fold = lambda i, data: mean.add(tensors.decode(data), counts[i], f"site {i}")  # noqa: E731
+            fold = lambda i, data: mean.add(ArraySource(tensors.decode(data)), counts[i], f"site {i}")  # noqa: E731
             finish = lambda: tensors.encode(mean.result())  # noqa: E731
         for index, _, _, data in uploads[:-1]:
             fold(index, data)

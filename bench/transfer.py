@@ -166,9 +166,11 @@ def main() -> int:
     from conftest import provision_project
     from federation import Federation
 
+    from fedgrid import allocator
     from fedgrid.recipe import FedAvgRecipe
     from fedgrid.session import Session
 
+    allocator.tune()  # as fedclient.worker does: this process plays the site's job worker
     model = {"w": np.random.default_rng(0).standard_normal((args.mb << 18,), dtype=np.float32)}
     size = model["w"].nbytes
     limit = min(plain_copy(model["w"].tobytes()) for _ in range(args.repeat))

@@ -77,10 +77,7 @@ class ScaffoldRound:
     def correct(self, model: torch.nn.Module) -> None:
         """Add c − c_i to every trainable parameter's gradient; call after backward(), before step()."""
         if not self._difference:
-            self._difference = {
-                name: torch.from_numpy((self.c[name].astype(np.float64) - self.c_i[name]).astype(self.c[name].dtype))
-                for name in self.c
-            }
+            self._difference = {name: torch.from_numpy(self.c[name] - self.c_i[name]) for name in self.c}
         for name, param in model.named_parameters():
             if param.grad is not None and name in self._difference:
                 param.grad.add_(self._difference[name].to(param.grad.dtype).view_as(param.grad))
@@ -102,14 +99,20 @@ class ScaffoldRound:
             weights, trainable = model, set(model)
         new_c_i, message = {}, {}
         for name, c in self.c.items():
-            c64, c_i = c.astype(np.float64), self.c_i[name].astype(np.float64)
+            # float32 (float64 for float64 tensors), as the server's state: x − y of close values is exact.
+            work, c_i = np.result_type(c.dtype, np.float32), self.c_i[name]
             if name in trainable:
-                y = _numpy(weights[name]).astype(np.float64)
-                updated = c_i - c64 + (self.x[name].astype(np.float64) - y) / (steps * lr)
+                updated = np.subtract(self.x[name], _numpy(weights[name]).reshape(c.shape), dtype=work)
+                updated /= steps * lr
+                updated += c_i
+                updated -= c
             else:
-                updated = c_i
-            new_c_i[name] = updated.astype(c.dtype)
-            message[name] = c64 + self.share * (updated - c_i)
+                updated = c_i.astype(work)
+            new_c_i[name] = updated.astype(c.dtype, copy=False)
+            change = updated - c_i
+            change *= self.share
+            change += c
+            message[name] = change
         self.staged = (new_c_i, message)
 
     def result_tensors(self, num_samples: float) -> dict[str, np.ndarray]:
@@ -118,7 +121,8 @@ class ScaffoldRound:
             raise StateError("SCAFFOLD job: call api.scaffold_update(model, task, lr=...) before api.send()")
         if num_samples <= 0:
             raise PayloadError(f"SCAFFOLD: num_samples must be positive, got {num_samples}")
-        return {SCAFFOLD_PREFIX + n: (m / num_samples).astype(self.c[n].dtype) for n, m in self.staged[1].items()}
+        staged = self.staged[1]
+        return {SCAFFOLD_PREFIX + n: (m / num_samples).astype(self.c[n].dtype, copy=False) for n, m in staged.items()}
 
     def commit(self) -> None:
         """The server took the result: c_i⁺ becomes this site's control variate (in its job folder)."""

@@ -13,6 +13,7 @@ names, and the stream stays usable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -36,6 +37,9 @@ RETRY_FOR = 3600.0
 """Seconds a request keeps being retried while the server is unreachable before the worker gives up: a
 restarted server resumes the job and its workers carry on (one that drops the job has the site end them)."""
 MAX_TASK_BYTES = 1 << 34
+OUTBOX_MESSAGES = 4
+"""Messages queued for gRPC to send: a result's frames are made as gRPC takes them, so a worker holds a few
+frames of an upload, not all of it (and the frames' buffers are reused: bench/transfer.py)."""
 T = TypeVar("T")
 
 
@@ -59,7 +63,7 @@ class WorkStream:
         """The state of the stream itself, whatever carries it (the simulator's streams share it)."""
         self.job_id = job_id
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[fpb.WorkerMessage | None] | None = None
+        self._outbox: queue.Queue[fpb.WorkerMessage | None] | None = None
         self._answers: Iterator[fpb.ServerMessage] | None = None
         self._last_sent = time.monotonic()
         self._ping_every = 30.0
@@ -160,7 +164,7 @@ class WorkStream:
             raise error_from_rpc(exc, f"{what}: ") from None
 
     def _open(self) -> None:
-        outbox: queue.SimpleQueue[fpb.WorkerMessage | None] = queue.SimpleQueue()
+        outbox: queue.Queue[fpb.WorkerMessage | None] = queue.Queue(OUTBOX_MESSAGES)
         self._outbox = outbox
         self._answers = self.stub.Work(iter(outbox.get, None))
         hello = self._reply_to(fpb.WorkerMessage(hello=fpb.WorkerHello(job_id=self.job_id)))
@@ -168,14 +172,27 @@ class WorkStream:
 
     def _drop(self) -> None:
         if self._outbox is not None:
-            self._outbox.put(None)
+            with contextlib.suppress(queue.Empty):
+                while True:  # what gRPC will not take any more; then the end of the requests
+                    self._outbox.get_nowait()
+            self._outbox.put_nowait(None)
         if isinstance(self._answers, grpc.Call):
             self._answers.cancel()
         self._outbox, self._answers = None, None
 
     def _send(self, message: fpb.WorkerMessage) -> None:
+        """Queue `message` for gRPC; while the queue is full, a stream that ended raises its error."""
         assert self._outbox is not None
-        self._outbox.put(message)
+        while True:
+            try:
+                self._outbox.put(message, timeout=0.5)
+                break
+            except queue.Full:
+                call = self._answers
+                if isinstance(call, grpc.Future) and call.done():
+                    if call.code() == grpc.StatusCode.OK:
+                        raise TransferError("the server closed the work stream") from None
+                    raise call from None  # the call is the RpcError: its status code decides on a retry
         self._last_sent = time.monotonic()
 
     def _answer(self) -> fpb.ServerMessage:
@@ -209,5 +226,6 @@ class WorkStream:
         while not self._closed.wait(0.5):
             outbox = self._outbox
             if outbox is not None and time.monotonic() - self._last_sent >= self._ping_every:
-                outbox.put(fpb.WorkerMessage(ping=fpb.Ping()))
+                with contextlib.suppress(queue.Full):  # a full outbox is sending anyway
+                    outbox.put_nowait(fpb.WorkerMessage(ping=fpb.Ping()))
                 self._last_sent = time.monotonic()

@@ -19,6 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from fedgrid import allocator
 from fedgrid.logs import setup_logging
 
 log = logging.getLogger("fedclient.worker")
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, help="with --wait: the job's log file, for stdout and stderr")
     args = parser.parse_args(argv)
     _die_with_parent()
+    allocator.tune()
     os.nice(max(0, args.nice))  # first, so that every thread started later inherits it
     setup_logging(os.environ.get("FEDGRID_LOG_LEVEL", "INFO"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

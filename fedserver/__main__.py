@@ -43,10 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fedserver.memory import limit_arenas
+    from fedgrid import allocator
+    from fedserver.memory import ARENAS
     from fedserver.tlslog import route_stderr
 
-    limit_arenas()
+    allocator.tune(arenas=ARENAS)
 
     setup_logging(args.log_level, stream=route_stderr())
     from fedgrid.kit import load_kit

@@ -423,8 +423,10 @@ def main(fd: int) -> None:
     driver), then leave at once."""
     from multiprocessing.connection import Connection
 
+    from fedgrid import allocator
     from fedgrid.sim.link import ConnectionLink
 
+    allocator.tune()
     try:
         SiteHost(ConnectionLink(Connection(fd))).serve()
     finally:

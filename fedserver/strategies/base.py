@@ -112,10 +112,14 @@ def sample_sites(active: list[str], ctx: RoundContext) -> list[str]:
 
 
 def read_tensor(source: TensorSource, name: str) -> np.ndarray:
-    """One tensor of `source` whole, in its dtype and shape."""
+    """One tensor of `source` whole, in its dtype and shape: a new array, the caller's to change in place."""
     spec = source.layout[name]
-    blocks = [block.copy() for block in source.blocks(name, 1 << 20)]
-    return np.concatenate(blocks or [np.zeros(0, spec.dtype)]).astype(spec.dtype).reshape(spec.shape)
+    whole = np.empty(math.prod(spec.shape), spec.dtype)
+    filled = 0
+    for block in source.blocks(name, 1 << 20):
+        whole[filled : filled + block.size] = block
+        filled += block.size
+    return whole.reshape(spec.shape)
 
 
 def build_model(layout: tensors.Layout, tensor: Callable[[str], np.ndarray], folder: Path, name: str) -> Model:

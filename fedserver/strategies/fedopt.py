@@ -32,21 +32,32 @@ from fedserver.strategies.base import (
 def step(
     config: FedOptConfig, x: np.ndarray, delta: np.ndarray, m: np.ndarray | None, v: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """One server step of one tensor, in float64: (new x, new m, new v); m and v None in the first round."""
+    """One server step of one tensor: (new x, new m, new v), in the dtype of x; m and v are None in the
+    first round. x and delta are overwritten (they are the caller's fresh copies); m and v are left as they
+    are, because the checkpoint of the last round may still be writing them."""
     lr, tau = config.lr, config.tau
     if config.optimizer == "avgm":
-        velocity = config.momentum * (v if v is not None else 0.0) + delta
-        return x + lr * velocity, None, velocity
-    m = config.beta1 * (m if m is not None else 0.0) + (1.0 - config.beta1) * delta
+        velocity = delta if v is None else np.add(config.momentum * v, delta, out=delta)
+        x += lr * velocity
+        return x, None, velocity
+    new_m = delta * (1.0 - config.beta1)
+    if m is not None:
+        new_m += config.beta1 * m
+    square = np.square(delta, out=delta)
     v = v if v is not None else np.full_like(delta, tau * tau)
-    square = delta * delta
     if config.optimizer == "adagrad":
-        v = v + square
+        new_v = v + square
     elif config.optimizer == "yogi":
-        v = v - (1.0 - config.beta2) * square * np.sign(v - square)
+        new_v = v - (1.0 - config.beta2) * square * np.sign(v - square)
     else:
-        v = config.beta2 * v + (1.0 - config.beta2) * square
-    return x + lr * m / (np.sqrt(v) + tau), m, v
+        new_v = config.beta2 * v
+        new_v += (1.0 - config.beta2) * square
+    denominator = np.sqrt(new_v)
+    denominator += tau
+    step_size = new_m * lr
+    step_size /= denominator
+    x += step_size
+    return x, new_m, new_v
 
 
 class FedOpt(Strategy):
@@ -67,13 +78,15 @@ class FedOpt(Strategy):
             spec = current.layout[name]
             if name not in moving:
                 return read_tensor(mean, name)
-            x = read_tensor(current, name).astype(np.float64)
-            new_x, new_m, new_v = step(self.config, x, read_tensor(mean, name) - x, m.get(name), v.get(name))
             keep = state_dtype(spec.dtype)
+            x = read_tensor(current, name).astype(keep, copy=False)
+            delta = read_tensor(mean, name).astype(keep, copy=False)
+            delta -= x
+            new_x, new_m, new_v = step(self.config, x, delta, m.get(name), v.get(name))
             if new_m is not None:
-                m[name] = new_m.astype(keep)
-            v[name] = new_v.astype(keep)
-            return new_x.astype(spec.dtype)
+                m[name] = new_m
+            v[name] = new_v
+            return new_x.astype(spec.dtype, copy=False)
 
         new = build_model(current.layout, tensor, ctx.model_dir, f"round-{round_no}-step.safetensors")
         self.m, self.v = m, v

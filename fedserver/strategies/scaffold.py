@@ -67,7 +67,7 @@ class Scaffold(Strategy):
 
         def tensor(name: str) -> np.ndarray:
             if name.startswith(SCAFFOLD_PREFIX):
-                return self.c[name.removeprefix(SCAFFOLD_PREFIX)].astype(layout[name].dtype)
+                return self.c[name.removeprefix(SCAFFOLD_PREFIX)].astype(layout[name].dtype, copy=False)
             return read_tensor(source, name)
 
         payload = build_model(layout, tensor, ctx.model_dir, f"round-{round_no}-task.safetensors")
@@ -83,18 +83,23 @@ class Scaffold(Strategy):
         current, mean = model.source("global model"), aggregate.model.source("averaged model")
         moving = set(float_names(current.layout))
         scale = aggregate.total_weight / aggregate.count
-        self.c = {
-            name: (read_tensor(mean, SCAFFOLD_PREFIX + name).astype(np.float64) * scale).astype(
-                state_dtype(current.layout[name].dtype)
-            )
-            for name in moving
-        }
+        c = {}
+        for name in moving:
+            keep = state_dtype(current.layout[name].dtype)
+            c[name] = read_tensor(mean, SCAFFOLD_PREFIX + name).astype(keep, copy=False)
+            c[name] *= scale
+        self.c = c
 
         def tensor(name: str) -> np.ndarray:
-            if name not in moving:
+            if name not in moving or self.server_lr == 1.0:
                 return read_tensor(mean, name)
-            x = read_tensor(current, name).astype(np.float64)
-            return (x + self.server_lr * (read_tensor(mean, name) - x)).astype(current.layout[name].dtype)
+            spec = current.layout[name]
+            x = read_tensor(current, name).astype(state_dtype(spec.dtype), copy=False)
+            step = read_tensor(mean, name).astype(x.dtype, copy=False)
+            step -= x
+            step *= self.server_lr
+            x += step
+            return x.astype(spec.dtype, copy=False)
 
         return build_model(current.layout, tensor, ctx.model_dir, f"round-{round_no}-step.safetensors")
 
