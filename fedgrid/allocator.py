@@ -4,7 +4,7 @@ By default glibc maps every buffer above 128 KB on its own and unmaps it when it
 threshold, after a while, to the size of the last large buffer freed). A round moves a few 2 MB frames
 and model-sized buffers through each process; with those defaults each would be mapped again and the
 kernel would zero every page of it again: about a third of a job worker's CPU in a one-step round, and
-half the CPU per MB of a large transfer (bench/round_overhead.py, bench/transfer.py).
+a third to a half of the CPU per MB of a large transfer (bench/round_overhead.py, bench/transfer.py).
 With a fixed threshold of MMAP_THRESHOLD, buffers up to that size come from the heap and are reused, and
 the heap keeps up to TRIM_THRESHOLD free at its top before giving memory back. The server also caps its
 arenas and trims after each round (fedserver/memory.py), so what it keeps stays O(model)
