@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedgrid import tensors
 from fedgrid.errors import EncryptionError, FedgridError, PayloadError, StateError
@@ -49,6 +49,8 @@ from fedserver.model import Model
 from fedserver.privacy import PrivacyLedger
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.strategies import Aggregate, RoundContext, Strategy
+
+T = TypeVar("T")
 
 
 class RoundFailed(FedgridError):
@@ -148,6 +150,24 @@ class RoundLoop:
         self._saving = Background()
         """The checkpoint being written while the next round runs."""
 
+    async def _compute(self, small: bool, work: Callable[..., T], *args: Any) -> T:
+        """A round's arithmetic: on the event loop when `small` (a few ms on plaintext models in memory, less
+        than handing it to a thread and back costs: bench/round_overhead.py), else in a thread, so that
+        large models and ciphertexts never hold up the other streams."""
+        if small:
+            return work(*args)
+        return await asyncio.to_thread(work, *args)
+
+    @staticmethod
+    def _small(model: Model | None) -> bool:
+        """A plaintext model held in memory (up to fedserver.model.MEMORY_LIMIT)."""
+        return model is not None and model.data is not None and model.payload_format == tensors.FORMAT
+
+    @property
+    def _built_in(self) -> bool:
+        """Whether the strategy is one of ours (an operator's `module:` strategy always runs in a thread)."""
+        return type(self.strategy).__module__.startswith("fedserver.strategies.")
+
     def min_responses(self) -> int:
         return self.config.min_responses or self.config.min_clients
 
@@ -227,7 +247,8 @@ class RoundLoop:
             if self.on_round_start is not None:
                 await self.on_round_start(round_no)
             active = self.active_sites(round_no)
-            plan = await asyncio.to_thread(self.strategy.configure_train, round_no, active, model, self.context)
+            small = self._small(model) and self._built_in
+            plan = await self._compute(small, self.strategy.configure_train, round_no, active, model, self.context)
             evaluation = self._evaluation_task(previous) if previous is not None else None
             settings = dict(plan.settings)
             if self.privacy is not None:
@@ -351,7 +372,8 @@ class RoundLoop:
         await aggregator.complete()
         started = time.perf_counter()
         suffix = "safetensors" if aggregator.payload_format == tensors.FORMAT else "ckks"
-        model = await asyncio.to_thread(aggregator.finish, self.model_dir, f"round-{train.round}.{suffix}")
+        small = self._small(self.model) and aggregator.payload_format == tensors.FORMAT
+        model = await self._compute(small, aggregator.finish, self.model_dir, f"round-{train.round}.{suffix}")
         self.log.info(
             "round %d: aggregate of %d updates serialized in %.3f s (%d bytes%s)",
             train.round,
@@ -362,13 +384,14 @@ class RoundLoop:
         )
         aggregate = Aggregate(model, aggregator.count, aggregator.total_weight)
         assert self.model is not None
-        model = await asyncio.to_thread(self.strategy.aggregate_train, train.round, self.model, aggregate, self.context)
+        step, small = self.strategy.aggregate_train, self._small(model) and self._built_in
+        model = await self._compute(small, step, train.round, self.model, aggregate, self.context)
         return model, answered, moved
 
     async def _fold(self, aggregator: Aggregator, item: Result, task: Task, refused: list[str]) -> None:
         try:
             started = time.perf_counter()
-            await asyncio.to_thread(aggregator.add, item)
+            await self._compute(item.data is not None and item.payload_format == tensors.FORMAT, aggregator.add, item)
             self.log.info(
                 "round %d: update from %s folded in (%d samples, %d bytes, %.3f s)",
                 task.round,
