@@ -14,6 +14,7 @@ arenas and trims after each round (fedserver/memory.py), so what it keeps stays 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -28,8 +29,9 @@ TRIM_THRESHOLD = 64 << 20
 """Free memory at the top of the heap beyond this goes back to the system."""
 
 
+@functools.cache
 def libc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has mallopt), else None."""
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
     try:
         library = ctypes.CDLL("libc.so.6")
     except OSError:

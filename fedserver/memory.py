@@ -17,5 +17,5 @@ ARENAS = 2
 def trim() -> None:
     """Give freed memory back to the system (after a round, when payload buffers were released)."""
     library = allocator.libc()
-    if library is not None and hasattr(library, "malloc_trim"):
+    if library is not None:
         library.malloc_trim(0)

@@ -159,9 +159,9 @@ class RoundLoop:
         return await asyncio.to_thread(work, *args)
 
     @staticmethod
-    def _small(model: Model | None) -> bool:
-        """A plaintext model held in memory (up to fedserver.model.MEMORY_LIMIT)."""
-        return model is not None and model.data is not None and model.payload_format == tensors.FORMAT
+    def _small(payload: Model | Result | None) -> bool:
+        """A plaintext model or update held in memory (up to fedserver.model.MEMORY_LIMIT)."""
+        return payload is not None and payload.data is not None and payload.payload_format == tensors.FORMAT
 
     @property
     def _built_in(self) -> bool:
@@ -391,7 +391,7 @@ class RoundLoop:
     async def _fold(self, aggregator: Aggregator, item: Result, task: Task, refused: list[str]) -> None:
         try:
             started = time.perf_counter()
-            await self._compute(item.data is not None and item.payload_format == tensors.FORMAT, aggregator.add, item)
+            await self._compute(self._small(item), aggregator.add, item)
             self.log.info(
                 "round %d: update from %s folded in (%d samples, %d bytes, %.3f s)",
                 task.round,
