@@ -21,7 +21,7 @@ from fedgrid.retry import Backoff
 from fedgrid.settings import ServerSettings
 from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
-from fedserver import jobstore
+from fedserver import jobstore, memory
 from fedserver.jobrun import JobRun, RunContext
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.registry import SiteRegistry
@@ -169,6 +169,8 @@ class Scheduler:
         self._wake.set()
         if run is not None and run.tracking_pending():
             self._deliver_later(job_id)
+        del run
+        memory.trim()  # what the job held is free now: an idle server keeps what it uses, not its peak
 
     # ------------------------------------------------------------------ resources
 

@@ -1,5 +1,5 @@
 """Short jobs back to back on a running federation, with what each daemon holds sampled after every job:
-resident memory, threads and open file descriptors (from /proc). Used by tests/test_campaign_soak.py (12
+resident memory, threads and open file descriptors (from /proc). Used by tests/test_campaign_soak.py (18
 jobs in CI) and bench/soak.py (100 jobs, printed).
 """
 

@@ -1,10 +1,12 @@
-"""Soak: 12 short jobs back to back on one running federation; no daemon may grow with the jobs it ran.
+"""Soak: 18 short jobs back to back on one running federation; no daemon may grow with the jobs it ran.
 
 After each job the server's and each site daemon's resident memory, threads and open file descriptors
 are sampled (tests/soak.py). The first jobs warm caches up (imports, the warm worker, gRPC's pools); over
 the rest, the least-squares slope of memory must stay under a bound well below what a per-job leak gives
-(the server once grew ~3 MB per job), and threads and descriptors must not climb. bench/soak.py runs the
-same over 100 jobs and prints the figures.
+(a job's state left behind is megabytes), and threads and descriptors must not climb. The server's memory
+swings by ~1.5 MB from one job to the next (whether a closed TLS connection's buffers were freed yet when
+it is sampled), so over twelve samples the slope's noise reaches ~0.2 MB/job: the bound sits above that.
+bench/soak.py runs the same over 100 jobs and prints the figures, the finer measure.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from conftest import ProvisionedProject, provision_project
 from federation import Federation, running
 from soak import run_jobs, series, slope
 
-JOBS = 12
-WARMUP = 4
-RSS_SLOPE_MB = 0.25
+JOBS = 18
+WARMUP = 6
+RSS_SLOPE_MB = 0.5
 """Largest growth of resident memory allowed per job, by a linear fit over the jobs after the warm-up."""
 
 
