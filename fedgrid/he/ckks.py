@@ -136,11 +136,14 @@ class Engine:
         # Two values per slot: a slot holds a complex number, and sums add real and imaginary parts apart.
         slots = np.ascontiguousarray(values).view(np.complex128).tolist()
         try:
-            plain, ciphertext = seal.Plaintext(), seal.Ciphertext()
+            plain = seal.Plaintext()
             self.encoder.encode(slots, self.scale, plain)
             if self.symmetric:
-                self.encryptor.encrypt_symmetric(plain, ciphertext)  # type: ignore[union-attr]
+                # SEAL's serializable form: the random half of the ciphertext goes as the seed it came
+                # from, and loading expands it again. Half the bytes of a full ciphertext.
+                ciphertext = self.encryptor.encrypt_symmetric(plain)  # type: ignore[union-attr]
             else:
+                ciphertext = seal.Ciphertext()
                 self.encryptor.encrypt(plain, ciphertext)  # type: ignore[union-attr]
         except (ValueError, RuntimeError) as exc:
             raise SealError(str(exc)) from exc

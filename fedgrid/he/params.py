@@ -7,13 +7,13 @@ exists. A sum needs no multiplication, and that decides the defaults (measured i
   the last is SEAL's key-switching ("special") prime, which the keys carry and a sum never uses. With
   no rescaling there is no modulus chain to pay for: one 56-bit prime holds the weighted sum (8 bits
   for |values| ≤ 256, 20 for a total weight ≤ 2^20, 26 of scale, 2 of sign and margin) where FLARE's
-  configuration carries 60+40 bits. With two values per slot: 3.8x the float32 bytes, where FLARE's
-  vectors take 14.6x.
+  configuration carries 60+40 bits. With two values per slot: an update is 1.9x its float32 bytes
+  (an aggregate, no longer seeded, 3.8x), where FLARE's vectors take 14.6x.
 - **56 bits, not 60.** SEAL zstd-compresses the residues, byte by byte: a 56-bit residue in a 64-bit
   word costs ~60.5 bits, 60 bits cost 64.
 - **Symmetric encryption.** Sites hold the secret key anyway; encrypting with it has a tenth of the
-  public-key noise (3.5 bits more precision) and takes half the time. (The bindings do not expose
-  SEAL's seeded serialization, which would halve the bytes of a fresh symmetric ciphertext.)
+  public-key noise (3.5 bits more precision) and takes half the time, and a fresh symmetric ciphertext
+  travels in SEAL's seeded form: its random polynomial as the seed it came from, half the bytes.
 
 Security: `coeff_mod_bit_sizes` must add up to at most the 128-bit bound of the HomomorphicEncryption.org
 standard for the degree (ternary secret; SEAL enforces the same table), 218 bits for N=8192.
