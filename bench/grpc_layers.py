@@ -11,8 +11,8 @@ malloc settings (fedgrid.allocator) in both. The layers are added one at a time:
    code, as a job worker's result travels;
 3. the worker's outbox: the messages go through a bounded queue that gRPC's thread drains, as
    fedclient.work_stream sends every request of its one stream;
-4. the server's spool: each frame's data written to a file off the event loop as it arrives, as
-   fedserver/worker_io.py spools a large update.
+4. the server's spool: each frame's data written off the event loop as it arrives into a file reserved
+   at the payload's size, as fedserver/worker_io.py spools a large update.
 
 Printed: MB/s of each layer (best of --repeat) and its ratio to bare gRPC, to tell where an upload's time
 goes (bench/transfer.py measures the real server path end to end).
@@ -67,7 +67,7 @@ def certificate() -> tuple[bytes, bytes]:
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spool_dir: str) -> None:
+def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spool_dir: str, expected: int) -> None:
     """The server process: one stream-unary method that takes the messages of `layer`."""
     import grpc
 
@@ -80,6 +80,8 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
     async def upload(requests, context) -> bytes:  # noqa: ANN001 - gRPC's request iterator and context
         received = 0
         spool = open(os.path.join(spool_dir, "spool"), "wb") if layer >= 4 else None  # noqa: SIM115
+        if spool is not None:
+            os.posix_fallocate(spool.fileno(), 0, expected)  # as fedserver.spool reserves the expected size
         try:
             async for message in requests:
                 data = message if layer == 1 else message.result.data
@@ -140,7 +142,7 @@ def measure(layer: int, payload: bytes, repeat: int) -> float:
     spawn = multiprocessing.get_context("spawn")
     ports: multiprocessing.Queue = spawn.Queue()
     with tempfile.TemporaryDirectory() as spool_dir:
-        server = spawn.Process(target=serve, args=(layer, key, cert, ports, spool_dir), daemon=True)
+        server = spawn.Process(target=serve, args=(layer, key, cert, ports, spool_dir, len(payload)), daemon=True)
         server.start()
         try:
             port = ports.get(timeout=60)
