@@ -266,7 +266,7 @@ class JobSession:
             task.scaffold = self.scaffold = ScaffoldRound(self.job_dir, control, reference, task.settings)
         return task
 
-    def _decode(self, header: fpb.TaskHeader, payload: bytes) -> dict[str, np.ndarray]:
+    def _decode(self, header: fpb.TaskHeader, payload: bytes | bytearray) -> dict[str, np.ndarray]:
         if not header.payload_format:
             return {}
         if header.payload_cached:

@@ -71,23 +71,26 @@ class WorkStream:
 
     # ------------------------------------------------------------------ requests
 
-    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes]:
-        """The next task and its payload (b"" when it has none, or when the worker holds it already)."""
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | bytearray]:
+        """The next task and its payload (empty when it has none, or when the worker holds it already),
+        received into one buffer of the size the server announced."""
 
-        def ask() -> tuple[fpb.TaskHeader, bytes]:
+        def ask() -> tuple[fpb.TaskHeader, bytes | bytearray]:
             self._send(fpb.WorkerMessage(next_task=request))
-            buffer = transfer.Chunks()
+            frame = self._task_frame()
+            announced = 0 if frame.header.payload_cached else frame.header.payload_size
+            buffer = (
+                transfer.Buffer(announced, "task") if 0 < announced <= MAX_TASK_BYTES else transfer.Chunks()
+            )
             assembler = transfer.Assembler(
                 buffer,  # type: ignore[arg-type]
                 max_size=MAX_TASK_BYTES,
                 what="task",
                 verify=lambda h: transfer.digest_checked(h.payload_format),
             )
+            assembler.feed(frame)
             while not assembler.done:
-                answer = self._answer()
-                if answer.WhichOneof("kind") != "task":
-                    raise TransferError(f"task: the server answered with a {answer.WhichOneof('kind')}")
-                assembler.feed(answer.task)
+                assembler.feed(self._task_frame())
             header = assembler.finish()
             checked = assembler.sha256 is not None and header.payload_format and not header.payload_cached
             if checked and assembler.sha256 != header.payload_sha256:
@@ -97,6 +100,12 @@ class WorkStream:
             return header, buffer.getvalue()
 
         return self._request("receive", ask)
+
+    def _task_frame(self) -> fpb.TaskFrame:
+        answer = self._answer()
+        if answer.WhichOneof("kind") != "task":
+            raise TransferError(f"task: the server answered with a {answer.WhichOneof('kind')}")
+        return answer.task
 
     def upload_slot(self, task_id: str) -> None:
         """Wait for a turn to upload the result of `task_id` (the server grants a few at a time)."""

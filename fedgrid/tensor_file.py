@@ -4,9 +4,9 @@ The server keeps models above a few MB (and the updates it receives for them) in
 folds them block by block: its memory stays a small multiple of one model however large the model is
 (bench/aggregation_memory.py). The safetensors library reads files through mmap, and every mapped page
 it touches counts in the process's resident memory until the file is closed, so reading a 1 GB update
-with it costs 1 GB of RSS; plain reads into one reused buffer cost a block. The header is checked here
-as strictly as the library does (names, dtypes, shapes, offsets that tile the data exactly, the file's
-size); every value is still checked for finiteness by whoever folds it.
+with it costs 1 GB of RSS; plain reads into one reused buffer cost a block. The header is checked as
+strictly as the library does (fedgrid.tensors.parse_header: names, dtypes, shapes, offsets that tile the
+data exactly, the file's size); every value is still checked for finiteness by whoever folds it.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ import numpy as np
 
 from fedgrid.errors import PayloadError
 from fedgrid.files import write_atomic
-from fedgrid.tensors import SAFETENSORS_DTYPES, Layout, TensorSpec, layout_of
+from fedgrid.tensors import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, Layout, layout_of, parse_header
 
 BLOCK_BYTES = 1 << 20
 """Bytes read or written at a time."""
-MAX_HEADER_BYTES = 100 << 20
-DTYPE_OF_CODE = {code: name for name, code in SAFETENSORS_DTYPES.items()}
 
 
 class TensorSource(Protocol):
@@ -57,8 +55,6 @@ class TensorFile:
     def __init__(self, path: Path, what: str) -> None:
         self.path = Path(path)
         self.what = what
-        self.layout: Layout = {}
-        self._spans: dict[str, tuple[int, int]] = {}
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as stream:
@@ -72,40 +68,7 @@ class TensorFile:
         except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a huge number
             raise PayloadError(f"{what}: not a readable safetensors file ({str(exc)[:200]})") from None
         self._data_start = 8 + length
-        self._parse(header, size - self._data_start)
-
-    def _parse(self, header: object, data_size: int) -> None:
-        if not isinstance(header, dict):
-            raise PayloadError(f"{self.what}: the safetensors header is not a JSON object")
-        spans = []
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-                raise PayloadError(f"{self.what}: tensor {name!r}: expected dtype, shape and data_offsets")
-            dtype = DTYPE_OF_CODE.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-            shape, offsets = entry["shape"], entry["data_offsets"]
-            if dtype is None:
-                raise PayloadError(f"{self.what}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise PayloadError(f"{self.what}: tensor {name!r} has a bad shape {shape!r}")
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-                raise PayloadError(f"{self.what}: tensor {name!r} has bad data_offsets {offsets!r}")
-            begin, end = offsets
-            if end - begin != math.prod(shape) * np.dtype(dtype).itemsize or begin < 0:
-                raise PayloadError(f"{self.what}: tensor {name!r}: data_offsets do not match its shape and dtype")
-            self.layout[name] = TensorSpec(dtype, tuple(shape))
-            self._spans[name] = (begin, end)
-            spans.append((begin, end))
-        position = 0
-        for begin, end in sorted(spans):
-            if begin != position:
-                raise PayloadError(f"{self.what}: tensor data overlaps or leaves a gap at byte {begin}")
-            position = end
-        if position != data_size:
-            raise PayloadError(
-                f"{self.what}: the header describes {position} bytes of data, the file holds {data_size}"
-            )
+        self.layout, self._spans = parse_header(header, size - self._data_start, what)
 
     @property
     def size(self) -> int:

@@ -141,6 +141,35 @@ class Chunks:
         return value
 
 
+class Buffer:
+    """An in-memory sink for a payload whose size the sender announced: each chunk is copied into place as
+    it arrives, so nothing is joined at the end, and the result is a writable bytearray that
+    fedgrid.tensors.decode reads without a copy. More bytes than announced are refused."""
+
+    def __init__(self, size: int, what: str) -> None:
+        self._data = bytearray(size)
+        self._view = memoryview(self._data)
+        self.what = what
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        end = self.size + len(data)
+        if end > len(self._data):
+            raise TransferError(f"{self.what}: more than the {len(self._data)} bytes announced")
+        self._view[self.size : end] = data
+        self.size = end
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def getvalue(self) -> bytearray:
+        """The payload: the whole buffer, or what arrived when that was less than announced."""
+        if self.size == len(self._data):
+            return self._data
+        return bytearray(self._view[: self.size])
+
+
 class Assembler:
     """Checks a stream of frames and writes the data to a sink.
 

@@ -82,6 +82,47 @@ def test_safetensors_round_trip_refuses_garbage() -> None:
         tensors.decode(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
 
 
+def test_decoding_reads_the_librarys_bytes_views_a_received_buffer_and_copies_immutable_bytes() -> None:
+    from safetensors.numpy import save as st_save
+
+    rng = np.random.default_rng(1)
+    arrays = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": np.arange(5, dtype=np.int64)}
+    data = st_save(arrays)
+    received = bytearray(data)
+    for source in (data, received):
+        decoded = tensors.decode(source)
+        assert decoded.keys() == arrays.keys()
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(decoded[name], array)
+            assert decoded[name].flags.writeable and decoded[name].flags.aligned
+            assert np.shares_memory(decoded[name], np.frombuffer(received, np.uint8)) == (source is received)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "describes 8 bytes of data, the payload holds"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "'a': data_offsets do not match"),
+        ({"a": {"dtype": "C64", "shape": [3], "data_offsets": [0, 12]}}, "'a' has unsupported dtype 'C64'"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            "overlaps or leaves a gap at byte 4",
+        ),
+        ([1, 2], "header is not a JSON object"),
+    ],
+)
+def test_a_malformed_safetensors_header_is_refused_naming_the_problem(header: object, message: str) -> None:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    with pytest.raises(PayloadError, match=message):
+        tensors.decode(struct.pack("<Q", len(text)) + text + bytes(12), what="update from site-1")
+
+
 def test_our_safetensors_writer_is_read_back_exactly_by_the_safetensors_library(tmp_path: Path) -> None:
     from safetensors.numpy import load_file as st_load_file
     from safetensors.torch import load as torch_load
