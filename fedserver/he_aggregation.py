@@ -13,7 +13,7 @@ from fedgrid import he, tensors
 from fedgrid.errors import PayloadError
 from fedgrid.files import write_atomic
 from fedserver.grid import Result
-from fedserver.model import MEMORY_LIMIT, Model
+from fedserver.model import CKKS_EXPANSION, MEMORY_LIMIT, Model
 
 FORMAT = "ckks"
 
@@ -50,9 +50,10 @@ class EncryptedAggregator:
         """Nothing beyond the ciphertexts."""
 
     def finish(self, folder: Path, name: str) -> Model:
-        """The encrypted sum: bytes when small, else the file `folder/name`."""
+        """The encrypted sum: bytes when its model would stay in memory in plaintext (then every worker
+        is sent it at once, as a plaintext model), else the file `folder/name`."""
         pieces = list(self._sum.serialize())
-        if sum(len(piece) for piece in pieces) <= MEMORY_LIMIT:
+        if sum(len(piece) for piece in pieces) <= 2 * CKKS_EXPANSION * MEMORY_LIMIT:
             return Model.in_memory(FORMAT, b"".join(pieces), self._sum.total_weight)
         write_atomic(folder / name, pieces)
         del pieces

@@ -22,7 +22,7 @@ from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import memory
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
-from fedserver.model import Model
+from fedserver.model import CKKS_EXPANSION, Model
 from fedserver.spool import Spool
 
 UPLOAD_SLOTS = 2
@@ -56,6 +56,8 @@ class JobIO:
         self._sending = asyncio.Semaphore(SENDING)
         self._upload_slots = UploadSlots(UPLOAD_SLOTS)
         self.model_bytes = 0
+        self.update_bytes = 0
+        """The size of an update a site sends: the model's, or its ciphertexts'."""
         self._slot_bytes = 0
         """Expected size of an update from which sites must ask for an upload slot first."""
 
@@ -65,10 +67,10 @@ class JobIO:
         return self._tmp_dir
 
     def expect_models_of(self, model_bytes: int, encrypted: bool) -> None:
-        """Size the job's traffic for models of `model_bytes` (ciphertexts are several times larger)."""
+        """Size the job's traffic for models of `model_bytes` (an encrypted update is larger)."""
         self.model_bytes = model_bytes
-        expected = model_bytes * (8 if encrypted else 1)
-        self._slot_bytes = SLOT_MIN_BYTES if expected >= SLOT_MIN_BYTES else 0
+        self.update_bytes = model_bytes * (CKKS_EXPANSION if encrypted else 1)
+        self._slot_bytes = SLOT_MIN_BYTES if self.update_bytes >= SLOT_MIN_BYTES else 0
 
     @property
     def large(self) -> bool:
@@ -177,7 +179,7 @@ class JobIO:
         return max(64 << 20, 32 * self.model_bytes)
 
     def new_spool(self, site: str, payload_format: str) -> Spool:
-        return Spool(self._tmp_dir, prefix=f"{site}-", expected=self.model_bytes if payload_format else 0)
+        return Spool(self._tmp_dir, prefix=f"{site}-", expected=self.update_bytes if payload_format else 0)
 
     def needs_upload_slot(self, payload_format: str) -> bool:
         return bool(self._slot_bytes) and bool(payload_format)

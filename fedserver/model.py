@@ -21,6 +21,11 @@ from fedgrid.tensor_file import BLOCK_BYTES, ArraySource, TensorFile, TensorSour
 
 MEMORY_LIMIT = 8 << 20
 """Models (and payloads received) up to this size stay in memory; larger ones go to files."""
+CKKS_EXPANSION = 2
+"""Bytes of a site's encrypted update per byte of its float32 model, with the default CKKS parameters
+(1.9: one 56-bit prime, two values per slot, seeded ciphertexts; fedgrid/he/params.py); the aggregate
+sent back is twice that. Sizes a job's spools, upload turns and where its aggregate lives: other
+parameters only move the point where payloads go to files."""
 
 
 @dataclass(frozen=True)
