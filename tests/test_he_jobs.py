@@ -202,6 +202,35 @@ def test_fedprox_and_scaffold_run_on_ciphertexts_and_match_their_plaintext_repla
                 np.testing.assert_allclose(site_c[name], scaffold.c_site[kit.name][name], atol=1e-3)
 
 
+def test_a_model_too_large_to_keep_in_memory_runs_encrypted_from_files(federation: Federation, tmp_path: Path) -> None:
+    """9 MB of float32 (above the server's in-memory limit): the updates take upload turns and spool to
+    files, the 35 MB aggregate is written to a file and streamed from it to each site in turn, and the
+    final model is still FedAvg's within CKKS's precision."""
+    rng = np.random.default_rng(3)
+    initial = {"w": rng.standard_normal((1500, 1500)).astype(np.float32), "b": np.zeros(7, np.float32)}
+    sites = [Site("site-1", shift=1.0, samples=100), Site("site-2", shift=-2.0, samples=300)]
+    recipe = FedAvgRecipe(
+        name="he-large",
+        model=initial,
+        train_script=SCRIPT,
+        train_args=train_args(sites),
+        num_rounds=2,
+        min_clients=2,
+        encryption=True,
+    )
+    with federation.session() as session:
+        job_id = session.submit_job(recipe.export(tmp_path / "job"))
+        info = session.wait(job_id)
+        assert info.status == "FINISHED:COMPLETED", info.error
+        result = session.download_job(job_id, tmp_path / "result")
+    log = (result / "log.txt").read_text()
+    assert "round 1: aggregate of 2 updates serialized in" in log and "round-1.ckks)" in log, log
+    final = tensors.load_file(result / "final_model.safetensors")
+    expected = replay([sites] * 2, initial=initial)[1]
+    for name in initial:
+        np.testing.assert_allclose(final[name], expected[name], atol=1e-3, err_msg=f"final model {name}")
+
+
 @pytest.mark.skipif(
     not FASHION.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
 )
