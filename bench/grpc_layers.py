@@ -2,9 +2,9 @@
 
     python bench/grpc_layers.py [--mb 90] [--repeat 3]
 
-A client process streams --mb MB in 2 MB messages to a gRPC asyncio server in another process over TLS on
-loopback (a throw-away self-signed certificate), with fedgrid's channel options (fedgrid.transfer) and its
-malloc settings (fedgrid.allocator) in both. The layers are added one at a time:
+A client process streams --mb MB in 512 KB messages (fedgrid.transfer.UPLOAD_CHUNK_SIZE) to a gRPC asyncio
+server in another process over TLS on loopback (a throw-away self-signed certificate), with fedgrid's channel
+options (fedgrid.transfer) and its malloc settings (fedgrid.allocator) in both. The layers are added one at a time:
 
 1. bare gRPC: the messages are bytes, the server counts them;
 2. protobuf frames: each message a WorkerMessage carrying a ResultFrame, built and parsed by the generated
@@ -12,7 +12,7 @@ malloc settings (fedgrid.allocator) in both. The layers are added one at a time:
 3. the worker's outbox: the messages go through a bounded queue that gRPC's thread drains, as
    fedclient.work_stream sends every request of its one stream;
 4. the server's spool: each frame's data written off the event loop as it arrives into a file reserved
-   at the payload's size, as fedserver/worker_io.py spools a large update.
+   at the payload's size, gathered into 4 MB writes, as fedserver/worker_io.py spools a large update.
 
 Printed: MB/s of each layer (best of --repeat) and its ratio to bare gRPC, to tell where an upload's time
 goes (bench/transfer.py measures the real server path end to end).
@@ -74,14 +74,16 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
     from fedgrid import allocator
     from fedgrid.transfer import GRPC_OPTIONS
     from fedgrid.v1 import federation_pb2 as fpb
+    from fedserver.spool import WRITE_BYTES
 
     allocator.tune(arenas=2)
 
     async def upload(requests, context) -> bytes:  # noqa: ANN001 - gRPC's request iterator and context
         received = 0
-        spool = open(os.path.join(spool_dir, "spool"), "wb") if layer >= 4 else None  # noqa: SIM115
-        if spool is not None:
-            os.posix_fallocate(spool.fileno(), 0, expected)  # as fedserver.spool reserves the expected size
+        spool = None
+        if layer >= 4:  # as fedserver.spool: reserved at the expected size, written in WRITE_BYTES writes
+            spool = open(os.path.join(spool_dir, "spool"), "wb", buffering=WRITE_BYTES)  # noqa: SIM115
+            os.posix_fallocate(spool.fileno(), 0, expected)
         try:
             async for message in requests:
                 data = message if layer == 1 else message.result.data
@@ -135,7 +137,7 @@ def measure(layer: int, payload: bytes, repeat: int) -> float:
     """Best MB/s of `repeat` uploads of `payload` with the layers up to `layer`."""
     import grpc
 
-    from fedgrid.transfer import CHUNK_SIZE, GRPC_OPTIONS
+    from fedgrid.transfer import GRPC_OPTIONS, UPLOAD_CHUNK_SIZE
     from fedgrid.v1 import federation_pb2 as fpb
 
     key, cert = certificate()
@@ -153,7 +155,7 @@ def measure(layer: int, payload: bytes, repeat: int) -> float:
                 upload = channel.stream_unary(METHOD, request_serializer=serializer)
                 best = 0.0
                 for _ in range(repeat + 1):  # the first one warms the connection up
-                    source = messages(layer, payload, CHUNK_SIZE)
+                    source = messages(layer, payload, UPLOAD_CHUNK_SIZE)
                     started = time.perf_counter()
                     answer = upload(through_outbox(source) if layer >= 3 else source, timeout=300)
                     elapsed = time.perf_counter() - started

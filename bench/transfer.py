@@ -134,7 +134,12 @@ class Site:
             if header.upload_slot:
                 stream.upload_slot(header.task_id)
             cpu, start = cpu_seconds(server_pid) + time.process_time(), time.perf_counter()
-            stream.result(lambda: transfer.frames(fpb.ResultFrame, result, [payload], digest=False))
+            update = [payload]
+            stream.result(
+                lambda: transfer.frames(
+                    fpb.ResultFrame, result, update, digest=False, chunk_size=transfer.UPLOAD_CHUNK_SIZE
+                )
+            )
             up = (time.perf_counter() - start, cpu_seconds(server_pid) + time.process_time() - cpu)
             while True:
                 header, _ = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=header.task_id))

@@ -378,7 +378,11 @@ class JobSession:
         try:
             if task.upload_slot and payload_format:
                 self.stream.upload_slot(task.task_id)
-            reply = self.stream.result(lambda: transfer.frames(fpb.ResultFrame, header, pieces(), digest=digest))
+            reply = self.stream.result(
+                lambda: transfer.frames(
+                    fpb.ResultFrame, header, pieces(), digest=digest, chunk_size=transfer.UPLOAD_CHUNK_SIZE
+                )
+            )
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
             return False

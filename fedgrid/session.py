@@ -41,7 +41,7 @@ from fedgrid.serde import (
 )
 from fedgrid.settings import ADMIN_SETTINGS_FILE, AdminSettings, load_settings
 from fedgrid.tls import secure_channel
-from fedgrid.transfer import Chunks, frames, receive, split
+from fedgrid.transfer import UPLOAD_CHUNK_SIZE, Chunks, frames, receive
 from fedgrid.v1 import admin_pb2 as apb
 from fedgrid.v1 import admin_pb2_grpc
 
@@ -109,7 +109,9 @@ class Session:
         signed = jobspec.sign_job(folder, self.kit.private_key(), self.kit.name)
         header = apb.UploadHeader(signed_manifest=signed, size=len(package))
         reply = self._call(
-            lambda: self.stub.SubmitJob(frames(apb.UploadFrame, header, split(package)), timeout=max(self.timeout, 300))
+            lambda: self.stub.SubmitJob(
+                frames(apb.UploadFrame, header, [package], chunk_size=UPLOAD_CHUNK_SIZE), timeout=max(self.timeout, 300)
+            )
         )
         return reply.job_id
 

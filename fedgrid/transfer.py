@@ -24,8 +24,14 @@ from fedgrid.errors import TransferError
 from fedgrid.v1 import common_pb2
 
 CHUNK_SIZE = 2 << 20
-"""Bytes of data per frame: a 2.7 MB model is two messages, and a stream in flight holds a few MB at
-each end however large the model (bench/transfer.py, bench/aggregation_memory.py)."""
+"""Bytes of data per frame the server sends (models, job packages, downloads): a 2.7 MB model is two
+messages, and a stream in flight holds a few MB at each end however large the model (bench/transfer.py)."""
+UPLOAD_CHUNK_SIZE = 512 << 10
+"""Bytes of data per frame sent to the server (updates, job uploads). gRPC keeps buffers for about one
+received message per TLS connection once a large payload has crossed it: with 2 MB frames the server
+held 4.3 models above its baseline while 32 sites uploaded a 40 MB update each, with 512 KB frames 2.4
+(bench/aggregation_memory.py). The server writes what it spools in 4 MB writes (fedserver/spool.py), so
+the smaller frames cost uploads no speed (bench/transfer.py)."""
 
 MAX_MESSAGE_BYTES = 8 << 20
 """gRPC message limit set on every channel and server: comfortably above one chunk plus a header."""
@@ -78,9 +84,10 @@ def frames(
     pieces: Iterable[bytes | memoryview],
     sha256: bytes | None = None,
     digest: bool = True,
+    chunk_size: int = CHUNK_SIZE,
 ) -> Iterator[F]:
     """The frames of a payload: the header rides on the first, the trailer on the last, each carries
-    at most CHUNK_SIZE of data.
+    at most `chunk_size` bytes of data (UPLOAD_CHUNK_SIZE for what goes to the server).
 
     `pieces` may be a generator that produces bytes while earlier frames are already on the wire
     (encryption overlapping upload). Pass `sha256` when the digest of the payload is already known, to
@@ -93,7 +100,7 @@ def frames(
     """A chunk held back until the next one shows it is not the last (the last carries the trailer)."""
     first = True
     for piece in pieces:
-        for chunk in split(piece):
+        for chunk in split(piece, chunk_size):
             if not chunk:
                 continue
             if hasher is not None:
