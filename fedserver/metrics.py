@@ -136,13 +136,30 @@ for _kind in ("hello", "next_task", "upload_slot", "result", "events", "ping"):
 # ---------------------------------------------------------------------- events
 
 
+class RPCCall:
+    """One RPC being served, counted once with its status code."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.counted = False
+
+    def count(self, code: str) -> None:
+        """Count the call with `code` (the first time only). An abort counts it before its status goes out,
+        so that a client that has seen the status finds it in /metrics."""
+        if not self.counted:
+            self.counted = True
+            RPCS.labels(self.method, code).inc()
+            RPC_SECONDS.labels(self.method).observe(time.perf_counter() - self.started)
+
+
 @contextlib.contextmanager
-def rpc_call(method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+def rpc_call(method: str, context: grpc.aio.ServicerContext) -> Iterator[RPCCall]:
     """Count one RPC and time it; its code is the status the servicer set (OK when it returned)."""
-    started = time.perf_counter()
+    call = RPCCall(method)
     code = "OK"
     try:
-        yield
+        yield call
     except grpc.aio.AbortError:
         status = context.code()
         code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
@@ -154,8 +171,7 @@ def rpc_call(method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
         code = "UNKNOWN"
         raise
     finally:
-        RPCS.labels(method, code).inc()
-        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+        call.count(code)
 
 
 def work_request(kind: str | None) -> None:

@@ -24,13 +24,16 @@ from fedserver import metrics
 log = logging.getLogger(__name__)
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException, call: metrics.RPCCall) -> None:
     if isinstance(exc, errors.FedgridError):
         log.info("%s refused: %s", method, exc)
         _drop_frames(exc)
-        await context.abort(status_of(exc), str(exc), error_metadata(exc))
+        status = status_of(exc)
+        call.count(status.name)
+        await context.abort(status, str(exc), error_metadata(exc))
     log.exception("%s failed", method)
     _drop_frames(exc)
+    call.count(grpc.StatusCode.INTERNAL.name)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"{method}: internal error on the server ({type(exc).__name__}); see the server log"
     )
@@ -66,7 +69,7 @@ def rpc(fn: Callable) -> Callable:
 
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with metrics.rpc_call(method, context):
+            with metrics.rpc_call(method, context) as call:
                 try:
                     caller = self.identify(context, name)
                     async for item in fn(self, request, context, caller):
@@ -74,19 +77,19 @@ def rpc(fn: Callable) -> Callable:
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
-                    await _abort(context, name, exc)
+                    await _abort(context, name, exc, call)
 
         return stream_wrapper
 
     @functools.wraps(fn)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with metrics.rpc_call(method, context):
+        with metrics.rpc_call(method, context) as call:
             try:
                 caller = self.identify(context, name)
                 return await fn(self, request, context, caller)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is answered, none kills the server
-                await _abort(context, name, exc)
+                await _abort(context, name, exc, call)
 
     return unary_wrapper
