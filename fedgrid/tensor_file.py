@@ -22,7 +22,7 @@ import numpy as np
 
 from fedgrid.errors import PayloadError
 from fedgrid.files import write_atomic
-from fedgrid.tensors import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, Layout, layout_of, parse_header
+from fedgrid.tensors import SAFETENSORS_DTYPES, Layout, header_length, layout_of, parse_header
 
 BLOCK_BYTES = 1 << 20
 """Bytes read or written at a time."""
@@ -58,17 +58,12 @@ class TensorFile:
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as stream:
-                prefix = stream.read(8)
-                if len(prefix) < 8:
-                    raise PayloadError(f"{what}: not a safetensors file (shorter than its header length)")
-                (length,) = struct.unpack("<Q", prefix)
-                if length > min(MAX_HEADER_BYTES, size - 8):
-                    raise PayloadError(f"{what}: not a safetensors file (header length {length} is impossible)")
-                header = json.loads(stream.read(length))
-        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a huge number
+                length = header_length(stream.read(8), size, what)
+                text = stream.read(length)
+        except OSError as exc:
             raise PayloadError(f"{what}: not a readable safetensors file ({str(exc)[:200]})") from None
         self._data_start = 8 + length
-        self.layout, self._spans = parse_header(header, size - self._data_start, what)
+        self.layout, self._spans = parse_header(text, size - self._data_start, what)
 
     @property
     def size(self) -> int:

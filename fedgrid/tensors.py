@@ -4,7 +4,7 @@ A model travels as a dict of named numpy arrays serialized with safetensors (a J
 dtypes, shapes and offsets, then raw little-endian data). Received bytes are parsed here
 (`parse_header` checks the header as strictly as the safetensors library does: names, dtypes, shapes,
 offsets that tile the data exactly); on top of that every received set is checked against the layout
-the receiver expects before a single value is used. Files are read and written with the library.
+the receiver expects before a single value is used. Files on disk are read with the library.
 """
 
 from __future__ import annotations
@@ -88,9 +88,24 @@ MAX_HEADER_BYTES = 100 << 20
 DTYPE_OF_CODE = {code: name for name, code in SAFETENSORS_DTYPES.items()}
 
 
-def parse_header(header: object, data_size: int, what: str) -> tuple[Layout, dict[str, tuple[int, int]]]:
-    """The layout and the byte span in the data of every tensor of a parsed safetensors header, checked:
-    known dtypes, shapes, offsets that match them and tile the `data_size` bytes exactly."""
+def header_length(prefix: bytes | memoryview, size: int, what: str) -> int:
+    """The length of the JSON header that a safetensors payload of `size` bytes announces in `prefix`, its
+    first 8 bytes, checked against the payload's size."""
+    if len(prefix) < 8:
+        raise PayloadError(f"{what}: not a valid safetensors payload (shorter than its header length)")
+    (length,) = struct.unpack_from("<Q", prefix)
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise PayloadError(f"{what}: not a valid safetensors payload (header length {length} is impossible)")
+    return length
+
+
+def parse_header(text: bytes, data_size: int, what: str) -> tuple[Layout, dict[str, tuple[int, int]]]:
+    """The layout and the byte span in the data of every tensor of a safetensors header (its JSON `text`),
+    checked: known dtypes, shapes, offsets that match them and tile the `data_size` bytes exactly."""
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a huge number
+        raise PayloadError(f"{what}: not a valid safetensors payload ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise PayloadError(f"{what}: the safetensors header is not a JSON object")
     layout: Layout = {}
@@ -132,17 +147,8 @@ def decode(data: bytes | bytearray | memoryview, what: str = "tensor set") -> Ar
     each task a site receives (bench/transfer.py).
     """
     view = memoryview(data).cast("B")
-    if len(view) < 8:
-        raise PayloadError(f"{what}: not a valid safetensors payload (shorter than its header length)")
-    (length,) = struct.unpack_from("<Q", view)
-    if length > min(MAX_HEADER_BYTES, len(view) - 8):
-        raise PayloadError(f"{what}: not a valid safetensors payload (header length {length} is impossible)")
-    try:
-        header = json.loads(bytes(view[8 : 8 + length]))
-    except (ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a huge number
-        raise PayloadError(f"{what}: not a valid safetensors payload ({str(exc)[:200]})") from None
-    start = 8 + length
-    layout, spans = parse_header(header, len(view) - start, what)
+    start = 8 + header_length(view[:8], len(view), what)
+    layout, spans = parse_header(bytes(view[8:start]), len(view) - start, what)
     arrays: Arrays = {}
     for name, spec in layout.items():
         dtype = np.dtype(spec.dtype).newbyteorder("<")
