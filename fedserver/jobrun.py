@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedgrid import retry, tensors
 from fedgrid.errors import FedgridError, StateError
@@ -39,6 +40,9 @@ from fedserver.rounds import Outcome, RoundLoop
 from fedserver.secure_rounds import SecureRounds
 from fedserver.server_evaluation import ServerEvaluator
 from fedserver.watchers import Watchers
+
+if TYPE_CHECKING:
+    from fedgrid.he import HEContext  # imports TenSEAL: only encrypted jobs load it
 
 START_TIMEOUT = 120.0
 """Seconds a site may take to fetch the job, verify it and start its worker."""
@@ -113,6 +117,8 @@ class JobRun:
         self.layout: tensors.Layout = {}
         self.he_context = ctx.he_context
         """The keyless context this job's ciphertexts are added with (provisioned, or from the key site)."""
+        self._he: HEContext | None = None
+        """`he_context` loaded, before round 1."""
         self.privacy = PrivacyLedger(spec.server.privacy) if spec.server.privacy is not None else None
         """Private jobs: the accountant of the job's privacy budget."""
         self.keys: JobKeys | None = None
@@ -305,6 +311,11 @@ class JobRun:
             self.he_context = await self.keys.context()
             self.log.info("job key made by %s, ready %.2f s after the workers", self.keys.key_site,
                           time.monotonic() - started)
+        if self.spec.server.encryption == "ckks":
+            from fedserver.he_aggregation import load_context
+
+            assert self.he_context is not None  # checked at submit, or made by the key site just above
+            self._he = await asyncio.to_thread(load_context, self.he_context)
         if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
         where = f"{self.spec.server_app}/config/server.json"
@@ -351,8 +362,8 @@ class JobRun:
         if self.spec.server.encryption == "ckks":
             from fedserver.he_aggregation import EncryptedAggregator
 
-            assert self.he_context is not None  # checked at submit, or made by the key site before round 1
-            return EncryptedAggregator(self.he_context, layout)
+            assert self._he is not None  # loaded before round 1
+            return EncryptedAggregator(self._he, layout)
         if self.secure is not None:
             return self.secure.new_round(task, sites, layout, self.spec.server.round_timeout, self.log)
         if self.spec.server.privacy is not None:

@@ -58,8 +58,9 @@ class SealFiles:
     def load(cls, obj: Any, data: bytes | memoryview, *context: Any) -> Any:
         """Fill `obj` from `data`; SEAL checks it against `context` (raises ValueError/RuntimeError if not valid)."""
         fd, path = cls._path()
-        os.ftruncate(fd, 0)
+        # Written over and then cut, not emptied first: the file keeps its pages from one load to the next.
         os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
         obj.load(*context, path)
         return obj
 
@@ -149,7 +150,7 @@ class Engine:
             raise SealError(str(exc)) from exc
         return SealFiles.save(ciphertext)
 
-    def load_ciphertext(self, data: bytes) -> Any:
+    def load_ciphertext(self, data: bytes | memoryview) -> Any:
         """A ciphertext from SEAL's bytes, which SEAL checks against this context (SealError if they do not load)."""
         try:
             return SealFiles.load(seal.Ciphertext(), data, self.context)

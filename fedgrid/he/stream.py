@@ -119,20 +119,21 @@ class Reader:
         self._pos = 0
         return True
 
-    def take(self, n: int, hashed: bool = True) -> bytes:
+    def take(self, n: int, hashed: bool = True) -> memoryview:
+        """The next n bytes, a view into the piece that holds them (valid until the next call)."""
         if not self._fill(n):
             raise PayloadError(
                 f"{self.what}: the stream ends early, after {self._consumed + len(self._chunk)} bytes "
                 "(truncated upload?)"
             )
-        data = bytes(self._chunk[self._pos : self._pos + n])
+        data = self._chunk[self._pos : self._pos + n]
         self._pos += n
         self._consumed += n
         if hashed:
             self._digest.update(data)
         return data
 
-    def record(self, tag: bytes, limit: int, name: str) -> bytes:
+    def record(self, tag: bytes, limit: int, name: str) -> memoryview:
         found, length = _RECORD.unpack(self.take(_RECORD.size))
         if found != tag:
             raise PayloadError(f"{self.what}: expected the {name} record, found record type {found!r}")
@@ -159,7 +160,7 @@ def read_header(reader: Reader, ctx: HEContext) -> Header:
     if reader.take(len(_STREAM_MAGIC)) != _STREAM_MAGIC:
         raise PayloadError(f"{what}: not a fedgrid encrypted stream (bad magic or version)")
     try:
-        head = json.loads(reader.record(b"H", _MAX_HEADER, "header"))
+        head = json.loads(bytes(reader.record(b"H", _MAX_HEADER, "header")))
         context_id, fingerprint = head["context_id"], head["params"]
         weight, count, tensors = head["weight"], head["count"], head["tensors"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
