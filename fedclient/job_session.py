@@ -374,7 +374,7 @@ class JobSession:
             evaluation=self.held,
         )
         self.held = None
-        digest = transfer.digest_checked(payload_format)
+        digest = transfer.digest_checked(payload_format, to_server=True)
         try:
             if task.upload_slot and payload_format:
                 self.stream.upload_slot(task.task_id)

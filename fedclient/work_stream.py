@@ -86,7 +86,7 @@ class WorkStream:
                 buffer,  # type: ignore[arg-type]
                 max_size=MAX_TASK_BYTES,
                 what="task",
-                verify=lambda h: transfer.digest_checked(h.payload_format),
+                verify=lambda h: transfer.digest_checked(h.payload_format, to_server=False),
             )
             assembler.feed(frame)
             while not assembler.done:

@@ -58,13 +58,17 @@ GRPC_OPTIONS = [
 F = TypeVar("F")
 
 
-def digest_checked(payload_format: str) -> bool:
+def digest_checked(payload_format: str, *, to_server: bool) -> bool:
     """Whether a model or update stream in `payload_format` carries a SHA-256 its receiver checks.
 
-    Ciphertexts do: a site decrypts and releases only global models it can name by their digest.
+    Encrypted global models do: a site decrypts and releases only global models it can name by their
+    digest. Encrypted updates do not: the server names no update by its digest, and the stream of one
+    ends with the SHA-256 of all of it (fedgrid/he/stream.py), which the server checks as it adds it.
     Plaintext tensors do not: the server sees them anyway, TLS authenticates them in transit, and
     hashing them cost about a tenth of a round's CPU (bench/round_overhead.py).
     """
+    if to_server and payload_format == "ckks":
+        return False
     return payload_format != tensors.FORMAT
 
 

@@ -160,7 +160,7 @@ class WorkerStream:
             spool,  # type: ignore[arg-type]
             max_size=run.io.upload_limit,
             what=f"result of {header.task_id} from {self.site}",
-            verify=lambda h: digest_checked(h.payload_format),
+            verify=lambda h: digest_checked(h.payload_format, to_server=True),
         )
         try:
             async with run.io.uploading(self.site, header.payload_format if open_task else ""):
