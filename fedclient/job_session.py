@@ -81,7 +81,7 @@ class Stream(Protocol):
     """A job worker's requests to the server: `fedclient.work_stream.WorkStream` over gRPC in deployment, the
     simulator's stream (fedgrid/sim/host.py) over its in-process link; the same Work messages either way."""
 
-    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes]: ...
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]: ...
 
     def upload_slot(self, task_id: str) -> None: ...
 
@@ -266,7 +266,7 @@ class JobSession:
             task.scaffold = self.scaffold = ScaffoldRound(self.job_dir, control, reference, task.settings)
         return task
 
-    def _decode(self, header: fpb.TaskHeader, payload: bytes | bytearray) -> dict[str, np.ndarray]:
+    def _decode(self, header: fpb.TaskHeader, payload: bytes | memoryview) -> dict[str, np.ndarray]:
         if not header.payload_format:
             return {}
         if header.payload_cached:

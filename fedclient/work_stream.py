@@ -71,11 +71,11 @@ class WorkStream:
 
     # ------------------------------------------------------------------ requests
 
-    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | bytearray]:
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]:
         """The next task and its payload (empty when it has none, or when the worker holds it already),
         received into one buffer of the size the server announced."""
 
-        def ask() -> tuple[fpb.TaskHeader, bytes | bytearray]:
+        def ask() -> tuple[fpb.TaskHeader, bytes | memoryview]:
             self._send(fpb.WorkerMessage(next_task=request))
             frame = self._task_frame()
             announced = 0 if frame.header.payload_cached else frame.header.payload_size

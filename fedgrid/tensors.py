@@ -141,8 +141,8 @@ def parse_header(text: bytes, data_size: int, what: str) -> tuple[Layout, dict[s
 def decode(data: bytes | bytearray | memoryview, what: str = "tensor set") -> Arrays:
     """Parse safetensors bytes into writable arrays; anything malformed raises PayloadError naming `what`.
 
-    Arrays decoded from a writable buffer (a bytearray, as a job worker receives its task into) are views
-    of it: no copy. From immutable bytes each array is copied, as the safetensors library's loader does.
+    Arrays decoded from a writable buffer (a job worker receives its task into one: fedgrid.transfer.Buffer)
+    are views of it: no copy. From immutable bytes each array is copied, as the safetensors library's loader does.
     That loader takes only `bytes` and copies every tensor: for a 100 MB model, a copy (44 ms here) on
     each task a site receives (bench/transfer.py).
     """

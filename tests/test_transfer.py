@@ -188,3 +188,29 @@ def test_a_payload_of_one_chunk_is_one_message_and_a_larger_one_is_cut_in_chunks
     sink = io.BytesIO()
     transfer.receive(iter(large), sink, max_size=len(data), what="test")
     assert sink.getvalue() == data
+
+
+@pytest.mark.parametrize("mb", [1, 12], ids=["from-the-heap", "own-mapping"])  # below and above MMAP_THRESHOLD
+def test_a_model_received_into_a_buffer_decodes_in_place_and_outlives_the_buffer(mb: int) -> None:
+    import gc
+
+    import numpy as np
+
+    from fedgrid import tensors
+
+    arrays = {"w": np.arange(mb * MB // 4, dtype=np.float32)}
+    data = tensors.encode(arrays)
+    buffer = transfer.Buffer(len(data), "task")
+    for chunk in transfer.split(data):
+        buffer.write(chunk)
+    with pytest.raises(TransferError, match="more than the"):
+        buffer.write(b"x")
+    payload = buffer.getvalue()
+    decoded = tensors.decode(payload)
+    assert decoded["w"].flags.writeable and np.shares_memory(decoded["w"], np.frombuffer(payload, np.uint8))
+    del buffer, payload
+    gc.collect()
+    np.testing.assert_array_equal(decoded["w"], arrays["w"])
+    partial = transfer.Buffer(len(data), "task")
+    partial.write(data[:100])
+    assert bytes(partial.getvalue()) == data[:100]

@@ -99,10 +99,10 @@ class ModelCache:
     """Global models this host received, by SHA-256: the last MODELS_KEPT."""
 
     def __init__(self) -> None:
-        self._models: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._models: collections.OrderedDict[bytes, bytes | memoryview] = collections.OrderedDict()
         self._changed = threading.Condition()
 
-    def put(self, sha256: bytes, data: bytes) -> None:
+    def put(self, sha256: bytes, data: bytes | memoryview) -> None:
         with self._changed:
             self._models[sha256] = data
             self._models.move_to_end(sha256)
@@ -110,7 +110,7 @@ class ModelCache:
                 self._models.popitem(last=False)
             self._changed.notify_all()
 
-    def get(self, sha256: bytes, what: str) -> bytes:
+    def get(self, sha256: bytes, what: str) -> bytes | memoryview:
         """The model with this digest, waiting while another site of the host is still receiving it."""
         with self._changed:
             if not self._changed.wait_for(lambda: sha256 in self._models, MODEL_WAIT):
@@ -174,7 +174,7 @@ class LinkStream(WorkStream):
         """When the site took the host's compute slot (None: it does not hold it)."""
         self.task_round = 0
 
-    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes]:
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]:
         self._release()
         own = request.cached_sha256
         while True:
