@@ -187,7 +187,8 @@ def _decryption_noise(ctx: HEContext, digest: bytes, size: int) -> np.ndarray:
     sigma = FLOOD_FACTOR * SEAL_NOISE_SIGMA * math.sqrt(params.slots) / 2.0**params.scale_bits
     seed = int.from_bytes(hmac.new(ctx.flood_key, digest, hashlib.sha256).digest(), "little")
     noise = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)  # float32: half the time
-    return noise * sigma
+    noise *= sigma
+    return noise
 
 
 def decrypt_mean(
