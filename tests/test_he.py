@@ -283,6 +283,19 @@ def test_corrupted_ciphertexts_are_refused(site_ctx: he.HEContext, server_ctx: h
     finish_and_check(total, site_ctx, updates, weights)
 
 
+def test_a_change_seal_accepts_is_caught_by_the_streams_own_digest(
+    site_ctx: he.HEContext, server_ctx: he.HEContext
+) -> None:
+    """An encrypted update carries no transfer digest: its end record is what the server checks."""
+    total, updates, weights = good_sum(site_ctx, server_ctx)
+    stream = encrypt(site_ctx, make_update(13), 100.0)
+    (h, header), first, second, (_, end) = records(stream)
+    swapped = reframe([(h, header), second, first])[: -32] + end  # two valid ciphertexts swapped, old digest
+    with pytest.raises(PayloadError, match="digest mismatch"):
+        total.add(swapped)
+    finish_and_check(total, site_ctx, updates, weights)
+
+
 def test_truncated_or_padded_streams_are_refused(site_ctx: he.HEContext, server_ctx: he.HEContext) -> None:
     total, updates, weights = good_sum(site_ctx, server_ctx)
     stream = encrypt(site_ctx, make_update(14), 100.0)
