@@ -118,6 +118,15 @@ def test_stragglers_do_not_answer_and_rounds_close_on_their_timeout(tmp_path: Pa
     assert "did not answer within 2 s; their late updates will be dropped" in (result / "log.txt").read_text()
 
 
+def test_virtual_sites_of_one_host_do_not_share_the_memory_of_a_model(tmp_path: Path) -> None:
+    """A host receives each model once for all its sites: one site's script changing its tensors in place
+    must not change what the next site gets."""
+    recipe = tiny("scribbles", sites=4, num_rounds=2, train_args=["--scribble_training"])
+    info, rounds, _ = simulate(recipe, SimEnv(4, workers=1, results=tmp_path))
+    assert info.status == "FINISHED:COMPLETED", info.error
+    assert [(r.sites_asked, r.sites_answered) for r in rounds] == [(4, 4), (4, 4)]
+
+
 def test_a_crash_in_one_virtual_site_fails_the_job_with_its_traceback(tmp_path: Path) -> None:
     recipe = tiny("crash", train_args="--crash_site site-3 --crash_round 3")
     info, rounds, result = simulate(recipe, SimEnv(4, results=tmp_path))

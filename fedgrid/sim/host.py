@@ -183,6 +183,8 @@ class LinkStream(WorkStream):
                 payload = self.host.models.get(header.payload_sha256, f"task {header.task_id} of {self.site}")
                 header.payload_cached = False
             elif payload and header.payload_format:
+                # The host's sites share these bytes: read-only, each site decodes its own copy of the model.
+                payload = memoryview(payload).toreadonly()
                 self.host.models.put(header.payload_sha256, payload)
             if header.kind == "train" and self.host.straggles(self.site, header.round):
                 log.info("%s straggles in round %d: it does not answer %s", self.site, header.round, header.task_id)

@@ -21,6 +21,9 @@ parser.add_argument("--stop_site", default="")
 parser.add_argument("--stop_after_evaluating", type=int, default=0)
 parser.add_argument("--tracking", action="store_true")
 parser.add_argument("--scribble", action="store_true", help="zero each evaluation's tensors after using them")
+parser.add_argument(
+    "--scribble_training", action="store_true", help="zero each training task's tensors once loaded, and refuse zeros"
+)
 args = parser.parse_args()
 
 api.init()
@@ -38,7 +41,13 @@ while api.is_running():
     task = api.receive()
     if task is None:
         break
+    if args.scribble_training and not task.is_evaluate:
+        if all(not tensor.any() for tensor in task.params.values()):
+            raise RuntimeError(f"{site} received a model another site had zeroed: the sites share its memory")
     model.load_state_dict(task.params)
+    if args.scribble_training and not task.is_evaluate:
+        for tensor in task.params.values():
+            tensor.zero_()
     with torch.no_grad():
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).item()
         accuracy = ((model(x) > 0).float() == y).float().mean().item()
