@@ -190,7 +190,7 @@ def test_a_payload_of_one_chunk_is_one_message_and_a_larger_one_is_cut_in_chunks
     assert sink.getvalue() == data
 
 
-@pytest.mark.parametrize("mb", [1, 12], ids=["from-the-heap", "own-mapping"])  # below and above MMAP_THRESHOLD
+@pytest.mark.parametrize("mb", [1, 20], ids=["from-the-heap", "own-mapping"])  # below and above MMAP_THRESHOLD
 def test_a_model_received_into_a_buffer_decodes_in_place_and_outlives_the_buffer(mb: int) -> None:
     import gc
 
