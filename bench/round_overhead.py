@@ -1,7 +1,7 @@
 """What a FedAvg round costs when the training is nearly free: the framework's own overhead per round.
 
     python bench/round_overhead.py [--rounds 20] [--sites 4] [--val_samples 32] [--profile]
-    python bench/round_overhead.py --compare DIR [options]   # another checkout, then this one, side by side
+    python bench/round_overhead.py --compare DIR [--pairs 3] [options]   # another checkout and this one, alternating
     python bench/round_overhead.py --strategy scaffold [options]   # fedavg (default), fedprox, fedadam, scaffold
 
 Provisions a throw-away project on loopback, starts a real federation from the kits' start.sh (server
@@ -34,8 +34,9 @@ site's one step with that strategy's helpers (the proximal term; SCAFFOLD's corr
 that a strategy's cost per round can be set beside FedAvg's: run it twice and compare the medians.
 
 --compare DIR runs DIR's own copy of this benchmark on DIR's code (a checkout of another release, e.g.
-`git worktree add /tmp/base <commit>`), then this checkout's, one after the other with the same options,
-and prints their seconds per round and CPU per round side by side.
+`git worktree add /tmp/base <commit>`), then this checkout's, with the same options, alternating --pairs
+times (default 3), and prints the median of each figure over each checkout's runs side by side, with
+every run's figures: on a shared VM a run's median varies by 10-20% from one minute to the next.
 
 This same file is the job's training script: the worker runs it with --site.
 """
@@ -669,32 +670,52 @@ def figures(printout: str) -> dict[str, float]:
     return found
 
 
-def compare(other: Path, argv: list[str]) -> int:
-    """Run `other`'s benchmark, then this one, with the same options; print both figures side by side."""
-    results = {}
-    for name, root in (("other", other.resolve()), ("this", ROOT)):
-        print(f"\n==== {name} checkout: {root}", flush=True)
-        env = dict(os.environ, PYTHONPATH=str(root))
-        run = subprocess.run(
-            [sys.executable, str(root / "bench" / "round_overhead.py"), *argv],
-            env=env,
-            cwd=root,  # python -m puts the working folder first on the path: each run imports its own code
-            text=True,
-            capture_output=True,
-        )
-        print(run.stdout[-6000:], run.stderr[-2000:], flush=True)
-        if run.returncode != 0:
-            print(f"{name} checkout: the benchmark failed (exit {run.returncode})")
-            return 1
-        results[name] = figures(run.stdout)
-    print(f"\n{'':34} {'this checkout':>14} {'other checkout':>15} {'ratio':>7}")
+def _without(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (either form: `--option V` or `--option=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def compare(other: Path, argv: list[str], pairs: int) -> int:
+    """Run `other`'s benchmark and this one with the same options, alternating `pairs` times (other, this,
+    other, ...) so that a machine getting faster or slower weighs on both; print both side by side."""
+    results: dict[str, list[dict[str, float]]] = {"other": [], "this": []}
+    for pair in range(1, pairs + 1):
+        for name, root in (("other", other.resolve()), ("this", ROOT)):
+            print(f"\n==== {name} checkout: {root} (run {pair} of {pairs})", flush=True)
+            env = dict(os.environ, PYTHONPATH=str(root))
+            run = subprocess.run(
+                [sys.executable, str(root / "bench" / "round_overhead.py"), *argv],
+                env=env,
+                cwd=root,  # python -m puts the working folder first on the path: each run imports its own code
+                text=True,
+                capture_output=True,
+            )
+            print(run.stdout[-6000:], run.stderr[-2000:], flush=True)
+            if run.returncode != 0:
+                print(f"{name} checkout: the benchmark failed (exit {run.returncode})")
+                return 1
+            results[name].append(figures(run.stdout))
+    print(f"\n{'':34} {'this checkout':>14} {'other checkout':>15} {'ratio':>7}   (median of {pairs} runs each)")
     for key, label in (
         ("median", "seconds per round, median (ms)"),
         ("p90", "seconds per round, p90 (ms)"),
         ("cpu", "CPU per round, all processes (ms)"),
     ):
-        mine, theirs = results["this"].get(key, math.nan), results["other"].get(key, math.nan)
-        print(f"{label:34} {mine:14.1f} {theirs:15.1f} {mine / theirs:7.2f}")
+        mine = statistics.median(r.get(key, math.nan) for r in results["this"])
+        theirs = statistics.median(r.get(key, math.nan) for r in results["other"])
+        runs = ", ".join(
+            f"{a.get(key, math.nan):.0f}/{b.get(key, math.nan):.0f}"
+            for a, b in zip(results["this"], results["other"], strict=True)
+        )
+        print(f"{label:34} {mine:14.1f} {theirs:15.1f} {mine / theirs:7.2f}   runs (this/other): {runs}")
     return 0
 
 
@@ -731,6 +752,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary project and logs")
     parser.add_argument("--strategy", default="fedavg", choices=sorted(STRATEGIES), help="the job's strategy")
     parser.add_argument("--compare", type=Path, help="another checkout to run first and compare with (see above)")
+    parser.add_argument("--pairs", type=int, default=3, help="with --compare: runs of each checkout, alternating")
     parser.add_argument("--site", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data_root", default="", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -742,9 +764,8 @@ def main() -> int:
         parser.error("--rounds must be at least 3 (round 1 is warm-up)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a kill stops the federation it started
     if args.compare is not None:
-        argv = sys.argv[1:]
-        index = argv.index("--compare")
-        return compare(args.compare, argv[:index] + argv[index + 2 :])
+        argv = _without(_without(sys.argv[1:], "--compare"), "--pairs")
+        return compare(args.compare, argv, args.pairs)
     return run(args)
 
 
