@@ -28,28 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from federation import wait_until  # noqa: E402
+from procstat import children, cpu_seconds  # noqa: E402
 
 
 def _floats(pattern: str, text: str) -> list[float]:
     return [float(m) for m in re.findall(pattern, text)]
-
-
-def _workers(pids: list[int]) -> list[int]:
-    """Children of `pids` still running (job workers the site daemons have not reaped yet)."""
-    found = []
-    for pid in pids:
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        found += [int(c) for c in children.read_text().split()] if children.exists() else []
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds of `pids` and of the children they have reaped (a site's job workers, once they end)."""
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encrypted: bool, out: Path) -> dict:
@@ -70,7 +53,7 @@ def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encryp
         encryption=encrypted,
     )
     pids = [fed.pid(kit) for kit in fed.running]  # type: ignore[attr-defined]
-    cpu = cpu_seconds(pids)
+    cpu = sum(cpu_seconds(pid, reaped=True) for pid in pids)
     with fed.session() as session:  # type: ignore[attr-defined]
         started = time.monotonic()
         job_id = session.submit_job(recipe.export(out / name))
@@ -80,8 +63,8 @@ def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encryp
             raise SystemExit(f"{name} ended {info.status}: {info.error}")
         detail = session.show_job(job_id)
         result = session.download_job(job_id, out / "results")
-    wait_until(lambda: not _workers(pids), 60, "the job's workers to end")
-    cpu = cpu_seconds(pids) - cpu
+    wait_until(lambda: not any(children(pid) for pid in pids), 60, "the job's workers to end")
+    cpu = sum(cpu_seconds(pid, reaped=True) for pid in pids) - cpu
     server_log = (result / "log.txt").read_text()
     site_logs = "\n".join(p.read_text() for p in (result / "sites").glob("*/log.txt"))
     return {

@@ -279,30 +279,10 @@ def daemon_times(kit: Path, job_id: str, what: str) -> list[float]:
     return [log_time(line) for line in lines if job_id in line and what in line and line[:4].isdigit()]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_busy_seconds() -> float:
     """CPU seconds all processes of the machine spent so far (all cores; idle and iowait excluded)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (the job workers of a site daemon)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
 
 
 @dataclass
@@ -317,6 +297,8 @@ class CpuSample:
 
 
 def sample_cpu(server: int, daemons: list[int], workers: list[int]) -> CpuSample:
+    from procstat import cpu_seconds  # here, not at the top: this file is also the job's script, shipped alone
+
     return CpuSample(
         time.time(),
         cpu_seconds(server),
@@ -476,6 +458,7 @@ def run_job(args: argparse.Namespace, tmp: Path, server_profile: Path) -> Measur
     """Provision, start the federation, run the job, stop everything; return what was measured."""
     from conftest import provision_project
     from federation import Federation
+    from procstat import children  # here, not at the top: this file is also the job's script, shipped alone
 
     from fedgrid.jobcli import ensure_data
     from fedgrid.models import MLP

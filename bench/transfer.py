@@ -19,7 +19,6 @@ processes spent per MB moved (median): on a round's 2 cores, CPU is what a round
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import socket
 import statistics
@@ -31,14 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procstat import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sink_socket(port_file: str, size: int) -> None:
