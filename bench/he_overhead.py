@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _procstat import children, cpu_seconds  # noqa: E402
 from federation import wait_until  # noqa: E402
-from procstat import children, cpu_seconds  # noqa: E402
 
 
 def _floats(pattern: str, text: str) -> list[float]:

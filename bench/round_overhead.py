@@ -297,7 +297,7 @@ class CpuSample:
 
 
 def sample_cpu(server: int, daemons: list[int], workers: list[int]) -> CpuSample:
-    from procstat import cpu_seconds  # here, not at the top: this file is also the job's script, shipped alone
+    from _procstat import cpu_seconds  # here, not at the top: this file is also the job's script, shipped alone
 
     return CpuSample(
         time.time(),
@@ -456,9 +456,9 @@ class Measured:
 
 def run_job(args: argparse.Namespace, tmp: Path, server_profile: Path) -> Measured:
     """Provision, start the federation, run the job, stop everything; return what was measured."""
+    from _procstat import children  # here, not at the top: this file is also the job's script, shipped alone
     from conftest import provision_project
     from federation import Federation
-    from procstat import children  # here, not at the top: this file is also the job's script, shipped alone
 
     from fedgrid.jobcli import ensure_data
     from fedgrid.models import MLP

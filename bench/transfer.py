@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from procstat import cpu_seconds
+from _procstat import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

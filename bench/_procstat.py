@@ -1,4 +1,5 @@
-"""CPU time and child processes from /proc, for the benchmarks that measure the real daemons (Linux only)."""
+"""CPU time and child processes from /proc, shared by the benchmarks that measure the real daemons (Linux only;
+not a benchmark itself, hence the leading underscore)."""
 
 from __future__ import annotations
 
