@@ -80,7 +80,9 @@ async def read(context: grpc.aio.ServicerContext, timeout: float | None, what: s
     when the bytes that arrived do not parse as the message the method expects.
     """
     try:
-        message = await asyncio.wait_for(context.read(), timeout)
+        # asyncio.timeout, not wait_for: no task of its own per message, one event-loop turn less.
+        async with asyncio.timeout(timeout):
+            message = await context.read()
     except TimeoutError:
         raise LimitError(f"{what}: nothing received for {timeout:g} s; the stream is closed") from None
     except DecodeError as exc:
@@ -92,7 +94,8 @@ async def write(context: grpc.aio.ServicerContext, message: Any, timeout: float 
     """Send one message of a server stream; LimitError when the peer has not taken it within `timeout`
     seconds (it stopped reading: gRPC's flow control holds the write)."""
     try:
-        await asyncio.wait_for(context.write(message), timeout)
+        async with asyncio.timeout(timeout):
+            await context.write(message)
     except TimeoutError:
         raise LimitError(f"{what}: the peer read nothing for {timeout:g} s; the stream is closed") from None
 
