@@ -8,7 +8,7 @@ times (plain, encrypted, plain, ...), so that a machine getting faster or slower
 on both alike. Prints the median seconds per round of each kind over all its jobs and their ratio; the
 CPU seconds each job took in all processes (server, site daemons and their job workers) and what
 encryption adds per round; the bytes of one site update plain and encrypted and their ratio; and the
-encrypt / server add / receive + decrypt seconds taken from the sites' and the server's job logs.
+encrypt / server add / decrypt seconds taken from the sites' and the server's job logs.
 For scale, NVIDIA FLARE 2.9's HE FedAvg on this machine: 8.7 s against 5.5 s per round (1.6x), and
 43.4 MB per site update instead of 2.7 MB (16x). Targets here: at most 1.2x and 8x.
 """
@@ -143,7 +143,7 @@ def main() -> int:
     print(
         f"  encrypt + upload at the site {med(encrypted['encrypt']):.3f}   server add {med(encrypted['fold']):.3f}"
         f" (plain fold {med(plain['fold']):.3f})   server serialize {med(encrypted['serialize']):.3f}"
-        f"   receive + decrypt at the site {med(encrypted['decrypt']):.3f}"
+        f"   decrypt at the site {med(encrypted['decrypt']):.3f}"
     )
     print(
         "reference (same machine, from the issue): NVIDIA FLARE 2.9 HE 8.7 s vs 5.5 s per round (1.58x), "

@@ -4,8 +4,8 @@
 - a training task that brings an evaluation is handed out twice, first as the evaluation (a copy of
   the model, so the script may change it), then as the training (the arrays as received);
 - the evaluation's answer is held and rides on the training result, one request less per round;
-- with encryption on, a received model is decrypted while it streams in and an update is encrypted
-  (scaled by its sample count) while it streams out; only global models this worker decrypted itself may be released; when
+- with encryption on, a received model is decrypted and an update is encrypted (scaled by its sample
+  count) while it streams out; only global models this worker decrypted itself may be released; when
   the project's sites make the HE keys, the job's key is made or received when the worker starts
   (fedclient/job_key.py);
 - with differential privacy, an update is clipped (and under distributed DP noised) before it leaves
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,9 +44,6 @@ from fedgrid.kit import Kit
 from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings
 from fedgrid.strategy_config import SCAFFOLD_PREFIX
 from fedgrid.v1 import federation_pb2 as fpb
-
-if TYPE_CHECKING:
-    from fedclient.work_stream import Decrypt
 
 log = logging.getLogger("fedclient.api")
 
@@ -84,7 +81,7 @@ class Stream(Protocol):
     """A job worker's requests to the server: `fedclient.work_stream.WorkStream` over gRPC in deployment, the
     simulator's stream (fedgrid/sim/host.py) over its in-process link; the same Work messages either way."""
 
-    def task(self, request: fpb.TaskRequest, decrypt: Decrypt | None = None) -> tuple[fpb.TaskHeader, Any]: ...
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]: ...
 
     def upload_slot(self, task_id: str) -> None: ...
 
@@ -208,7 +205,7 @@ class JobSession:
             request = fpb.TaskRequest(
                 job_id=self.job_id, cached_sha256=self.cached_sha256, last_task_id=self.last_task_id
             )
-            header, payload = self.stream.task(request, decrypt=self._decrypt)
+            header, payload = self.stream.task(request)
             if header.kind == "end":
                 self.running = False
                 log.info("job over: %s", header.reason or "the server ended it")
@@ -279,33 +276,23 @@ class JobSession:
         if header.payload_format == tensors.FORMAT:
             arrays = tensors.decode(payload, what=f"global model of {header.task_id}")
         elif header.payload_format == "ckks":
-            arrays = payload  # decrypted by _decrypt as it arrived
+            if self.he is None:
+                raise StateError("received an encrypted model but this job is not encrypted at this site")
+            from fedgrid import he
+
+            started = time.perf_counter()
+            arrays = he.decrypt_mean(self.he, payload, what=f"global model of {header.task_id}")
+            log.info(
+                "decrypted the global model of %s (%.1f MB) in %.3f s",
+                header.task_id,
+                len(payload) / 1e6,
+                time.perf_counter() - started,
+            )
         else:
             raise TransferError(f"task {header.task_id}: unknown payload format {header.payload_format!r}")
         tensors.check_finite(arrays, f"global model of {header.task_id}")
         arrays, extra = split_reserved(arrays)
         self.cached_sha256, self.cached_arrays, self.cached_extra = header.payload_sha256, arrays, extra
-        return arrays
-
-    def _decrypt(self, header: fpb.TaskHeader, pieces: Iterator[bytes]) -> dict[str, np.ndarray] | None:
-        """An encrypted global model, decrypted from its pieces while the rest of it arrives.
-
-        A release of a model this worker did not decrypt is left undecrypted (receive() refuses it).
-        """
-        if header.kind == "release" and header.payload_sha256 not in self.decrypted:
-            return None
-        if self.he is None:
-            raise StateError("received an encrypted model but this job is not encrypted at this site")
-        from fedgrid import he
-
-        started = time.perf_counter()
-        arrays = he.decrypt_mean(self.he, pieces, what=f"global model of {header.task_id}")
-        log.info(
-            "received and decrypted the global model of %s (%.1f MB) in %.3f s",
-            header.task_id,
-            header.payload_size / 1e6,
-            time.perf_counter() - started,
-        )
         return arrays
 
     # ------------------------------------------------------------------ results

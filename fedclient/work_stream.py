@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -41,8 +41,6 @@ OUTBOX_MESSAGES = 4
 """Messages queued for gRPC to send: a result's frames are made as gRPC takes them, so a worker holds a few
 frames of an upload, not all of it (and the frames' buffers are reused: bench/transfer.py)."""
 T = TypeVar("T")
-Decrypt = Callable[[fpb.TaskHeader, Iterator[bytes]], Any]
-"""Decrypts an encrypted task's payload from its pieces (WorkStream.task): a header and the bytes as they come."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -50,26 +48,6 @@ def _retryable(exc: BaseException) -> bool:
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
     )
-
-
-class _Handoff:
-    """The sink of a payload handed on as it arrives: holds a frame's data until it is taken."""
-
-    def __init__(self) -> None:
-        self._pieces: list[bytes] = []
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self._pieces.append(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def take(self) -> list[bytes]:
-        pieces, self._pieces = self._pieces, []
-        return pieces
 
 
 class WorkStream:
@@ -93,20 +71,13 @@ class WorkStream:
 
     # ------------------------------------------------------------------ requests
 
-    def task(self, request: fpb.TaskRequest, decrypt: Decrypt | None = None) -> tuple[fpb.TaskHeader, Any]:
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]:
         """The next task and its payload (empty when it has none, or when the worker holds it already),
-        received into one buffer of the size the server announced.
+        received into one buffer of the size the server announced."""
 
-        With `decrypt`, an encrypted payload is not kept: `decrypt(header, pieces)` gets its bytes as the
-        frames arrive, so that decryption runs while the rest is still on the wire, and what it returns
-        stands in for the payload once the payload's size and digest checked out.
-        """
-
-        def ask() -> tuple[fpb.TaskHeader, Any]:
+        def ask() -> tuple[fpb.TaskHeader, bytes | memoryview]:
             self._send(fpb.WorkerMessage(next_task=request))
             frame = self._task_frame()
-            if decrypt is not None and frame.header.payload_format == "ckks" and not frame.header.payload_cached:
-                return self._decrypted_task(frame, decrypt)
             announced = 0 if frame.header.payload_cached else frame.header.payload_size
             buffer = (
                 transfer.Buffer(announced, "task") if 0 < announced <= MAX_TASK_BYTES else transfer.Chunks()
@@ -129,39 +100,6 @@ class WorkStream:
             return header, buffer.getvalue()
 
         return self._request("receive", ask)
-
-    def _decrypted_task(self, frame: fpb.TaskFrame, decrypt: Decrypt) -> tuple[fpb.TaskHeader, Any]:
-        """An encrypted task's frames handed to `decrypt` as they arrive; its result once all checked out."""
-        handoff = _Handoff()
-        assembler = transfer.Assembler(
-            handoff,  # type: ignore[arg-type]
-            max_size=MAX_TASK_BYTES,
-            what="task",
-            verify=lambda h: transfer.digest_checked(h.payload_format, to_server=False),
-        )
-        assembler.feed(frame)
-
-        def arriving() -> Iterator[bytes]:
-            while True:
-                yield from handoff.take()
-                if assembler.done:
-                    return
-                assembler.feed(self._task_frame())
-
-        pieces = arriving()
-        try:
-            result = decrypt(frame.header, pieces)
-            for _ in pieces:  # what `decrypt` left unread, up to the trailer
-                pass
-        except BaseException:
-            self._drop()  # the stream stopped mid-task: the next request opens it afresh
-            raise
-        header = assembler.finish()
-        if assembler.sha256 != header.payload_sha256:
-            raise TransferError(f"task {header.task_id}: payload digest differs from the header")
-        if header.acknowledge:
-            self._send(fpb.WorkerMessage(received=fpb.TaskReceived(task_id=header.task_id)))
-        return header, result
 
     def _task_frame(self) -> fpb.TaskFrame:
         answer = self._answer()

@@ -25,7 +25,8 @@ MMAP_THRESHOLD = 16 << 20
 """Buffers from this size on are mapped on their own and given back to the system when freed: above a
 frame (fedgrid.transfer.CHUNK_SIZE), the quickstart's model and its encrypted aggregate (10.2 MB), so
 those are reused from the heap. Below the aggregate's size, it would be mapped afresh every round at the
-server, where it is joined: 2,500 page faults a round (perf record -e page-faults, bench/he_overhead.py)."""
+server (where it is joined) and at every site (where it is received): 2,500 page faults each, about half
+of each site's page faults in an encrypted round (perf record -e page-faults, bench/he_overhead.py)."""
 
 TRIM_THRESHOLD = 64 << 20
 """Free memory at the top of the heap beyond this goes back to the system."""

@@ -6,19 +6,17 @@ the real worker stream of `fedclient.work_stream`, choosing only what it sends.
 
 `on_start(stream, job_id)` runs when its worker starts (a job key made wrongly, ...); `train(stream, header,
 payload)` takes over a training task whole (the steps of SecAgg+ run with the real site code, then one
-withheld, ...) and returns whether it answered; `decrypt(header, pieces)` is handed an encrypted model as it
-arrives, as a real worker's is (`WorkStream.task`), and what it returns is the task's payload."""
+withheld, ...) and returns whether it answered."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from fedclient.work_stream import Decrypt, WorkStream
+from fedclient.work_stream import WorkStream
 from fedgrid import transfer
 from fedgrid.errors import FedgridError
 from fedgrid.kit import load_kit
@@ -26,9 +24,8 @@ from fedgrid.tls import secure_channel
 from fedgrid.v1 import federation_pb2 as fpb
 from fedgrid.v1 import federation_pb2_grpc
 
-Answer = Callable[[fpb.TaskHeader, Any], tuple[str, bytes]]
-"""(task header, task payload: its bytes, or what `decrypt` made of them) -> (payload format, payload bytes)
-for a training task."""
+Answer = Callable[[fpb.TaskHeader, bytes], tuple[str, bytes]]
+"""(task header, task payload) -> (payload format, payload bytes) for a training task."""
 Samples = float | Callable[[fpb.TaskHeader], float]
 """The sample count every result claims, or the one for each task."""
 OnStart = Callable[[WorkStream, str], None]
@@ -43,14 +40,12 @@ class RogueSite:
         samples: Samples = 50.0,
         on_start: OnStart | None = None,
         train: Train | None = None,
-        decrypt: Decrypt | None = None,
     ) -> None:
         self.kit = load_kit(kit_path, expect_type="client")
         self.answer = answer
         self.samples = samples
         self.on_start = on_start
         self.train = train
-        self.decrypt = decrypt
         self.errors: list[str] = []
         self.channel = secure_channel(self.kit, self.kit.fed_port)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
@@ -98,7 +93,7 @@ class RogueSite:
             if self.on_start is not None:
                 self.on_start(stream, job_id)
             while not self.stop.is_set():
-                header, payload = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=last), self.decrypt)
+                header, payload = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=last))
                 if header.kind == "end":
                     self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"))
                     return

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedclient.work_stream import Decrypt, WorkStream
+from fedclient.work_stream import WorkStream
 from fedgrid import jobspec
 from fedgrid.errors import TransferError
 from fedgrid.logs import FORMAT
@@ -174,8 +174,7 @@ class LinkStream(WorkStream):
         """When the site took the host's compute slot (None: it does not hold it)."""
         self.task_round = 0
 
-    def task(self, request: fpb.TaskRequest, decrypt: Decrypt | None = None) -> tuple[fpb.TaskHeader, Any]:
-        """The next task; an encrypted payload is kept whole (the host's sites share it) and decrypted here."""
+    def task(self, request: fpb.TaskRequest) -> tuple[fpb.TaskHeader, bytes | memoryview]:
         self._release()
         own = request.cached_sha256
         while True:
@@ -196,8 +195,6 @@ class LinkStream(WorkStream):
                 self.since = time.monotonic()
                 # An evaluation alone belongs to the round whose training it rides beside.
                 self.task_round = header.round if header.kind == "train" else header.round + 1
-            if decrypt is not None and header.payload_format == "ckks" and not header.payload_cached:
-                return header, decrypt(header, iter([payload]))
             return header, payload
 
     def result(self, frames: Callable[[], Iterable[fpb.ResultFrame]]) -> str:
