@@ -80,8 +80,13 @@ def run_job(fed: object, name: str, data: Path, args: argparse.Namespace, encryp
     }
 
 
-def _values(value: float | list[float]) -> list[float]:
-    return value if isinstance(value, list) else [value]
+def _merged(jobs: list[dict]) -> dict[str, list[float]]:
+    """The figures of several jobs of one kind: each key's values (a number or a list per job) in one list."""
+    merged: dict[str, list[float]] = {}
+    for job in jobs:
+        for key, value in job.items():
+            merged.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+    return merged
 
 
 def main() -> int:
@@ -114,8 +119,7 @@ def main() -> int:
                     print(f"{kind} job {pair}/{args.pairs}: {figures}", flush=True)
         finally:
             fed.close()
-    plain = {key: [v for job in jobs["plain"] for v in _values(job[key])] for key in jobs["plain"][0]}
-    encrypted = {key: [v for job in jobs["encrypted"] for v in _values(job[key])] for key in jobs["encrypted"][0]}
+    plain, encrypted = _merged(jobs["plain"]), _merged(jobs["encrypted"])
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")

@@ -14,7 +14,7 @@ echo "== ruff check"
 echo "== pytest"
 # Two test files at a time (pytest-xdist): most of a test's time is spent waiting for daemons to start,
 # rounds to end and deadlines to pass, so two files share the 2 cores of a CI machine well (the suite took
-# 11-12 minutes so, 15 one file at a time). A file stays on one worker, with its module fixtures.
+# 11 minutes so, 15 one file at a time). A file stays on one worker, with its module fixtures.
 set +e
 "$PY" -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
 rc=$?
