@@ -29,6 +29,7 @@ from fedserver.limits import SERVER_OPTIONS, StreamQuota
 from fedserver.peers import PeerAuthority
 from fedserver.registry import SiteRegistry
 from fedserver.scheduler import Scheduler
+from fedserver.spool import FilePool, Spool
 from fedserver.watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ServerApp:
         )
         he_context = kit.he.context_path.read_bytes() if kit.he.enabled and kit.he.context_path else None
         self.store = JobStore(self.workspace)
+        Spool.pool = FilePool(self.workspace / "spool")
         watchers = Watchers()
         ctx = RunContext(
             store=self.store,

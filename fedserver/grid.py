@@ -59,7 +59,7 @@ class Result:
     data: bytes | None = None
     """The received payload when it was small enough to stay in memory."""
     on_discard: Callable[[], None] | None = None
-    """Gives the payload's memory back to the server's budget when the result is dropped."""
+    """Releases the payload when the result is dropped (its spool file or its share of the memory budget)."""
 
     @property
     def has_payload(self) -> bool:
@@ -86,14 +86,15 @@ class Result:
         return TensorFile(self.path, what)
 
     def discard(self) -> None:
-        """Drop the payload (delete its file, or return its memory to the budget)."""
+        """Drop the payload: `on_discard` releases it (a spool file goes back to the server's pool, memory
+        to its budget); without one, its file is deleted."""
         self.data = None
         if self.on_discard is not None:
             self.on_discard()
             self.on_discard = None
-        if self.path is not None:
+        elif self.path is not None:
             self.path.unlink(missing_ok=True)
-            self.path = None
+        self.path = None
 
 
 @dataclass(frozen=True)

@@ -166,15 +166,18 @@ class WorkerStream:
             async with run.io.uploading(self.site, header.payload_format if open_task else ""):
                 frame = first
                 while True:
-                    if assembler.hashing or not spool.in_memory:
-                        # Hashing and writing a chunk release the GIL: off the event loop, other sites go on.
+                    if assembler.hashing:
+                        # Hashing releases the GIL: off the event loop, other sites go on.
                         await asyncio.to_thread(assembler.feed, frame)
                     else:
                         assembler.feed(frame)
+                    if spool.flush_due:
+                        await asyncio.to_thread(spool.flush)
                     if assembler.done:
                         break
                     frame = await self._next_result_frame(header.task_id)
             assembler.finish()
+            await asyncio.to_thread(spool.flush)
         except BaseException as exc:
             metrics.received("result", assembler.size)
             spool.discard()
@@ -250,9 +253,13 @@ class _Discard:
     """The sink of a late result: its bytes are read (to keep the stream in step) and dropped."""
 
     in_memory = True
+    flush_due = False
 
     def write(self, data: bytes | memoryview) -> int:
         return len(data)
+
+    def flush(self) -> None:
+        pass
 
     def discard(self) -> None:
         pass
