@@ -226,15 +226,11 @@ class DriverSite(threading.Thread):
                     started = time.time()
                     if header.upload_slot:  # what fedclient.api does: wait for a turn before sending
                         stream.upload_slot(header.task_id)
-                    stream.result(
-                        lambda result=result: transfer.frames(
-                            fpb.ResultFrame, result, [self.update], chunk_size=transfer.UPLOAD_CHUNK_SIZE
-                        )
-                    )
+                    stream.result(result, lambda: [self.update])
                     self.meet.uploads.append((started, time.time()))
             else:
                 result.metrics["accuracy"] = 0.5
-                stream.result(lambda result=result: transfer.frames(fpb.ResultFrame, result, []))
+                stream.result(result)
         stream.close()
         self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"), timeout=30)
 

@@ -7,12 +7,12 @@ server in another process over TLS on loopback (a throw-away self-signed certifi
 options (fedgrid.transfer) and its malloc settings (fedgrid.allocator) in both. The layers are added one at a time:
 
 1. bare gRPC: the messages are bytes, the server counts them;
-2. protobuf frames: each message a WorkerMessage carrying a ResultFrame, built and parsed by the generated
-   code, as a job worker's result travels;
+2. protobuf frames: each message a WorkerMessage carrying a ResultFrame, built (as fedclient.work_stream
+   builds a result's) and parsed by the generated code;
 3. the worker's outbox: the messages go through a bounded queue that gRPC's thread drains, as
    fedclient.work_stream sends every request of its one stream;
-4. the server's spool: each frame's data written off the event loop as it arrives into a file reserved
-   at the payload's size, gathered into 4 MB writes, as fedserver/worker_io.py spools a large update.
+4. the server's spool: fedserver.spool.Spool, as fedserver/worker_io.py spools a large update (a file
+   reserved at the payload's size, the frames gathered into one write of 4 MB off the event loop).
 
 Printed: MB/s of each layer (best of --repeat) and its ratio to bare gRPC, to tell where an upload's time
 goes (bench/transfer.py measures the real server path end to end).
@@ -74,25 +74,26 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
     from fedgrid import allocator
     from fedgrid.transfer import GRPC_OPTIONS
     from fedgrid.v1 import federation_pb2 as fpb
-    from fedserver.spool import WRITE_BYTES
+    from fedserver.spool import Spool
 
     allocator.tune(arenas=2)
 
     async def upload(requests, context) -> bytes:  # noqa: ANN001 - gRPC's request iterator and context
         received = 0
-        spool = None
-        if layer >= 4:  # as fedserver.spool: reserved at the expected size, written in WRITE_BYTES writes
-            spool = open(os.path.join(spool_dir, "spool"), "wb", buffering=WRITE_BYTES)  # noqa: SIM115
-            os.posix_fallocate(spool.fileno(), 0, expected)
+        spool = Spool(Path(spool_dir), "bench-", expected) if layer >= 4 else None
         try:
             async for message in requests:
                 data = message if layer == 1 else message.result.data
                 received += len(data)
                 if spool is not None:
-                    await asyncio.to_thread(spool.write, data)
+                    spool.write(data)
+                    if spool.flush_due:
+                        await asyncio.to_thread(spool.flush)
+            if spool is not None:
+                await asyncio.to_thread(spool.flush)
         finally:
             if spool is not None:
-                spool.close()
+                spool.discard()
         return str(received).encode()
 
     async def main() -> None:
@@ -110,12 +111,12 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
 
 
 def messages(layer: int, payload: bytes, chunk: int) -> Iterator[object]:
-    from fedgrid.v1 import federation_pb2 as fpb
+    from fedclient.work_stream import RESULT_MESSAGE
 
     view = memoryview(payload)
     for start in range(0, len(payload), chunk):
         piece = bytes(view[start : start + chunk])
-        yield piece if layer == 1 else fpb.WorkerMessage(result=fpb.ResultFrame(data=piece))
+        yield piece if layer == 1 else RESULT_MESSAGE(data=piece)
 
 
 def through_outbox(source: Iterator[object]) -> Iterator[object]:

@@ -130,18 +130,14 @@ class Site:
                 stream.upload_slot(header.task_id)
             cpu, start = cpu_seconds(server_pid) + time.process_time(), time.perf_counter()
             update = [payload]
-            stream.result(
-                lambda: transfer.frames(
-                    fpb.ResultFrame, result, update, digest=False, chunk_size=transfer.UPLOAD_CHUNK_SIZE
-                )
-            )
+            stream.result(result, lambda: update)
             up = (time.perf_counter() - start, cpu_seconds(server_pid) + time.process_time() - cpu)
             while True:
                 header, _ = stream.task(fpb.TaskRequest(job_id=job_id, last_task_id=header.task_id))
                 if header.kind == "end":
                     break
                 done = fpb.ResultHeader(job_id=job_id, task_id=header.task_id, num_samples=1.0, metrics={"a": 1.0})
-                stream.result(lambda done=done: transfer.frames(fpb.ResultFrame, done, []))
+                stream.result(done)
         finally:
             stream.close()
         self.stub.ReportJob(fpb.JobReport(job_id=job_id, state="finished"), timeout=30)

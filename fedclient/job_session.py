@@ -37,7 +37,7 @@ from fedclient.privacy import private_update
 from fedclient.secure_aggregation import FORMAT as MASKED
 from fedclient.secure_aggregation import SecureRound
 from fedclient.strategy import ScaffoldRound, server_control, split_reserved
-from fedgrid import tensors, transfer
+from fedgrid import tensors
 from fedgrid.errors import FedgridError, PrivacyError, StateError, TransferError
 from fedgrid.jobspec import load_job
 from fedgrid.kit import Kit
@@ -374,15 +374,10 @@ class JobSession:
             evaluation=self.held,
         )
         self.held = None
-        digest = transfer.digest_checked(payload_format, to_server=True)
         try:
             if task.upload_slot and payload_format:
                 self.stream.upload_slot(task.task_id)
-            reply = self.stream.result(
-                lambda: transfer.frames(
-                    fpb.ResultFrame, header, pieces(), digest=digest, chunk_size=transfer.UPLOAD_CHUNK_SIZE
-                )
-            )
+            reply = self.stream.result(header, pieces)
         except StateError as exc:
             log.warning("the server did not take the result of %s: %s", task.task_id, exc)
             return False

@@ -40,6 +40,8 @@ MAX_TASK_BYTES = 1 << 34
 OUTBOX_MESSAGES = 4
 """Messages queued for gRPC to send: a result's frames are made as gRPC takes them, so a worker holds a few
 frames of an upload, not all of it (and the frames' buffers are reused: bench/transfer.py)."""
+RESULT_MESSAGE = transfer.enveloped(fpb.WorkerMessage, "result")
+"""How a result's frames are built: in place, inside the message that carries them."""
 T = TypeVar("T")
 
 
@@ -112,12 +114,16 @@ class WorkStream:
         slot = fpb.UploadSlotRequest(job_id=self.job_id, task_id=task_id)
         self._request("upload slot", lambda: self._reply_to(fpb.WorkerMessage(upload_slot=slot)))
 
-    def result(self, frames: Callable[[], Iterable[fpb.ResultFrame]]) -> str:
-        """Send a result (the frames `frames()` makes, made again if the request is repeated)."""
+    def result(self, header: fpb.ResultHeader, pieces: Callable[[], Iterable[bytes | memoryview]] = tuple) -> str:
+        """Send a result: its header, then the payload `pieces()` makes (made again if the request is
+        repeated), in frames of UPLOAD_CHUNK_SIZE, with a digest where the server checks one."""
+        digest = transfer.digest_checked(header.payload_format, to_server=True)
 
         def send() -> str:
-            for frame in frames():
-                self._send(fpb.WorkerMessage(result=frame))
+            for message in transfer.frames(
+                RESULT_MESSAGE, header, pieces(), digest=digest, chunk_size=transfer.UPLOAD_CHUNK_SIZE
+            ):
+                self._send(message)
             return self._reply().message
 
         return self._request("send", send)

@@ -85,7 +85,7 @@ def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[by
 
 
 def frames(
-    frame_cls: type[F],
+    frame_cls: Callable[..., F],
     header: Any,
     pieces: Iterable[bytes | memoryview],
     sha256: bytes | None = None,
@@ -93,7 +93,8 @@ def frames(
     chunk_size: int = CHUNK_SIZE,
 ) -> Iterator[F]:
     """The frames of a payload: the header rides on the first, the trailer on the last, each carries
-    at most `chunk_size` bytes of data (UPLOAD_CHUNK_SIZE for what goes to the server).
+    at most `chunk_size` bytes of data (UPLOAD_CHUNK_SIZE for what goes to the server). `frame_cls` is a
+    frame message class, or `enveloped(...)` to build each frame inside the message that carries it.
 
     `pieces` may be a generator that produces bytes while earlier frames are already on the wire
     (encryption overlapping upload). Pass `sha256` when the digest of the payload is already known, to
@@ -121,7 +122,27 @@ def frames(
     yield _frame(frame_cls, header if first else None, waiting, trailer)
 
 
-def _frame(frame_cls: type[F], header: Any, data: bytes | memoryview | None, trailer: Any) -> F:
+def enveloped(envelope_cls: type[F], field: str) -> Callable[..., F]:
+    """A `frame_cls` for `frames` that builds each frame in place inside an `envelope_cls` message's
+    `field` (a stream's oneof): the frame's data is copied into the message once. Building the frame
+    first and wrapping it copies it again (2 MB: 50 µs in place, 220 µs built then wrapped)."""
+
+    def build(header: Any = None, data: bytes | None = None, trailer: Any = None) -> F:
+        message = envelope_cls()
+        frame = getattr(message, field)
+        frame.SetInParent()
+        if header is not None:
+            frame.header.CopyFrom(header)
+        if data is not None:
+            frame.data = data
+        if trailer is not None:
+            frame.trailer.CopyFrom(trailer)
+        return message
+
+    return build
+
+
+def _frame(frame_cls: Callable[..., F], header: Any, data: bytes | memoryview | None, trailer: Any) -> F:
     fields: dict[str, Any] = {}
     if header is not None:
         fields["header"] = header
@@ -166,7 +187,7 @@ class Buffer:
     """
 
     def __init__(self, size: int, what: str) -> None:
-        self._data = mmap.mmap(-1, size) if size >= MMAP_THRESHOLD else bytearray(size)
+        self._data = _private_mapping(size) if size >= MMAP_THRESHOLD else bytearray(size)
         self._view = memoryview(self._data)
         self.what = what
         self.size = 0
@@ -185,6 +206,17 @@ class Buffer:
     def getvalue(self) -> memoryview:
         """The payload (writable): the whole buffer, or what arrived when that was less than announced."""
         return self._view[: self.size]
+
+
+def _private_mapping(size: int) -> mmap.mmap:
+    """Anonymous memory of `size` bytes for one payload.
+
+    Private, not Python's default shared mapping: shared anonymous memory is shmem, whose pages cost more
+    to fault in. Filling 100 MB chunk by chunk, 3 s apart: 62-82 ms shared, 45-60 ms private. Huge pages
+    (MADV_HUGEPAGE) took 26-33 ms in some runs and 115-120 ms in others, while this VM's host backed them
+    again, so they are not asked for.
+    """
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 class Assembler:

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from fedgrid.errors import StateError
 from fedgrid.tensor_file import BLOCK_BYTES
-from fedgrid.transfer import frames
+from fedgrid.transfer import enveloped, frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import memory
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
 from fedserver.model import CKKS_EXPANSION, Model
 from fedserver.spool import Spool
 
+TASK_MESSAGE = enveloped(fpb.ServerMessage, "task")
+"""How a task's frames are built: in place, inside the message that carries them."""
 UPLOAD_SLOTS = 2
 """Large uploads a job takes at the same time; more sites wait their turn (bench/aggregation_memory.py)."""
 SENDING = 2
@@ -126,21 +128,17 @@ class JobIO:
         )
         if model is None or (cached_sha256 and cached_sha256 == model.sha256):
             header.payload_cached = model is not None
-            yield fpb.ServerMessage(task=next(frames(fpb.TaskFrame, header, ())))
+            yield from frames(TASK_MESSAGE, header, ())
             return
         if model.data is not None:
             cache = self._task_messages
             if task.task_id not in cache:
                 cache.clear()
-                cache[task.task_id] = [
-                    fpb.ServerMessage(task=frame)
-                    for frame in frames(fpb.TaskFrame, header, (model.data,), sha256=model.sha256)
-                ]
+                cache[task.task_id] = list(frames(TASK_MESSAGE, header, (model.data,), sha256=model.sha256))
             yield from cache[task.task_id]
             return
         header.acknowledge = True
-        for frame in frames(fpb.TaskFrame, header, model.chunks(BLOCK_BYTES), sha256=model.sha256):
-            yield fpb.ServerMessage(task=frame)
+        yield from frames(TASK_MESSAGE, header, model.chunks(BLOCK_BYTES), sha256=model.sha256)
 
     @contextlib.asynccontextmanager
     async def sending_turn(self, task: Task) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ from fedgrid.settings import ServerSettings
 from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import jobstore, memory
+from fedserver.job_io import TASK_MESSAGE
 from fedserver.jobrun import JobRun, RunContext
 from fedserver.jobstore import JobRecord, JobStore
 from fedserver.registry import SiteRegistry
@@ -257,7 +258,7 @@ class Scheduler:
         except NotFoundError:
             reason = "no such job"
         header = fpb.TaskHeader(job_id=job_id, task_id="end", kind="end", reason=reason)
-        return [fpb.ServerMessage(task=frame) for frame in frames(fpb.TaskFrame, header, ())]
+        return list(frames(TASK_MESSAGE, header, ()))
 
     def site_registered(self, site: str, running_jobs: list[str]) -> None:
         """A site (re)connected: stop what it runs that we do not, and note a site that restarted."""

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 
 from fedclient.work_stream import WorkStream
-from fedgrid import transfer
 from fedgrid.errors import FedgridError
 from fedgrid.kit import load_kit
 from fedgrid.tls import secure_channel
@@ -106,7 +105,7 @@ class RogueSite:
                         num_samples=samples,
                         metrics={"accuracy": 0.5},
                     )
-                    stream.result(lambda scored=scored: transfer.frames(fpb.ResultFrame, scored, []))
+                    stream.result(scored)
                 if header.kind == "train" and self.train is not None:
                     if self.train(stream, header, payload):
                         self.answered.append(header.task_id)
@@ -124,7 +123,7 @@ class RogueSite:
                     )
                     pieces = []
                 try:
-                    stream.result(lambda result=result, pieces=pieces: transfer.frames(fpb.ResultFrame, result, pieces))
+                    stream.result(result, lambda pieces=pieces: pieces)
                     self.answered.append(header.task_id)
                 except FedgridError:
                     pass

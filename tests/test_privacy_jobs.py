@@ -23,7 +23,7 @@ from replay import SCRIPT, Scaffold, Site, replay, train_args, trained
 from rogue import RogueSite
 
 from fedclient.secure_aggregation import FORMAT, SecureRound
-from fedgrid import dp, tensors, transfer
+from fedgrid import dp, tensors
 from fedgrid.privacy_config import SecAggConfig
 from fedgrid.recipe import FedAvgRecipe, ScaffoldRecipe
 from fedgrid.v1 import federation_pb2 as fpb
@@ -193,7 +193,7 @@ def _secagg_rogue(project: ProvisionedProject, stop_after: str) -> RogueSite:
                 stream.privacy = original  # type: ignore[attr-defined]
         masked = steps.masked(update, model, None, {})
         result = fpb.ResultHeader(job_id=header.job_id, task_id=header.task_id, payload_format=FORMAT, num_samples=1)
-        stream.result(lambda: transfer.frames(fpb.ResultFrame, result, [masked], digest=True))  # type: ignore[attr-defined]
+        stream.result(result, lambda: [masked])  # type: ignore[attr-defined]
         return True  # and no step 4
 
     rogue = RogueSite(project.sites[3], train=train, samples=20)

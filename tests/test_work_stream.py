@@ -159,7 +159,7 @@ def test_a_refusal_in_step_keeps_the_stream_usable(federation: Federation, proje
     stream = WorkStream(load_kit(project.sites[1]), "no-such-job")
     try:
         with pytest.raises(NotFoundError, match="no job 'no-such-job'"):
-            stream.result(lambda: transfer.frames(fpb.ResultFrame, fpb.ResultHeader(task_id="t"), [b"abc"]))
+            stream.result(fpb.ResultHeader(task_id="t"), lambda: [b"abc"])
         header, _payload = stream.task(fpb.TaskRequest(job_id="no-such-job"))
         assert header.kind == "end"
     finally:

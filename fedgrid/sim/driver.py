@@ -45,6 +45,7 @@ from fedgrid.transfer import frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import results
 from fedserver.grid import Task
+from fedserver.job_io import TASK_MESSAGE
 from fedserver.jobrun import JobRun, RunContext
 from fedserver.jobstore import JobStore
 from fedserver.watchers import Watchers
@@ -161,7 +162,7 @@ class SimJobs:
 
     def end_messages(self, job_id: str) -> list[fpb.ServerMessage]:
         header = fpb.TaskHeader(job_id=job_id, task_id="end", kind="end", reason="the job is over")
-        return [fpb.ServerMessage(task=frame) for frame in frames(fpb.TaskFrame, header, ())]
+        return list(frames(TASK_MESSAGE, header, ()))
 
 
 class SimDeployment:
