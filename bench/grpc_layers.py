@@ -12,7 +12,8 @@ options (fedgrid.transfer) and its malloc settings (fedgrid.allocator) in both. 
 3. the worker's outbox: the messages go through a bounded queue that gRPC's thread drains, as
    fedclient.work_stream sends every request of its one stream;
 4. the server's spool: fedserver.spool.Spool, as fedserver/worker_io.py spools a large update (a file
-   reserved at the payload's size, the frames gathered into one write of 4 MB off the event loop).
+   reserved at the payload's size, the frames gathered into one write of 2 MB off the event loop), with the
+   server's pool of used files: the warm-up upload writes a new file, the measured ones overwrite it.
 
 Printed: MB/s of each layer (best of --repeat) and its ratio to bare gRPC, to tell where an upload's time
 goes (bench/transfer.py measures the real server path end to end).
@@ -74,9 +75,10 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
     from fedgrid import allocator
     from fedgrid.transfer import GRPC_OPTIONS
     from fedgrid.v1 import federation_pb2 as fpb
-    from fedserver.spool import Spool
+    from fedserver.spool import FilePool, Spool
 
     allocator.tune(arenas=2)
+    Spool.pool = FilePool(Path(spool_dir) / "pool")
 
     async def upload(requests, context) -> bytes:  # noqa: ANN001 - gRPC's request iterator and context
         received = 0
@@ -91,6 +93,10 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
                         await asyncio.to_thread(spool.flush)
             if spool is not None:
                 await asyncio.to_thread(spool.flush)
+                release = spool.payload()[2]
+                assert release is not None
+                release()
+                spool = None
         finally:
             if spool is not None:
                 spool.discard()

@@ -32,7 +32,7 @@ UPLOAD_CHUNK_SIZE = 512 << 10
 """Bytes of data per frame sent to the server (updates, job uploads). gRPC keeps buffers for about one
 received message per TLS connection once a large payload has crossed it: with 2 MB frames the server
 held 4.3 models above its baseline while 32 sites uploaded a 40 MB update each, with 512 KB frames 2.4
-(bench/aggregation_memory.py). The server writes what it spools in 4 MB writes (fedserver/spool.py), so
+(bench/aggregation_memory.py). The server writes what it spools in 2 MB writes (fedserver/spool.py), so
 the smaller frames cost uploads no speed (bench/transfer.py)."""
 
 MAX_MESSAGE_BYTES = 8 << 20
