@@ -124,9 +124,14 @@ class WorkStream:
                 RESULT_MESSAGE, header, pieces(), digest=digest, chunk_size=transfer.UPLOAD_CHUNK_SIZE
             ):
                 self._send(message)
+            self._result_sent()
             return self._reply().message
 
         return self._request("send", send)
+
+    def _result_sent(self) -> None:
+        """Called once a result's frames are all sent, before its reply is read (the simulator's stream frees
+        its host's training slot here)."""
 
     def events(self, batch: fpb.EventBatch) -> str:
         return self._request("events", lambda: self._reply_to(fpb.WorkerMessage(events=batch)))

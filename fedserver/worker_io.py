@@ -177,7 +177,8 @@ class WorkerStream:
                         break
                     frame = await self._next_result_frame(header.task_id)
             assembler.finish()
-            await asyncio.to_thread(spool.flush)
+            if not spool.in_memory:
+                await asyncio.to_thread(spool.flush)
         except BaseException as exc:
             metrics.received("result", assembler.size)
             spool.discard()

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,14 +197,8 @@ class LinkStream(WorkStream):
                 self.task_round = header.round if header.kind == "train" else header.round + 1
             return header, payload
 
-    def result(self, frames: Callable[[], Iterable[fpb.ResultFrame]]) -> str:
-        def send() -> str:
-            for frame in frames():
-                self._send(fpb.WorkerMessage(result=frame))
-            self._release()
-            return self._reply().message
-
-        return self._request("send", send)
+    def _result_sent(self) -> None:
+        self._release()
 
     def close(self) -> None:
         self._release()
