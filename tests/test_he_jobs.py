@@ -202,10 +202,13 @@ def test_fedprox_and_scaffold_run_on_ciphertexts_and_match_their_plaintext_repla
                 np.testing.assert_allclose(site_c[name], scaffold.c_site[kit.name][name], atol=1e-3)
 
 
-def test_a_model_too_large_to_keep_in_memory_runs_encrypted_from_files(federation: Federation, tmp_path: Path) -> None:
+def test_a_model_too_large_to_keep_in_memory_runs_encrypted_from_files(
+    federation: Federation, project: ProvisionedProject, tmp_path: Path
+) -> None:
     """9 MB of float32 (above the server's in-memory limit): the updates take upload turns and spool to
-    files, the 35 MB aggregate is written to a file and streamed from it to each site in turn, and the
-    final model is still FedAvg's within CKKS's precision."""
+    files, which the server keeps in its pool once folded and overwrites in the next round; the 35 MB
+    aggregate is written to a file and streamed from it to each site in turn, and the final model is still
+    FedAvg's within CKKS's precision."""
     rng = np.random.default_rng(3)
     initial = {"w": rng.standard_normal((1500, 1500)).astype(np.float32), "b": np.zeros(7, np.float32)}
     sites = [Site("site-1", shift=1.0, samples=100), Site("site-2", shift=-2.0, samples=300)]
@@ -225,6 +228,10 @@ def test_a_model_too_large_to_keep_in_memory_runs_encrypted_from_files(federatio
         result = session.download_job(job_id, tmp_path / "result")
     log = (result / "log.txt").read_text()
     assert "round 1: aggregate of 2 updates serialized in" in log and "round-1.ckks)" in log, log
+    pool = sorted(p.name for p in (project.server / "workspace" / "spool").iterdir())
+    # Two updates a round, two rounds: round 2 overwrote round 1's two files (four, had it made new ones).
+    assert len(pool) == 2 and all(name.startswith("free-") for name in pool), pool
+    assert not list((project.server / "workspace" / "jobs" / job_id).rglob("*.part"))
     final = tensors.load_file(result / "final_model.safetensors")
     expected = replay([sites] * 2, initial=initial)[1]
     for name in initial:
