@@ -93,13 +93,9 @@ def serve(layer: int, key: bytes, cert: bytes, ports: multiprocessing.Queue, spo
                         await asyncio.to_thread(spool.flush)
             if spool is not None:
                 await asyncio.to_thread(spool.flush)
-                release = spool.payload()[2]
-                assert release is not None
-                release()
-                spool = None
         finally:
             if spool is not None:
-                spool.discard()
+                spool.discard()  # the file goes to the pool, as a folded update's does
         return str(received).encode()
 
     async def main() -> None:
