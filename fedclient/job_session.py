@@ -281,7 +281,8 @@ class JobSession:
             from fedgrid import he
 
             started = time.perf_counter()
-            arrays = he.decrypt_mean(self.he, payload, what=f"global model of {header.task_id}")
+            what = f"global model of {header.task_id}"
+            arrays = he.decrypt_mean(self.he, payload, what=what, digest=header.payload_sha256)
             log.info(
                 "decrypted the global model of %s (%.1f MB) in %.3f s",
                 header.task_id,

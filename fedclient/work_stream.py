@@ -88,7 +88,7 @@ class WorkStream:
                 buffer,  # type: ignore[arg-type]
                 max_size=MAX_TASK_BYTES,
                 what="task",
-                verify=lambda h: transfer.digest_checked(h.payload_format, to_server=False),
+                verify=lambda h: transfer.digest_checked(h.payload_format),
             )
             assembler.feed(frame)
             while not assembler.done:
@@ -117,7 +117,7 @@ class WorkStream:
     def result(self, header: fpb.ResultHeader, pieces: Callable[[], Iterable[bytes | memoryview]] = tuple) -> str:
         """Send a result: its header, then the payload `pieces()` makes (made again if the request is
         repeated), in frames of UPLOAD_CHUNK_SIZE, with a digest where the server checks one."""
-        digest = transfer.digest_checked(header.payload_format, to_server=True)
+        digest = transfer.digest_checked(header.payload_format)
 
         def send() -> str:
             for message in transfer.frames(

@@ -60,18 +60,16 @@ GRPC_OPTIONS = [
 F = TypeVar("F")
 
 
-def digest_checked(payload_format: str, *, to_server: bool) -> bool:
-    """Whether a model or update stream in `payload_format` carries a SHA-256 its receiver checks.
+def digest_checked(payload_format: str) -> bool:
+    """Whether a model or update stream in `payload_format` carries a SHA-256 its receiver checks here.
 
-    Encrypted global models do: a site decrypts and releases only global models it can name by their
-    digest. Encrypted updates do not: the server names no update by its digest, and the stream of one
-    ends with the SHA-256 of all of it (fedgrid/he/stream.py), which the server checks as it adds it.
-    Plaintext tensors do not: the server sees them anyway, TLS authenticates them in transit, and
-    hashing them cost about a tenth of a round's CPU (bench/round_overhead.py).
+    Encrypted streams do not: each ends with the SHA-256 of all of it (fedgrid/he/stream.py), which its
+    receiver checks as it parses it, and an encrypted global model is named by that digest (a site decrypts
+    and releases only global models it can name). Plaintext tensors do not: the server sees them anyway,
+    TLS authenticates them in transit, and hashing them cost about a tenth of a round's CPU
+    (bench/round_overhead.py). Other payloads (job packages) do.
     """
-    if to_server and payload_format == "ckks":
-        return False
-    return payload_format != tensors.FORMAT
+    return payload_format not in ("ckks", tensors.FORMAT)
 
 
 def split(data: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes | memoryview]:

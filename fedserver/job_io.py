@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from fedgrid.errors import StateError
 from fedgrid.tensor_file import BLOCK_BYTES
@@ -22,7 +23,7 @@ from fedgrid.transfer import enveloped, frames
 from fedgrid.v1 import federation_pb2 as fpb
 from fedserver import memory
 from fedserver.grid import Result, Task, TaskBoard, UploadSlots
-from fedserver.model import CKKS_EXPANSION, Model
+from fedserver.model import CKKS_CIPHERTEXT_BYTES, CKKS_EXPANSION, Model
 from fedserver.spool import Spool
 
 TASK_MESSAGE = enveloped(fpb.ServerMessage, "task")
@@ -62,6 +63,9 @@ class JobIO:
         """The size of an update a site sends: the model's, or its ciphertexts'."""
         self._slot_bytes = 0
         """Expected size of an update from which sites must ask for an upload slot first."""
+        self.preload: Callable[[str], Any] | None = None
+        """Set in encrypted jobs: starts loading an update held in memory while it arrives, given what to call
+        it in errors (fedserver/he_aggregation.py Prefetch: write its pieces, close it at the end)."""
 
     @property
     def tmp_dir(self) -> Path:
@@ -71,7 +75,7 @@ class JobIO:
     def expect_models_of(self, model_bytes: int, encrypted: bool) -> None:
         """Size the job's traffic for models of `model_bytes` (an encrypted update is larger)."""
         self.model_bytes = model_bytes
-        self.update_bytes = model_bytes * (CKKS_EXPANSION if encrypted else 1)
+        self.update_bytes = model_bytes * CKKS_EXPANSION + CKKS_CIPHERTEXT_BYTES if encrypted else model_bytes
         self._slot_bytes = SLOT_MIN_BYTES if self.update_bytes >= SLOT_MIN_BYTES else 0
 
     @property

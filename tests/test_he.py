@@ -296,6 +296,21 @@ def test_a_change_seal_accepts_is_caught_by_the_streams_own_digest(
     finish_and_check(total, site_ctx, updates, weights)
 
 
+def test_a_model_is_decrypted_only_under_the_name_its_sender_gave(
+    site_ctx: he.HEContext, server_ctx: he.HEContext
+) -> None:
+    """A global model is named by the digest its stream ends with (the task header carries it, no transfer
+    digest): another stream under that name is refused before anything is returned."""
+    total, _, _ = good_sum(site_ctx, server_ctx)
+    aggregate = b"".join(total.serialize())
+    name = aggregate[-32:]
+    assert name == hashlib.sha256(aggregate[: -(32 + 5)]).digest()  # the end record: tag, length, digest
+    assert he.decrypt_mean(site_ctx, aggregate, digest=name).keys() == make_update(0).keys()
+    other = encrypt(site_ctx, make_update(5), 9.0)
+    with pytest.raises(PayloadError, match="not the one its sender named"):
+        he.decrypt_mean(site_ctx, other, digest=name)
+
+
 def test_truncated_or_padded_streams_are_refused(site_ctx: he.HEContext, server_ctx: he.HEContext) -> None:
     total, updates, weights = good_sum(site_ctx, server_ctx)
     stream = encrypt(site_ctx, make_update(14), 100.0)

@@ -47,6 +47,14 @@ class SealFiles:
         return fd, f"/proc/self/fd/{fd}"
 
     @classmethod
+    def release(cls) -> None:
+        """Close the calling thread's file: a short-lived thread calls it before it ends."""
+        owner, fd = getattr(cls._local, "file", (0, -1))
+        if owner == os.getpid():
+            os.close(fd)
+        cls._local.file = (0, -1)
+
+    @classmethod
     def save(cls, obj: Any) -> bytes:
         """SEAL's own serialization of `obj` (zstd-compressed where SEAL was built with it)."""
         fd, path = cls._path()
@@ -179,7 +187,8 @@ class Engine:
         try:
             plain = seal.Plaintext()
             self.decryptor.decrypt(ciphertext, plain)  # type: ignore[union-attr]
-            slots = np.array(self.encoder.decode_complex(plain), dtype=np.complex128)
+            decoded = self.encoder.decode_complex(plain)  # a list: TenSEAL's binding returns no array
+            slots = np.fromiter(decoded, dtype=np.complex128, count=len(decoded))
         except (ValueError, RuntimeError) as exc:
             raise SealError(str(exc)) from exc
         return slots.view(np.float64)
