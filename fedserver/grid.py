@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from fedgrid import tensors
 from fedgrid.errors import PayloadError
@@ -60,9 +60,6 @@ class Result:
     """The received payload when it was small enough to stay in memory."""
     on_discard: Callable[[], None] | None = None
     """Releases the payload when the result is dropped (its spool file or its share of the memory budget)."""
-    loaded: Callable[[], Any] | None = None
-    """An encrypted update parsed while it arrived: returns it as he.LoadedUpdate, or raises why it does not
-    load (fedserver/he_aggregation.py Prefetch). None: the aggregator reads the payload itself."""
 
     @property
     def has_payload(self) -> bool:

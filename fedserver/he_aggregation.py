@@ -7,9 +7,6 @@ the server's context is loaded with `expect_secret_key=False`, which refuses a f
 
 from __future__ import annotations
 
-import queue
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 from fedgrid import he, tensors
@@ -24,42 +21,6 @@ FORMAT = CKKS_FORMAT
 def load_context(context: bytes) -> he.HEContext:
     """The job's keyless context, loaded once per job: building SEAL's tables takes ~20 ms of CPU."""
     return he.HEContext.load(context, expect_secret_key=False, where="server he_context.bin")
-
-
-class Prefetch:
-    """Loads an encrypted update in a thread of its own while its frames arrive.
-
-    Loading (SEAL parses each ciphertext and expands its seed) is most of the cost of adding an update,
-    and it needs no running sum: done while the site still encrypts and sends the rest, the fold that
-    follows the upload is only the additions (0.03-0.05 s less per update at the quickstart's size,
-    bench/he_overhead.py). One thread per upload in flight, not a pool: a site that stalls mid-upload
-    holds only its own thread, until its stream's idle deadline ends the upload and `close` ends it.
-    """
-
-    def __init__(self, ctx: he.HEContext, what: str) -> None:
-        self._pieces: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
-        self._loaded: Future[he.LoadedUpdate] = Future()
-        threading.Thread(target=self._load, args=(ctx, what), name="he-prefetch", daemon=True).start()
-
-    def _load(self, ctx: he.HEContext, what: str) -> None:
-        try:
-            self._loaded.set_result(he.load_update(ctx, iter(self._pieces.get, None), what))
-        except BaseException as exc:  # handed to the fold, which refuses the update with it
-            self._loaded.set_exception(exc)
-        finally:
-            he.release_thread_file()
-
-    def write(self, piece: bytes | memoryview) -> int:
-        self._pieces.put(piece)
-        return len(piece)
-
-    def close(self) -> None:
-        """The upload ended (whole or not): the loader reads to here, then finishes or says what is missing."""
-        self._pieces.put(None)
-
-    def result(self) -> he.LoadedUpdate:
-        """The loaded update, once `close` was called; raises why it does not load."""
-        return self._loaded.result()
 
 
 class EncryptedAggregator:
@@ -87,9 +48,6 @@ class EncryptedAggregator:
                 f"{what}: expected an encrypted ({FORMAT}) update in an encrypted job, "
                 f"got {result.payload_format or 'none'}"
             )
-        if result.loaded is not None:
-            self._sum.add(result.loaded(), what=what)
-            return
         with result.open() as stream:
             self._sum.add(stream, what=what)
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from fedgrid.errors import StateError
 from fedgrid.tensor_file import BLOCK_BYTES
@@ -63,9 +62,6 @@ class JobIO:
         """The size of an update a site sends: the model's, or its ciphertexts'."""
         self._slot_bytes = 0
         """Expected size of an update from which sites must ask for an upload slot first."""
-        self.preload: Callable[[str], Any] | None = None
-        """Set in encrypted jobs: starts loading an update held in memory while it arrives, given what to call
-        it in errors (fedserver/he_aggregation.py Prefetch: write its pieces, close it at the end)."""
 
     @property
     def tmp_dir(self) -> Path:

@@ -12,7 +12,6 @@ simulator's virtual sites, the only difference between a deployed and a simulate
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 import time
@@ -313,11 +312,10 @@ class JobRun:
             self.log.info("job key made by %s, ready %.2f s after the workers", self.keys.key_site,
                           time.monotonic() - started)
         if self.spec.server.encryption == "ckks":
-            from fedserver.he_aggregation import Prefetch, load_context
+            from fedserver.he_aggregation import load_context
 
             assert self.he_context is not None  # checked at submit, or made by the key site just above
             self._he = await asyncio.to_thread(load_context, self.he_context)
-            self.io.preload = functools.partial(Prefetch, self._he)
         if self.io.large:
             memory.trim()  # large models: what deploying the package freed goes back before round 1
         where = f"{self.spec.server_app}/config/server.json"

@@ -156,10 +156,8 @@ class WorkerStream:
             run.io.deliver_evaluation(self.site, header.evaluation)
         open_task = run.io.accepts(self.site, header.task_id)
         spool = run.io.new_spool(self.site, header.payload_format) if open_task else _Discard()
-        preload = run.io.preload if open_task and spool.in_memory and header.payload_format else None
-        tee = UploadSink(spool, preload(f"update from {self.site}")) if preload is not None else None
         assembler = Assembler(
-            tee or spool,  # type: ignore[arg-type]
+            spool,  # type: ignore[arg-type]
             max_size=run.io.upload_limit,
             what=f"result of {header.task_id} from {self.site}",
             verify=lambda h: digest_checked(h.payload_format),
@@ -182,8 +180,6 @@ class WorkerStream:
             if not spool.in_memory:
                 await asyncio.to_thread(spool.flush)
         except BaseException as exc:
-            if tee is not None:
-                tee.close()
             metrics.received("result", assembler.size)
             spool.discard()
             if isinstance(exc, FedgridError):
@@ -191,8 +187,6 @@ class WorkerStream:
                 metrics.update_refused(exc)
             raise
         metrics.received("result", assembler.size)
-        if tee is not None:
-            tee.close()
         if not open_task:
             metrics.update_refused("late")
             run.log.warning("%s: result for %s arrived after its round closed; dropped", self.site, header.task_id)
@@ -208,7 +202,6 @@ class WorkerStream:
             size=assembler.size,
             data=data,
             on_discard=release,
-            loaded=tee.prefetch.result if tee is not None and tee.prefetch is not None else None,
         )
         if not run.io.deliver(result):
             result.discard()
@@ -255,29 +248,6 @@ class WorkerStream:
             for e in batch.events
         ]
         return self._run().receive_events(self.site, events)
-
-
-class UploadSink:
-    """Hands each piece of an upload to its spool and, while the spool holds it in memory, to the loader that
-    parses it as it arrives. An upload that outgrows its share of memory goes to a file: the loader is then
-    dropped (`prefetch` None) and the fold reads the file, so loaded ciphertexts never exceed that share."""
-
-    def __init__(self, spool: Any, prefetch: Any) -> None:
-        self.spool, self.prefetch = spool, prefetch
-
-    def write(self, data: bytes | memoryview) -> int:
-        written = self.spool.write(data)
-        if self.prefetch is not None:
-            if self.spool.in_memory:
-                self.prefetch.write(data)
-            else:
-                self.prefetch.close()
-                self.prefetch = None
-        return written
-
-    def close(self) -> None:
-        if self.prefetch is not None:
-            self.prefetch.close()
 
 
 class _Discard:

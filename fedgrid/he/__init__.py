@@ -8,30 +8,25 @@ behind them, one job each:
     context     he_context.bin: create_contexts, and HEContext.load with its secret-key expectation
     layout      tensors to a flat run of values and back
     stream      the records that frame ciphertexts on the wire
-    operations  encrypt_update (site), load_update / EncryptedSum (server), decrypt_update / decrypt_mean (site)
+    operations  encrypt_update (site), EncryptedSum (server), decrypt_update / decrypt_mean (site)
 
 Importing this package imports TenSEAL: `import fedgrid.he` failing with ImportError is how
 provisioning tells that HE support is not installed.
 """
 
-from fedgrid.he.ckks import TENSEAL_VERSION, SealFiles
+from fedgrid.he.ckks import TENSEAL_VERSION
 from fedgrid.he.context import HEContext, create_contexts
 from fedgrid.he.layout import INT_SHIFT_BITS
 from fedgrid.he.operations import (
     FLOOD_FACTOR,
     SEAL_NOISE_SIGMA,
     EncryptedSum,
-    LoadedUpdate,
     decrypt_mean,
     decrypt_update,
     encrypt_update,
-    load_update,
 )
 from fedgrid.he.params import ENCRYPTIONS, MAX_COEFF_BITS, MIN_PRECISION_BITS, PRIME_BITS, HEParams
 from fedgrid.he.stream import Source
-
-release_thread_file = SealFiles.release
-"""Close the in-memory file SEAL's save and load use in the calling thread (for threads that end)."""
 
 __all__ = [
     "ENCRYPTIONS",
@@ -45,12 +40,9 @@ __all__ = [
     "EncryptedSum",
     "HEContext",
     "HEParams",
-    "LoadedUpdate",
     "Source",
     "create_contexts",
     "decrypt_mean",
     "decrypt_update",
     "encrypt_update",
-    "load_update",
-    "release_thread_file",
 ]

@@ -47,14 +47,6 @@ class SealFiles:
         return fd, f"/proc/self/fd/{fd}"
 
     @classmethod
-    def release(cls) -> None:
-        """Close the calling thread's file: a short-lived thread calls it before it ends."""
-        owner, fd = getattr(cls._local, "file", (0, -1))
-        if owner == os.getpid():
-            os.close(fd)
-        cls._local.file = (0, -1)
-
-    @classmethod
     def save(cls, obj: Any) -> bytes:
         """SEAL's own serialization of `obj` (zstd-compressed where SEAL was built with it)."""
         fd, path = cls._path()

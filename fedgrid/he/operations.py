@@ -20,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,30 +81,6 @@ def _encrypt_stream(ctx: HEContext, header: Header, flat: np.ndarray, what: str)
 # -- server: add -----------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedUpdate:
-    """An update's header and its ciphertexts, parsed and checked against the context, not yet added."""
-
-    header: Header
-    ciphertexts: list[Any]
-
-
-def load_update(
-    ctx: HEContext, stream: Source, what: str = "encrypted update", check: Callable[[Header], None] | None = None
-) -> LoadedUpdate:
-    """Parse a whole update stream and load its ciphertexts: the costly half of adding it, which needs
-    no running sum, so the server does it while the update arrives (fedserver/he_aggregation.py).
-    `check` judges the header before any ciphertext is loaded."""
-    reader = Reader(stream, what)
-    header = read_header(reader, ctx)
-    if check is not None:
-        check(header)
-    count = len(chunk_lengths(header.specs, ctx.params.values_per_ciphertext))
-    ciphertexts = [read_ciphertext(reader, ctx, index) for index in range(count)]
-    reader.finish()
-    return LoadedUpdate(header, ciphertexts)
-
-
 class EncryptedSum:
     """The running encrypted sum of one round: memory O(model), one update folded in at a time.
 
@@ -128,31 +103,28 @@ class EncryptedSum:
             return None
         return {s.name: TensorSpec(s.dtype, s.shape) for s in self._specs}
 
-    def add(self, update: Source | LoadedUpdate, what: str = "encrypted update") -> None:
-        """Fold in one update (or an aggregate), as a stream or loaded by `load_update`;
-        EncryptionError/PayloadError leave the sum unchanged. A loaded update is used up."""
-
-        def check(header: Header) -> None:
-            if self._specs is not None:
-                compare_layout(header.specs, self._specs, self._against, what)
-            total = self.total_weight + header.weight
-            if total > self.ctx.params.max_total_weight:
-                raise PayloadError(
-                    f"{what}: the round's total sample count would reach {num(total)}, above he.max_total_weight "
-                    f"{num(self.ctx.params.max_total_weight)}; raise it in project.yml and provision again"
-                )
-
-        if isinstance(update, LoadedUpdate):
-            check(update.header)
-        else:
-            update = load_update(self.ctx, update, what, check)
-        header = update.header
-        if self._sums:
-            for ciphertext, running in zip(update.ciphertexts, self._sums, strict=True):
-                # the loaded ciphertext becomes the sum; the running one is untouched
-                self.ctx.engine.add_into(ciphertext, running)
-        self._sums, self._specs = update.ciphertexts, header.specs
-        self.total_weight, self.count = self.total_weight + header.weight, self.count + header.count
+    def add(self, stream: Source, what: str = "encrypted update") -> None:
+        """Fold in one update (or an aggregate); EncryptionError/PayloadError leave the sum unchanged."""
+        reader = Reader(stream, what)
+        header = read_header(reader, self.ctx)
+        if self._specs is not None:
+            compare_layout(header.specs, self._specs, self._against, what)
+        total = self.total_weight + header.weight
+        if total > self.ctx.params.max_total_weight:
+            raise PayloadError(
+                f"{what}: the round's total sample count would reach {num(total)}, above he.max_total_weight "
+                f"{num(self.ctx.params.max_total_weight)}; raise it in project.yml and provision again"
+            )
+        staged = []
+        for index in range(len(chunk_lengths(header.specs, self.ctx.params.values_per_ciphertext))):
+            ciphertext = read_ciphertext(reader, self.ctx, index)
+            if self._sums:
+                # the new ciphertext becomes the sum; the running one is untouched
+                self.ctx.engine.add_into(ciphertext, self._sums[index])
+            staged.append(ciphertext)
+        reader.finish()
+        self._sums, self._specs = staged, header.specs
+        self.total_weight, self.count = total, self.count + header.count
 
     def serialize(self) -> Iterator[bytes]:
         """The aggregate as a stream in the same format, for the sites to decrypt."""
