@@ -92,6 +92,9 @@ def test_encrypted_job_completes_and_the_server_only_sees_ciphertexts(
     final = tensors.load_file(result / "final_model.safetensors")
     assert set(final) == {"weight", "bias"} and np.isfinite(final["weight"]).all()
     assert "final model decrypted and uploaded by site-1" in (result / "log.txt").read_text()
+    # A 9-value model's encrypted update is one whole ciphertext (62 KB): expected at that size, it waited in
+    # memory, and no spool file was ever used (the pool keeps every file used since the server started).
+    assert not list((project.server / "workspace" / "spool").iterdir())
 
     uploads = sorted((project.server / "workspace" / "jobs" / job_id / "uploads").glob("round-*-train-*.ckks"))
     assert len(uploads) == 4, uploads
