@@ -15,8 +15,6 @@ from fedgrid.files import write_atomic
 from fedserver.grid import Result
 from fedserver.model import CKKS_EXPANSION, CKKS_FORMAT, MEMORY_LIMIT, Model
 
-FORMAT = CKKS_FORMAT
-
 
 def load_context(context: bytes) -> he.HEContext:
     """The job's keyless context, loaded once per job: building SEAL's tables takes ~20 ms of CPU."""
@@ -26,7 +24,7 @@ def load_context(context: bytes) -> he.HEContext:
 class EncryptedAggregator:
     """Folds encrypted updates one at a time (memory O(model)); refuses one that does not fit whole."""
 
-    payload_format = FORMAT
+    payload_format = CKKS_FORMAT
     grace = 0.0
 
     def __init__(self, ctx: he.HEContext, layout: tensors.Layout) -> None:
@@ -43,9 +41,9 @@ class EncryptedAggregator:
 
     def add(self, result: Result) -> None:
         what = f"update from {result.site}"
-        if result.payload_format != FORMAT or not result.has_payload:
+        if result.payload_format != CKKS_FORMAT or not result.has_payload:
             raise PayloadError(
-                f"{what}: expected an encrypted ({FORMAT}) update in an encrypted job, "
+                f"{what}: expected an encrypted ({CKKS_FORMAT}) update in an encrypted job, "
                 f"got {result.payload_format or 'none'}"
             )
         with result.open() as stream:
@@ -59,7 +57,7 @@ class EncryptedAggregator:
         is sent it at once, as a plaintext model), else the file `folder/name`."""
         pieces = list(self._sum.serialize())
         if sum(len(piece) for piece in pieces) <= 2 * CKKS_EXPANSION * MEMORY_LIMIT:
-            return Model.in_memory(FORMAT, b"".join(pieces), self._sum.total_weight)
+            return Model.in_memory(CKKS_FORMAT, b"".join(pieces), self._sum.total_weight)
         write_atomic(folder / name, pieces)
         del pieces
-        return Model.on_disk(FORMAT, folder / name, self._sum.total_weight)
+        return Model.on_disk(CKKS_FORMAT, folder / name, self._sum.total_weight)

@@ -21,8 +21,7 @@ import numpy as np
 
 from fedgrid import tensors
 from fedgrid.strategy_config import SCAFFOLD_PREFIX, ScaffoldConfig
-from fedserver.he_aggregation import FORMAT as ENCRYPTED
-from fedserver.model import Model
+from fedserver.model import CKKS_FORMAT, Model
 from fedserver.strategies.base import (
     Aggregate,
     RoundContext,
@@ -55,7 +54,7 @@ class Scaffold(Strategy):
     def configure_train(self, round_no: int, active: list[str], model: Model, ctx: RoundContext) -> TrainPlan:
         sites = sample_sites(active, ctx)
         settings = {"scaffold_sites": float(len(ctx.sites)), "scaffold_chosen": float(len(sites))}
-        if model.payload_format == ENCRYPTED:
+        if model.payload_format == CKKS_FORMAT:
             return TrainPlan(sites, model, {**settings, "scaffold_updates": float(self.updates)})
         source = model.source("global model")
         if not self.c:
@@ -77,7 +76,7 @@ class Scaffold(Strategy):
         return {**layout, **control_layout(layout)}
 
     def aggregate_train(self, round_no: int, model: Model, aggregate: Aggregate, ctx: RoundContext) -> Model:
-        if aggregate.model.payload_format == ENCRYPTED:
+        if aggregate.model.payload_format == CKKS_FORMAT:
             self.updates = aggregate.count
             return aggregate.model
         current, mean = model.source("global model"), aggregate.model.source("averaged model")
