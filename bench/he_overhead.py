@@ -75,7 +75,7 @@ def _tails(server_log: str, site_logs: dict[str, str]) -> dict[str, list[float]]
                 encrypted[(site, int(m[1]))] = (when, float(m[2]))
             elif m := re.search(r"decrypted the global model of round-(\d+)-train", message):
                 decrypted[int(m[1])] = max(decrypted.get(int(m[1]), 0.0), when)
-    tails: dict[str, list[float]] = {"encrypt": [], "add": [], "serialize": [], "out": [], "tail": []}
+    tails: dict[str, list[float]] = {"encrypt": [], "add": [], "serialize": [], "out": [], "total": []}
     for r, (site, add) in sorted(last_fold.items()):
         if r not in serialized or r + 1 not in sent or r + 1 not in decrypted or (site, r) not in encrypted:
             continue
@@ -84,7 +84,7 @@ def _tails(server_log: str, site_logs: dict[str, str]) -> dict[str, list[float]]
         tails["add"].append(add)
         tails["serialize"].append(serialized[r])
         tails["out"].append(decrypted[r + 1] - sent[r + 1])
-        tails["tail"].append(decrypted[r + 1] - (done - seconds))
+        tails["total"].append(decrypted[r + 1] - (done - seconds))
     return tails
 
 
@@ -212,7 +212,7 @@ def main() -> int:
     )
     print(
         "encrypted job, the round's tail (median over its rounds), from the last site's encrypting to every site "
-        f"holding the next model: {med(encrypted['tail_tail']):.3f} s: the last site's encrypt + upload "
+        f"holding the next model: {med(encrypted['tail_total']):.3f} s: the last site's encrypt + upload "
         f"{med(encrypted['tail_encrypt']):.3f}, server add {med(encrypted['tail_add']):.3f}, serialize "
         f"{med(encrypted['tail_serialize']):.3f}, model out until every site has decrypted it "
         f"{med(encrypted['tail_out']):.3f}"
