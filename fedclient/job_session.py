@@ -43,6 +43,7 @@ from fedgrid.jobspec import load_job
 from fedgrid.kit import Kit
 from fedgrid.settings import SITE_SETTINGS_FILE, SiteSettings, load_settings
 from fedgrid.strategy_config import SCAFFOLD_PREFIX
+from fedgrid.transfer import CKKS_FORMAT
 from fedgrid.v1 import federation_pb2 as fpb
 
 log = logging.getLogger("fedclient.api")
@@ -220,7 +221,7 @@ class JobSession:
                 log.info("releasing the decrypted %s model to the server (the job's release policy)", header.task_id)
                 self._send(Pending(header.task_id, "release", header.upload_slot), arrays, 0.0, {}, plaintext=True)
                 continue
-            if header.payload_format == "ckks":
+            if header.payload_format == CKKS_FORMAT:
                 self.decrypted.add(header.payload_sha256)
             if header.kind == "train" and header.evaluate_task_id:
                 self.next_train = header
@@ -275,7 +276,7 @@ class JobSession:
             return self.cached_arrays
         if header.payload_format == tensors.FORMAT:
             arrays = tensors.decode(payload, what=f"global model of {header.task_id}")
-        elif header.payload_format == "ckks":
+        elif header.payload_format == CKKS_FORMAT:
             if self.he is None:
                 raise StateError("received an encrypted model but this job is not encrypted at this site")
             from fedgrid import he
@@ -357,7 +358,7 @@ class JobSession:
             payload_format = MASKED
             pieces = lambda: (masked,)  # noqa: E731
         elif arrays and self.encrypted and not plaintext:
-            payload_format = "ckks"
+            payload_format = CKKS_FORMAT
             pieces = lambda: self._encrypted(task.task_id, arrays, num_samples)  # noqa: E731
         elif arrays:
             payload_format = tensors.FORMAT

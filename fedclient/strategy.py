@@ -23,6 +23,7 @@ import torch
 from fedgrid import tensors
 from fedgrid.errors import PayloadError, StateError
 from fedgrid.strategy_config import SCAFFOLD_PREFIX
+from fedgrid.transfer import CKKS_FORMAT
 
 CONTROL_FILE = "scaffold_control.safetensors"
 """The site's control variate c_i, in the site's job folder."""
@@ -135,7 +136,7 @@ def server_control(
 ) -> dict[str, np.ndarray]:
     """The server's c from a task's SCAFFOLD tensors: as sent (plaintext), or from an encrypted aggregate,
     whose decrypted part is Σ u_i·n_i / W: c = that·W / k, with k = settings["scaffold_updates"]."""
-    if payload_format != "ckks":
+    if payload_format != CKKS_FORMAT:
         return extra
     updates = settings.get("scaffold_updates", 0.0)
     if updates <= 0 or total_weight <= 0:

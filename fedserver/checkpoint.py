@@ -29,6 +29,7 @@ from typing import Any
 from fedgrid import tensors
 from fedgrid.files import sync_folder, write_json_atomic
 from fedgrid.tensor_file import copy_file
+from fedgrid.transfer import CKKS_FORMAT
 from fedserver.model import MEMORY_LIMIT, Model
 from fedserver.strategies import StrategyState
 
@@ -137,7 +138,7 @@ def _load(folder: Path, state: dict[str, Any], model_dir: Path) -> Checkpoint:
         rng_state=(rng[0], tuple(rng[1]), rng[2]) if rng else None,
         best_round=state.get("best_round", 0),
         best_value=state.get("best_value"),
-        best=_model("ckks", best_file, 0.0) if best_file.exists() else None,
+        best=_model(CKKS_FORMAT, best_file, 0.0) if best_file.exists() else None,
         privacy=[float(z) for z in state.get("privacy", [])],
     )
 

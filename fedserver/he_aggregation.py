@@ -12,8 +12,9 @@ from pathlib import Path
 from fedgrid import he, tensors
 from fedgrid.errors import PayloadError
 from fedgrid.files import write_atomic
+from fedgrid.transfer import CKKS_FORMAT
 from fedserver.grid import Result
-from fedserver.model import CKKS_EXPANSION, CKKS_FORMAT, MEMORY_LIMIT, Model
+from fedserver.model import CKKS_EXPANSION, MEMORY_LIMIT, Model
 
 
 def load_context(context: bytes) -> he.HEContext:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from fedgrid import tensors
 from fedgrid.files import write_atomic
 from fedgrid.tensor_file import BLOCK_BYTES, ArraySource, TensorFile, TensorSource, copy_file
+from fedgrid.transfer import CKKS_FORMAT
 
 MEMORY_LIMIT = 8 << 20
 """Models (and payloads received) up to this size stay in memory; larger ones go to files."""
@@ -26,10 +27,6 @@ CKKS_EXPANSION = 2
 (1.9: one 56-bit prime, two values per slot, seeded ciphertexts; fedgrid/he/params.py); the aggregate
 sent back is twice that. Sizes a job's spools, upload turns and where its aggregate lives: other
 parameters only move the point where payloads go to files."""
-CKKS_FORMAT = "ckks"
-"""An encrypted model's payload format. Such a model is named by the SHA-256 its stream ends with (of every
-byte before its end record, fedgrid/he/stream.py), which each site checks as it decrypts: hashing the whole
-stream once more to name it cost the server and every site 5-6 ms a round at the quickstart's size."""
 CKKS_CIPHERTEXT_BYTES = 66 << 10
 """Bytes of one seeded ciphertext with the default CKKS parameters: an encrypted update is a whole number of
 them, so a small model's is up to one of them larger than CKKS_EXPANSION says (a 9-value model's is one)."""

@@ -21,7 +21,8 @@ import numpy as np
 
 from fedgrid import tensors
 from fedgrid.strategy_config import SCAFFOLD_PREFIX, ScaffoldConfig
-from fedserver.model import CKKS_FORMAT, Model
+from fedgrid.transfer import CKKS_FORMAT
+from fedserver.model import Model
 from fedserver.strategies.base import (
     Aggregate,
     RoundContext,
